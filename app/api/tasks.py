@@ -1,0 +1,254 @@
+"""The task routes: /classify, /translate, /summarize, /embed.
+
+Each route validates the request, picks the catalog model, turns inputs into runner
+payloads and hands them to the registry; it never touches torch. A client that
+disconnects has its work cancelled, which drops its queued inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+
+from app.api.errors import error_responses
+from app.api.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    EmbedRequest,
+    EmbedResponse,
+    GenerationParameters,
+    SummarizeRequest,
+    SummarizeResponse,
+    TranslateRequest,
+    TranslateResponse,
+    as_list,
+)
+from app.config import Endpoint, Settings
+from app.errors import InputTooLarge, InvalidInput, WrongTask
+from app.registry.registry import ModelRegistry
+from app.runners.classification import ClassifyInput, ZeroShotInput
+from app.runners.embedding import EmbedInput, ExtractInput
+from app.runners.seq2seq import Seq2SeqInput, Seq2SeqRunner
+
+router = APIRouter(tags=["tasks"])
+T = TypeVar("T")
+
+TASK_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504)
+
+
+def registry_of(request: Request) -> ModelRegistry:
+    return request.app.state.registry  # type: ignore[no-any-return]
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def check_inputs(settings: Settings, texts: list[str]) -> None:
+    if len(texts) > settings.max_inputs_per_request:
+        raise InputTooLarge(
+            f"{len(texts)} inputs in one request; the limit is {settings.max_inputs_per_request} "
+            "(TESSERA_MAX_INPUTS_PER_REQUEST): split the request"
+        )
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_chars_per_input:
+            raise InputTooLarge(
+                f"input {i} has {len(text)} characters; the limit is {settings.max_chars_per_input} "
+                "(TESSERA_MAX_CHARS_PER_INPUT)"
+            )
+
+
+def timeout_of(settings: Settings, requested: float | None) -> float:
+    return min(requested or settings.request_timeout_s, settings.max_request_timeout_s)
+
+
+def check_generation(settings: Settings, params: GenerationParameters) -> None:
+    if params.max_new_tokens is not None and params.max_new_tokens > settings.max_new_tokens_cap:
+        raise InvalidInput(
+            f"max_new_tokens {params.max_new_tokens} is over this server's cap of {settings.max_new_tokens_cap}"
+        )
+    if params.max_length is not None and params.max_length > settings.max_new_tokens_cap:
+        raise InvalidInput(
+            f"max_length {params.max_length} is over this server's cap of {settings.max_new_tokens_cap}"
+        )
+    if params.num_beams is not None and params.num_beams > settings.max_num_beams:
+        raise InvalidInput(
+            f"num_beams {params.num_beams} is over this server's cap of {settings.max_num_beams}"
+        )
+
+
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, cancelling it if the client goes away first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=TASK_ERRORS, summary="Classify texts")
+async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+    """Label each input with a text-classification model, or with a zero-shot model and your
+    `candidate_labels`. Scores are sorted best first; `top_k: null` returns every label."""
+    registry, settings = registry_of(request), settings_of(request)
+    texts = as_list(body.inputs)
+    check_inputs(settings, texts)
+    params = body.parameters
+    labels = params.candidate_labels
+    if body.model is None and labels:
+        entry = registry.resolve(None, Endpoint.zero_shot)
+    elif labels:
+        entry = registry.resolve(body.model, Endpoint.zero_shot)
+    else:
+        entry = registry.resolve(body.model, Endpoint.classify)
+
+    payloads: list[Any]
+    if entry.task == "zero-shot-classification":
+        if params.function_to_apply is not None:
+            raise WrongTask(
+                f"function_to_apply does not apply to the zero-shot model '{entry.name}'; drop it"
+            )
+        template = params.hypothesis_template or entry.hypothesis_template
+        names = list(labels or entry.labels)
+        if labels or entry.engine == "nli":
+            hypotheses = [template.format(label) for label in names]
+        else:  # the entry's own labels, described for the similarity engine
+            hypotheses = [entry.labels[label] for label in names]
+        payloads = [ZeroShotInput(t, tuple(names), tuple(hypotheses), params.multi_label) for t in texts]
+    else:
+        payloads = [ClassifyInput(t, params.top_k, params.function_to_apply) for t in texts]
+
+    results = await until_disconnect(
+        request, registry.infer(entry.name, payloads, timeout_s=timeout_of(settings, body.timeout_s))
+    )
+    top_k = params.top_k
+    return ClassifyResponse(
+        model=entry.name,
+        results=[r.labels[:top_k] if top_k else r.labels for r in results],
+        truncated=[r.truncated for r in results],
+    )
+
+
+@router.post("/translate", response_model=TranslateResponse, responses=TASK_ERRORS, summary="Translate texts")
+async def translate(body: TranslateRequest, request: Request) -> TranslateResponse:
+    """Translate each input with a catalog model, named by `model` or picked by the
+    `source_lang`/`target_lang` pair. Inputs over the model's maximum are truncated (and flagged)."""
+    registry, settings = registry_of(request), settings_of(request)
+    texts = as_list(body.inputs)
+    check_inputs(settings, texts)
+    check_generation(settings, body.parameters)
+    if body.model is None and body.source_lang and body.target_lang:
+        entry = registry.find_translation(body.source_lang, body.target_lang)
+    else:
+        entry = registry.resolve(body.model, Endpoint.translate)
+        if body.source_lang and (entry.source_lang, entry.target_lang) != (
+            body.source_lang,
+            body.target_lang,
+        ):
+            raise WrongTask(
+                f"model '{entry.name}' translates {entry.source_lang}->{entry.target_lang}, "
+                f"not {body.source_lang}->{body.target_lang}; drop model or the language pair"
+            )
+    generation = body.parameters.generate_kwargs()
+    payloads = [Seq2SeqInput(t, generation) for t in texts]
+    results = await until_disconnect(
+        request,
+        registry.infer(
+            entry.name, payloads, group=generation, timeout_s=timeout_of(settings, body.timeout_s)
+        ),
+    )
+    return TranslateResponse(
+        model=entry.name,
+        results=[{"translation_text": r.text, "truncated": r.truncated} for r in results],  # type: ignore[misc]
+    )
+
+
+@router.post("/summarize", response_model=SummarizeResponse, responses=TASK_ERRORS, summary="Summarize texts")
+async def summarize(body: SummarizeRequest, request: Request) -> SummarizeResponse:
+    """Summarize each input, abstractively (a seq2seq model) or extractively (the sentences
+    that best cover the document). With `long_input: chunk`, a document longer than the
+    model's maximum is summarized piece by piece, then the joined summaries are summarized."""
+    registry, settings = registry_of(request), settings_of(request)
+    texts = as_list(body.inputs)
+    check_inputs(settings, texts)
+    params = body.parameters
+    check_generation(settings, params)
+    entry = registry.resolve(body.model, Endpoint.summarize)
+    timeout = timeout_of(settings, body.timeout_s)
+
+    if entry.engine == "extractive":
+        payloads = [ExtractInput(t, params.max_sentences or entry.max_sentences) for t in texts]
+        results = await until_disconnect(request, registry.infer(entry.name, payloads, timeout_s=timeout))
+        summaries = [{"summary_text": r.text, "truncated": r.truncated, "chunks": 1} for r in results]
+        return SummarizeResponse(model=entry.name, results=summaries)  # type: ignore[arg-type]
+
+    generation = params.generate_kwargs()
+    if params.long_input == "chunk":
+        summaries = await until_disconnect(
+            request,
+            asyncio.gather(
+                *(_summarize_chunked(registry, entry.name, t, generation, timeout) for t in texts)
+            ),
+        )
+        return SummarizeResponse(model=entry.name, results=summaries)  # type: ignore[arg-type]
+    payloads = [Seq2SeqInput(t, generation) for t in texts]
+    results = await until_disconnect(
+        request, registry.infer(entry.name, payloads, group=generation, timeout_s=timeout)
+    )
+    summaries = [{"summary_text": r.text, "truncated": r.truncated, "chunks": 1} for r in results]
+    return SummarizeResponse(model=entry.name, results=summaries)  # type: ignore[arg-type]
+
+
+async def _summarize_chunked(
+    registry: ModelRegistry, name: str, text: str, generation: tuple[tuple[str, Any], ...], timeout: float
+) -> dict[str, Any]:
+    """Map-reduce: summarize model-sized chunks together (one batch), then their joined summaries."""
+    async with registry.use(name) as slot:
+        runner = slot.runner
+        assert isinstance(runner, Seq2SeqRunner)
+        chunks = await asyncio.to_thread(runner.split_into_chunks, text)
+    if len(chunks) <= 1:
+        [result] = await registry.infer(
+            name, [Seq2SeqInput(text, generation)], group=generation, timeout_s=timeout
+        )
+        return {"summary_text": result.text, "truncated": result.truncated, "chunks": 1}
+    partial = await registry.infer(
+        name, [Seq2SeqInput(c, generation) for c in chunks], group=generation, timeout_s=timeout
+    )
+    joined = " ".join(p.text for p in partial)
+    [final] = await registry.infer(
+        name, [Seq2SeqInput(joined, generation)], group=generation, timeout_s=timeout
+    )
+    return {"summary_text": final.text, "truncated": final.truncated, "chunks": len(chunks)}
+
+
+@router.post("/embed", response_model=EmbedResponse, responses=TASK_ERRORS, summary="Embed texts")
+async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
+    """One vector per input, pooled as the model declares (mean for all-MiniLM-L6-v2) and,
+    unless `normalize` is false, scaled to unit length."""
+    registry, settings = registry_of(request), settings_of(request)
+    texts = as_list(body.inputs)
+    check_inputs(settings, texts)
+    entry = registry.resolve(body.model, Endpoint.embed)
+    payloads = [EmbedInput(t, body.normalize) for t in texts]
+    results = await until_disconnect(
+        request, registry.infer(entry.name, payloads, timeout_s=timeout_of(settings, body.timeout_s))
+    )
+    return EmbedResponse(
+        model=entry.name,
+        dimensions=len(results[0].vector),
+        embeddings=[r.vector for r in results],
+        tokens=sum(r.tokens for r in results),
+    )

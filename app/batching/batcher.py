@@ -1,0 +1,294 @@
+"""The dynamic batcher: one queue and one worker thread per loaded model.
+
+Requests enqueue items and await futures. The worker tokenizes new items (it is the
+only thread that touches the model's tokenizer), keeps them in a pool, and forms each
+batch from the group of the oldest waiting item, sorted by token length so that padding
+stays small, within ``max_batch_size`` items and ``max_batch_tokens`` padded tokens. It
+never waits for a batch to fill: when idle, an item goes straight through, and whatever
+arrives during a forward pass forms the next batch. A failing batch is split in halves
+until the failing input is alone, so one bad input never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, Overloaded, ServiceError
+
+log = logging.getLogger(__name__)
+
+
+class Encoded(Protocol):
+    """What a runner's ``encode`` returns per input: its token length and model rows."""
+
+    length: int
+    rows: int
+
+
+class BatchRunner(Protocol):
+    """The two steps a runner exposes to the batcher; both run on the worker thread."""
+
+    def encode(self, payloads: Sequence[Any]) -> Sequence[Encoded]: ...
+
+    def infer(self, payloads: Sequence[Any], encoded: Sequence[Any]) -> list[Any]: ...
+
+
+@dataclass
+class BatchRecord:
+    """One formed batch, as reported to observers (logs, metrics, the benchmark)."""
+
+    size: int
+    padded_tokens: int
+    queue_wait_s: float
+    infer_s: float
+    queue_depth: int
+
+
+@dataclass(eq=False)
+class _Item:
+    payload: Any
+    group: Hashable
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    deadline: float
+    seq: int
+    enqueued: float = field(default_factory=time.monotonic)
+    encoded: Any = None
+
+    @property
+    def cost(self) -> int:
+        return int(self.encoded.rows) * int(self.encoded.length)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name in {"OutOfMemoryError", "MemoryError"} or "out of memory" in str(exc).lower()
+
+
+class DynamicBatcher:
+    """Batches concurrent requests for one model; ``submit`` is the only entry point."""
+
+    def __init__(
+        self,
+        runner: BatchRunner,
+        *,
+        name: str,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_queue_items: int,
+        observer: Callable[[BatchRecord], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_items = max_queue_items
+        self._runner = runner
+        self._observer = observer
+        self._cond = threading.Condition()
+        self._incoming: list[_Item] = []
+        self._pool: list[_Item] = []  # worker thread only
+        self._depth = 0  # items queued or pooled, guarded by _cond
+        self._closed = False
+        self._seq = itertools.count()
+        self._rate = 0.0  # items per second, smoothed; for Retry-After
+        self.batches = 0
+        self.items = 0
+        self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+    async def submit(self, payloads: Sequence[Any], *, group: Hashable = None, deadline: float) -> list[Any]:
+        """Run ``payloads`` (one request's inputs) and return their results in order.
+
+        Raises Overloaded when the queue is full, DeadlineExceeded past ``deadline``
+        (a ``time.monotonic()`` instant). Cancelling the caller drops its queued items.
+        """
+        loop = asyncio.get_running_loop()
+        items = [_Item(p, group, loop.create_future(), loop, deadline, next(self._seq)) for p in payloads]
+        with self._cond:
+            if self._closed:
+                raise ModelUnavailable(f"model '{self.name}' is being unloaded; retry the request")
+            if self._depth + len(items) > self.max_queue_items:
+                raise Overloaded(
+                    f"model '{self.name}' has {self._depth} inputs queued (limit {self.max_queue_items}); "
+                    "retry later or send fewer inputs at once",
+                    retry_after=self._retry_after(),
+                )
+            self._incoming.extend(items)
+            self._depth += len(items)
+            self._cond.notify()
+        futures = [item.future for item in items]
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the request did not finish within its deadline on model '{self.name}'; "
+                "raise timeout_s or send fewer inputs"
+            ) from None
+        finally:
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()  # the worker drops cancelled items instead of running them
+
+    def close(self) -> None:
+        """Stop the worker; queued requests fail with 503 rather than hang."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=60)
+
+    # -- worker thread ------------------------------------------------------------------
+
+    def _retry_after(self) -> float:
+        return float(max(1, math.ceil(self._depth / self._rate))) if self._rate > 0 else 1.0
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._incoming and not self._pool and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    leftover = self._incoming + self._pool
+                    self._incoming, self._pool = [], []
+                    break
+                new, self._incoming = self._incoming, []
+            self._admit(new)
+            batch = self._next_batch()
+            if batch:
+                self._execute(batch)
+        for item in leftover:
+            self._fail(item, ModelUnavailable(f"model '{self.name}' was unloaded before this input ran"))
+
+    def _admit(self, new: list[_Item]) -> None:
+        live = [item for item in new if not self._drop_if_done(item)]
+        if not live:
+            return
+        try:
+            encoded = self._runner.encode([item.payload for item in live])
+        except Exception:
+            # One undecodable input must not fail the others: encode each on its own.
+            for item in live:
+                try:
+                    item.encoded = self._runner.encode([item.payload])[0]
+                    self._pool.append(item)
+                except Exception as exc:
+                    log.exception("encoding failed on model %s", self.name)
+                    self._fail(item, InferenceFailed(f"could not tokenize this input: {exc}"))
+            return
+        for item, enc in zip(live, encoded, strict=True):
+            item.encoded = enc
+            self._pool.append(item)
+
+    def _drop_if_done(self, item: _Item) -> bool:
+        if item.future.done():  # the client went away or its deadline passed
+            self._release(1)
+            return True
+        if item.deadline <= time.monotonic():
+            self._fail(item, DeadlineExceeded("the request's deadline passed while it was queued"))
+            return True
+        return False
+
+    def _next_batch(self) -> list[_Item]:
+        self._pool = [item for item in self._pool if not self._drop_if_done(item)]
+        if not self._pool:
+            return []
+        oldest = min(self._pool, key=lambda item: item.seq)
+        group = sorted((i for i in self._pool if i.group == oldest.group), key=lambda i: i.encoded.length)
+        window: list[_Item] = []
+        for item in group:
+            rows = sum(i.encoded.rows for i in window) + item.encoded.rows
+            if window and (
+                len(window) >= self.max_batch_size or rows * item.encoded.length > self.max_batch_tokens
+            ):
+                if oldest in window:
+                    break
+                window = []
+            window.append(item)
+        chosen = set(window)
+        self._pool = [item for item in self._pool if item not in chosen]
+        return window
+
+    def _execute(self, batch: list[_Item]) -> None:
+        started = time.monotonic()
+        try:
+            results = self._runner.infer([i.payload for i in batch], [i.encoded for i in batch])
+        except Exception as exc:
+            if len(batch) > 1:
+                # Halve until the failing input is alone; an OOM shrinks the batch that way too.
+                log.warning("batch of %d failed on %s (%s); splitting", len(batch), self.name, exc)
+                middle = len(batch) // 2
+                self._execute(batch[:middle])
+                self._execute(batch[middle:])
+                return
+            self._fail(batch[0], self._describe_failure(exc))
+            return
+        elapsed = time.monotonic() - started
+        for item, result in zip(batch, results, strict=True):
+            _post(item, _resolve, result)
+        self._release(len(batch))
+        self.batches += 1
+        self.items += len(batch)
+        rate = len(batch) / max(elapsed, 1e-6)
+        self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+        if self._observer is not None:
+            self._observer(
+                BatchRecord(
+                    size=len(batch),
+                    padded_tokens=len(batch) * max(i.encoded.length for i in batch),
+                    queue_wait_s=started - min(i.enqueued for i in batch),
+                    infer_s=elapsed,
+                    queue_depth=self._depth,
+                )
+            )
+
+    def _describe_failure(self, exc: Exception) -> ServiceError:
+        if isinstance(exc, ServiceError):
+            return exc
+        if is_out_of_memory(exc):
+            return ModelUnavailable(
+                f"model '{self.name}' ran out of memory on this input alone; send a shorter input",
+                retry_after=5,
+            )
+        log.error("inference failed on model %s", self.name, exc_info=exc)
+        return InferenceFailed(f"inference failed on model '{self.name}': {type(exc).__name__}: {exc}")
+
+    def _fail(self, item: _Item, error: ServiceError) -> None:
+        _post(item, _reject, error)
+        self._release(1)
+
+    def _release(self, count: int) -> None:
+        with self._cond:
+            self._depth -= count
+
+
+def _post(item: _Item, callback: Callable[[asyncio.Future[Any], Any], None], value: Any) -> None:
+    try:
+        item.loop.call_soon_threadsafe(callback, item.future, value)
+    except RuntimeError:  # the event loop is gone (shutdown); nobody is waiting any more
+        pass
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _reject(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,88 @@
+"""The application factory: ``create_app(settings)`` builds the FastAPI app.
+
+The catalog is validated here, before anything serves, so a bad entry stops start-up
+with a message naming it. The lifespan decides whether the hub is reachable, starts
+the registry, preloads the entries marked ``preload`` in the background (liveness
+answers at once; readiness waits for them), and unloads everything on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from app.api import health, models, tasks
+from app.api.errors import install_error_handlers
+from app.api.middleware import RequestIdMiddleware
+from app.config import Settings, load_catalog
+from app.errors import ServiceError
+from app.registry.registry import ModelRegistry
+from app.registry.sources import hf_offline_flag, probe_hub
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Text classification (with zero-shot), translation, summarization and embeddings from
+pretrained transformer models, behind one HTTP API with dynamic batching.
+
+Every task route takes `inputs` (a string or a list of strings) and an optional `model`
+(a name from `GET /models`; omitted, the endpoint's default answers). Every error answers
+`{"error", "message", "request_id"}` with the status documented on each operation.
+"""
+
+
+async def decide_hub_online(settings: Settings) -> bool:
+    if settings.hub == "offline" or hf_offline_flag():
+        return False
+    if settings.hub == "online":
+        return True
+    return await asyncio.to_thread(probe_hub, settings.hub_probe_timeout_s)
+
+
+async def _preload(registry: ModelRegistry) -> None:
+    for slot in registry.slots():
+        if slot.entry.preload:
+            try:
+                await registry.get_or_load(slot.entry.name)
+            except ServiceError as exc:
+                log.error("preloading %s failed: %s", slot.entry.name, exc.message)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    catalog = load_catalog(settings.catalog)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        online = await decide_hub_online(settings)
+        registry = ModelRegistry(settings, catalog, hub_online=online)
+        app.state.registry = registry
+        log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
+        preloading = asyncio.create_task(_preload(registry))
+        try:
+            yield
+        finally:
+            preloading.cancel()
+            await registry.close()
+
+    app = FastAPI(
+        title="Tessera inference server",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.catalog = catalog
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(tasks.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app

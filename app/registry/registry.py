@@ -1,0 +1,306 @@
+"""The model registry: which catalog entry answers a request, and each model's lifecycle.
+
+Models load lazily on first use, off the event loop, exactly once however many
+requests arrive together (single flight). A failed load answers 503 with its reason
+and is retried by a request after ``load_retry_after_s``, not by every request in a
+storm. Each loaded model owns a DynamicBatcher. Under a per-device memory budget the
+least recently used idle model is unloaded to make room; a model with requests in
+flight or queued, or a pinned one, never is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from app.batching.batcher import BatchRecord, DynamicBatcher
+from app.config import Catalog, Endpoint, Settings, can_serve
+from app.errors import ModelNotFound, ModelUnavailable, WrongTask
+from app.registry.sources import is_local, locate
+from app.runners import Runner, build_runner, resolve_device
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+class ModelState(str, Enum):
+    not_loaded = "not_loaded"
+    loading = "loading"
+    loaded = "loaded"
+    failed = "failed"
+
+
+@dataclass(eq=False)
+class ModelSlot:
+    """One catalog entry and, once loaded, its runner and batcher."""
+
+    entry: Any
+    state: ModelState = ModelState.not_loaded
+    runner: Runner | None = None
+    batcher: DynamicBatcher | None = None
+    error: str | None = None
+    failed_at: float = 0.0
+    loading: asyncio.Task[None] | None = None
+    in_flight: int = 0
+    last_used: float = 0.0
+    load_seconds: float | None = None
+    memory_bytes: int = 0
+    device: str | None = None
+    loads: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0 or (self.batcher is not None and self.batcher.queue_depth > 0)
+
+
+@dataclass
+class RegistryHooks:
+    """Observers the metrics layer plugs in; the registry works without them."""
+
+    on_batch: Callable[[str, BatchRecord], None] | None = None
+    on_load: Callable[[str, float, bool], None] | None = None
+    on_unload: Callable[[str], None] | None = None
+
+
+@dataclass
+class ModelRegistry:
+    settings: Settings
+    catalog: Catalog
+    hub_online: bool = False
+    hooks: RegistryHooks = field(default_factory=RegistryHooks)
+
+    def __post_init__(self) -> None:
+        self._slots = {entry.name: ModelSlot(entry) for entry in self.catalog.models}
+        self._budget_lock = asyncio.Lock()
+
+    # -- choosing a model ---------------------------------------------------------------
+
+    def slot(self, name: str) -> ModelSlot:
+        try:
+            return self._slots[name]
+        except KeyError:
+            raise ModelNotFound(
+                f"unknown model '{name}'; the catalog has: {', '.join(self._slots)}"
+            ) from None
+
+    def names_for(self, endpoint: Endpoint) -> list[str]:
+        return [n for n, s in self._slots.items() if can_serve(s.entry, endpoint)]
+
+    def resolve(self, name: str | None, endpoint: Endpoint) -> Any:
+        """The entry that answers ``endpoint``: the named one, else the endpoint's default."""
+        if name is None:
+            return self.slot(self.default_for(endpoint)).entry
+        if name not in self._slots:
+            raise ModelNotFound(
+                f"unknown model '{name}'; models for /{endpoint.value}: {', '.join(self.names_for(endpoint)) or 'none'}"
+            )
+        entry = self._slots[name].entry
+        if not can_serve(entry, endpoint):
+            hint = (
+                " with fixed labels (or pass candidate_labels)"
+                if entry.task == "zero-shot-classification"
+                else ""
+            )
+            raise WrongTask(
+                f"model '{name}' serves {entry.task}{hint}, not /{endpoint.value}; "
+                f"use one of: {', '.join(self.names_for(endpoint)) or 'none'}"
+            )
+        return entry
+
+    def default_for(self, endpoint: Endpoint) -> str:
+        """First preferred entry that can be served now: any when online, a local one offline."""
+        preferred = self.catalog.defaults.get(endpoint) or self.names_for(endpoint)
+        if not preferred:
+            raise ModelNotFound(f"the catalog has no model for /{endpoint.value}; add one to the catalog")
+        return self._first_servable(preferred)
+
+    def find_translation(self, source_lang: str, target_lang: str) -> Any:
+        pairs = [s.entry for s in self._slots.values() if s.entry.task == "translation"]
+        matching = [e.name for e in pairs if (e.source_lang, e.target_lang) == (source_lang, target_lang)]
+        if not matching:
+            known = ", ".join(sorted({f"{e.source_lang}->{e.target_lang}" for e in pairs})) or "none"
+            raise ModelNotFound(
+                f"no catalog model translates {source_lang}->{target_lang}; available pairs: {known}"
+            )
+        preferred = [n for n in self.catalog.defaults.get(Endpoint.translate, []) if n in matching]
+        return self.slot(self._first_servable(preferred + [n for n in matching if n not in preferred])).entry
+
+    def _first_servable(self, names: list[str]) -> str:
+        if self.hub_online:
+            return names[0]
+        for name in names:
+            slot = self._slots[name]
+            if slot.state is ModelState.loaded or is_local(slot.entry):
+                return name
+        return names[0]  # nothing local: its load will answer 503 with how to provide it
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def get_or_load(self, name: str) -> ModelSlot:
+        """The loaded model, loading it first (once, whoever asks) if needed."""
+        slot = self.slot(name)
+        while slot.state is not ModelState.loaded:
+            if slot.loading is None:
+                waited = time.monotonic() - slot.failed_at
+                if slot.state is ModelState.failed and waited < self.settings.load_retry_after_s:
+                    raise ModelUnavailable(
+                        f"model '{name}' failed to load: {slot.error}",
+                        retry_after=max(1.0, self.settings.load_retry_after_s - waited),
+                    )
+                slot.loading = asyncio.create_task(self._load(slot))
+            await asyncio.shield(slot.loading)
+            if slot.state is ModelState.failed:
+                raise ModelUnavailable(
+                    f"model '{name}' failed to load: {slot.error}",
+                    retry_after=self.settings.load_retry_after_s,
+                )
+        return slot
+
+    @asynccontextmanager
+    async def use(self, name: str) -> AsyncIterator[ModelSlot]:
+        """A loaded model that cannot be evicted while the caller holds it."""
+        slot = await self.get_or_load(name)
+        slot.in_flight += 1
+        slot.last_used = time.monotonic()
+        try:
+            yield slot
+        finally:
+            slot.in_flight -= 1
+            slot.last_used = time.monotonic()
+
+    async def infer(
+        self, name: str, payloads: Sequence[Any], *, timeout_s: float, group: Hashable = None
+    ) -> list[Any]:
+        """Run one request's inputs on a model; the deadline starts once the model is loaded."""
+        async with self.use(name) as slot:
+            assert slot.batcher is not None
+            deadline = time.monotonic() + timeout_s
+            return await slot.batcher.submit(payloads, group=group, deadline=deadline)
+
+    async def _load(self, slot: ModelSlot) -> None:
+        entry = slot.entry
+        slot.state, slot.error = ModelState.loading, None
+        started = time.monotonic()
+        try:
+            path = await asyncio.to_thread(
+                locate, entry, online=self.hub_online, timeout=self.settings.download_timeout_s
+            )
+            await self._make_room(slot, _weights_bytes(path))
+            log.info("loading model %s from %s", entry.name, entry.source.describe())
+            runner = await asyncio.to_thread(build_runner, entry, path)
+        except Exception as exc:
+            slot.state, slot.failed_at = ModelState.failed, time.monotonic()
+            slot.error = exc.message if isinstance(exc, ModelUnavailable) else f"{type(exc).__name__}: {exc}"
+            log.error("model %s failed to load: %s", entry.name, slot.error)
+            self._notify_load(entry.name, time.monotonic() - started, ok=False)
+            return
+        finally:
+            slot.loading = None
+        slot.runner = runner
+        slot.batcher = DynamicBatcher(
+            runner,
+            name=entry.name,
+            max_batch_size=self.settings.max_batch_size,
+            max_batch_tokens=self.settings.max_batch_tokens,
+            max_queue_items=self.settings.max_queue_items,
+            observer=self._batch_observer(entry.name),
+        )
+        slot.memory_bytes = runner.memory_bytes()
+        slot.device = str(runner.device)
+        slot.load_seconds = time.monotonic() - started
+        slot.state, slot.loads, slot.last_used = ModelState.loaded, slot.loads + 1, time.monotonic()
+        log.info("model %s loaded on %s in %.1fs", entry.name, slot.device, slot.load_seconds)
+        self._notify_load(entry.name, slot.load_seconds, ok=True)
+
+    async def unload(self, name: str) -> bool:
+        """Unload a model; its queued requests fail with 503. False if it was not loaded."""
+        slot = self.slot(name)
+        if slot.loading is not None:
+            await asyncio.shield(slot.loading)
+        if slot.state is not ModelState.loaded:
+            return False
+        batcher, runner = slot.batcher, slot.runner
+        slot.state, slot.runner, slot.batcher, slot.memory_bytes = ModelState.not_loaded, None, None, 0
+        if batcher is not None:
+            await asyncio.to_thread(batcher.close)
+        if runner is not None:
+            await asyncio.to_thread(runner.close)
+        log.info("model %s unloaded", name)
+        if self.hooks.on_unload:
+            self.hooks.on_unload(name)
+        return True
+
+    async def close(self) -> None:
+        for slot in self._slots.values():
+            if slot.loading is not None:
+                await asyncio.shield(slot.loading)
+        for name in list(self._slots):
+            await self.unload(name)
+
+    def slots(self) -> list[ModelSlot]:
+        return list(self._slots.values())
+
+    # -- memory budget ------------------------------------------------------------------
+
+    async def _make_room(self, slot: ModelSlot, needed: int) -> None:
+        budget_gib = self.settings.memory_budget_gib.get(_device_key(slot.entry.device))
+        if budget_gib is None:
+            return
+        budget = int(budget_gib * GIB)
+        async with self._budget_lock:
+            device = _device_key(slot.entry.device)
+            while True:
+                resident = [
+                    s
+                    for s in self._slots.values()
+                    if s.state is ModelState.loaded and _device_key(s.entry.device) == device
+                ]
+                used = sum(s.memory_bytes for s in resident)
+                if used + needed <= budget:
+                    return
+                idle = [s for s in resident if not s.busy and not s.entry.pinned]
+                if not idle:
+                    raise ModelUnavailable(
+                        f"loading '{slot.entry.name}' needs about {needed / GIB:.2f} GiB but {device} has "
+                        f"{(budget - used) / GIB:.2f} GiB left of its {budget_gib} GiB budget and every loaded "
+                        "model is busy or pinned; retry later or raise the memory budget",
+                        retry_after=5,
+                    )
+                victim = min(idle, key=lambda s: s.last_used)
+                log.info("evicting idle model %s to make room for %s", victim.entry.name, slot.entry.name)
+                await self.unload(victim.entry.name)
+
+    def _batch_observer(self, name: str) -> Callable[[BatchRecord], None] | None:
+        hook = self.hooks.on_batch
+        if hook is None:
+            return None
+        return lambda record: hook(name, record)
+
+    def _notify_load(self, name: str, seconds: float, *, ok: bool) -> None:
+        if self.hooks.on_load:
+            self.hooks.on_load(name, seconds, ok)
+
+
+def _device_key(spec: str) -> str:
+    """Budget key of a device spec: 'cpu', 'cuda:0', 'mps'."""
+    try:
+        device = resolve_device(spec)
+    except RuntimeError:
+        return spec
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0}"
+    return device.type
+
+
+def _weights_bytes(path: Path) -> int:
+    """Size of the weights on disk: the estimate of what loading will take."""
+    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+    return sum(f.stat().st_size for f in files)

