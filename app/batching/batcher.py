@@ -109,6 +109,10 @@ class DynamicBatcher:
         return self._depth
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def mean_batch_size(self) -> float:
         return self.items / self.batches if self.batches else 0.0
 

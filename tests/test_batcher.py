@@ -1,0 +1,209 @@
+"""The dynamic batcher on its own: batch formation, isolation, cancellation, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from app.batching.batcher import DynamicBatcher
+from app.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, Overloaded
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Enc:
+    length: int
+    rows: int = 1
+
+
+class FakeRunner:
+    """Upper-cases texts; records each batch; can be held, poisoned or run out of memory."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.encoded: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.oom_above: int | None = None
+
+    def encode(self, payloads: Sequence[str]) -> list[Enc]:
+        self.encoded.extend(payloads)
+        return [Enc(len(p.split())) for p in payloads]
+
+    def infer(self, payloads: Sequence[str], encoded: Sequence[Any]) -> list[str]:
+        self.entered.set()
+        self.gate.wait(10)
+        if self.oom_above is not None and len(payloads) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any("poison" in p for p in payloads):
+            raise ValueError("poisoned input")
+        self.batches.append(list(payloads))
+        return [p.upper() for p in payloads]
+
+
+def make(runner: FakeRunner, **limits: int) -> DynamicBatcher:
+    options = {"max_batch_size": 8, "max_batch_tokens": 10_000, "max_queue_items": 100} | limits
+    return DynamicBatcher(runner, name="fake", **options)
+
+
+def soon(seconds: float = 10) -> float:
+    return time.monotonic() + seconds
+
+
+async def wait_until(condition: Any, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def test_an_idle_batcher_runs_a_request_at_once_and_batches_what_arrives_meanwhile() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner)
+    first = asyncio.create_task(batcher.submit(["a"], deadline=soon()))
+    await asyncio.to_thread(runner.entered.wait, 5)  # ran alone: no waiting for a batch to fill
+    later = [asyncio.create_task(batcher.submit([f"b{i}"], deadline=soon())) for i in range(5)]
+    await wait_until(lambda: batcher.queue_depth == 6)
+    runner.gate.set()
+    assert await first == ["A"]
+    assert [await t for t in later] == [[f"B{i}"] for i in range(5)]
+    assert runner.batches == [["a"], ["b0", "b1", "b2", "b3", "b4"]]
+    batcher.close()
+
+
+async def test_a_large_request_is_split_across_batches_and_reassembled_in_order() -> None:
+    runner = FakeRunner()
+    batcher = make(runner, max_batch_size=4)
+    texts = [" ".join(["w"] * (1 + (i * 7) % 13)) + f" {i}" for i in range(30)]
+    assert await batcher.submit(texts, deadline=soon()) == [t.upper() for t in texts]
+    assert max(len(b) for b in runner.batches) <= 4
+    assert sum(len(b) for b in runner.batches) == 30
+    batcher.close()
+
+
+async def test_batches_group_similar_lengths_within_the_token_budget() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner, max_batch_size=8, max_batch_tokens=40)
+    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    texts = ["x " * 2, "x " * 20, "x " * 3, "x " * 19, "x " * 2, "x " * 18]
+    task = asyncio.create_task(batcher.submit([t.strip() for t in texts], deadline=soon()))
+    await wait_until(lambda: batcher.queue_depth == 7)
+    runner.gate.set()
+    await blocker
+    await task
+    lengths = [sorted(len(p.split()) for p in b) for b in runner.batches[1:]]
+    assert sorted(lengths) == [[2, 2, 3], [18, 19], [20]]  # short ones together; long ones within 40 tokens
+    batcher.close()
+
+
+async def test_inputs_with_different_generation_settings_are_never_batched_together() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner)
+    blocker = asyncio.create_task(batcher.submit(["hold"], group="g0", deadline=soon()))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    a = asyncio.create_task(batcher.submit(["a1", "a2"], group=("num_beams", 1), deadline=soon()))
+    b = asyncio.create_task(batcher.submit(["b1", "b2"], group=("num_beams", 4), deadline=soon()))
+    await wait_until(lambda: batcher.queue_depth == 5)
+    runner.gate.set()
+    await asyncio.gather(blocker, a, b)
+    assert sorted(runner.batches[1:]) == [["a1", "a2"], ["b1", "b2"]]
+    batcher.close()
+
+
+async def test_a_poisoned_input_fails_alone_and_its_batch_neighbours_succeed() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner)
+    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    good = [asyncio.create_task(batcher.submit([f"ok{i}"], deadline=soon())) for i in range(5)]
+    bad = asyncio.create_task(batcher.submit(["poison"], deadline=soon()))
+    await wait_until(lambda: batcher.queue_depth == 7)
+    runner.gate.set()
+    await blocker
+    assert [await t for t in good] == [[f"OK{i}"] for i in range(5)]
+    with pytest.raises(InferenceFailed, match="poisoned input"):
+        await bad
+    assert await batcher.submit(["after"], deadline=soon()) == ["AFTER"]  # the worker carries on
+    batcher.close()
+
+
+async def test_out_of_memory_halves_the_batch_down_to_one_item() -> None:
+    runner = FakeRunner()
+    runner.oom_above = 2
+    batcher = make(runner, max_batch_size=16)
+    texts = [f"t{i}" for i in range(11)]
+    assert await batcher.submit(texts, deadline=soon()) == [t.upper() for t in texts]
+    assert max(len(b) for b in runner.batches) <= 2
+
+    runner.oom_above = 0  # even one item is too much
+    with pytest.raises(ModelUnavailable, match="out of memory on this input alone"):
+        await batcher.submit(["huge"], deadline=soon())
+    batcher.close()
+
+
+async def test_a_full_queue_answers_overloaded_without_queueing_anything() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner, max_queue_items=3)
+    held = asyncio.create_task(batcher.submit(["a", "b", "c"], deadline=soon()))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    with pytest.raises(Overloaded) as err:
+        await batcher.submit(["d"], deadline=soon())
+    assert err.value.retry_after is not None and err.value.retry_after >= 1
+    runner.gate.set()
+    assert await held == ["A", "B", "C"]
+    assert "d" not in runner.encoded
+    batcher.close()
+
+
+async def test_a_cancelled_request_is_dropped_and_a_late_one_misses_its_deadline() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner)
+    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    gone = asyncio.create_task(batcher.submit(["gone"], deadline=soon()))
+    stays = asyncio.create_task(batcher.submit(["stays"], deadline=soon()))
+    await wait_until(lambda: batcher.queue_depth == 3)
+    gone.cancel()
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(["late"], deadline=time.monotonic() + 0.05)
+    runner.gate.set()
+    assert await stays == ["STAYS"]
+    await blocker
+    ran = [p for b in runner.batches for p in b]
+    assert "gone" not in ran and "late" not in ran
+    await wait_until(lambda: batcher.queue_depth == 0)
+    batcher.close()
+
+
+async def test_closing_fails_queued_requests_instead_of_hanging() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner)
+    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    queued = asyncio.create_task(batcher.submit(["queued"], deadline=soon()))
+    await wait_until(lambda: batcher.queue_depth == 2)
+    closing = asyncio.create_task(asyncio.to_thread(batcher.close))
+    await wait_until(lambda: batcher.closed)
+    runner.gate.set()
+    await closing
+    assert await blocker == ["HOLD"]
+    with pytest.raises(ModelUnavailable, match="unloaded"):
+        await queued
+    with pytest.raises(ModelUnavailable):
+        await batcher.submit(["new"], deadline=soon())

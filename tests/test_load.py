@@ -1,0 +1,151 @@
+"""Batching behaviour through HTTP: backpressure, deadlines, disconnects, failure isolation, load."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from tests.conftest import serve
+
+pytestmark = pytest.mark.anyio
+
+
+@contextmanager
+def held(app: FastAPI, name: str) -> Iterator[tuple[threading.Event, list[str]]]:
+    """Hold model ``name``'s forward passes until the event is set; record the texts it runs."""
+    slot = app.state.registry.slot(name)
+    real = slot.runner.infer
+    gate, seen = threading.Event(), []
+
+    def infer(payloads: Any, encoded: Any) -> Any:
+        gate.wait(30)
+        seen.extend(p.text for p in payloads)
+        if any("POISON" in p.text for p in payloads):
+            raise RuntimeError("injected failure")
+        return real(payloads, encoded)
+
+    slot.runner.infer = infer
+    try:
+        yield gate, seen
+    finally:
+        gate.set()
+        slot.runner.infer = real
+
+
+async def wait_for_queue(app: FastAPI, name: str, depth: int) -> None:
+    for _ in range(500):
+        if app.state.registry.slot(name).batcher.queue_depth >= depth:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"queue of {name} never reached {depth}")
+
+
+async def test_full_queue_answers_429_with_retry_after(app_factory: Callable[..., FastAPI]) -> None:
+    app = app_factory(max_queue_items=4)
+    async with serve(app) as client:
+        await client.post("/models/bert-clf/load")
+        with held(app, "bert-clf") as (gate, _):
+            first = asyncio.create_task(client.post("/classify", json={"inputs": ["a", "b", "c"], "model": "bert-clf"}))
+            await wait_for_queue(app, "bert-clf", 3)
+            over = await client.post("/classify", json={"inputs": ["d", "e"], "model": "bert-clf"})
+            assert over.status_code == 429
+            assert int(over.headers["retry-after"]) >= 1
+            assert "limit 4" in over.json()["message"]
+            gate.set()
+            assert (await first).status_code == 200
+
+
+async def test_deadline_answers_504_and_the_work_is_not_run(app_factory: Callable[..., FastAPI]) -> None:
+    app = app_factory()
+    async with serve(app) as client:
+        await client.post("/models/bert-clf/load")
+        with held(app, "bert-clf") as (gate, seen):
+            blocker = asyncio.create_task(client.post("/classify", json={"inputs": "hold", "model": "bert-clf"}))
+            await wait_for_queue(app, "bert-clf", 1)
+            late = await client.post("/classify", json={"inputs": "late", "model": "bert-clf", "timeout_s": 0.1})
+            assert late.status_code == 504
+            assert late.json()["error"] == "deadline_exceeded"
+            gate.set()
+            assert (await blocker).status_code == 200
+        assert "late" not in seen
+
+
+async def test_a_disconnecting_client_does_not_disturb_its_neighbours(app_factory: Callable[..., FastAPI]) -> None:
+    app = app_factory()
+    async with serve(app) as client:
+        await client.post("/models/bert-clf/load")
+        expected = (await client.post("/classify", json={"inputs": "neighbour", "model": "bert-clf"})).json()
+        with held(app, "bert-clf") as (gate, seen):
+            blocker = asyncio.create_task(client.post("/classify", json={"inputs": "hold", "model": "bert-clf"}))
+            await wait_for_queue(app, "bert-clf", 1)
+            leaver = asyncio.create_task(client.post("/classify", json={"inputs": "leaver", "model": "bert-clf"}))
+            neighbour = asyncio.create_task(client.post("/classify", json={"inputs": "neighbour", "model": "bert-clf"}))
+            await wait_for_queue(app, "bert-clf", 3)
+            leaver.cancel()  # the client goes away mid-request
+            await asyncio.sleep(0.05)
+            gate.set()
+            assert (await blocker).status_code == 200
+            answer = await neighbour
+        assert answer.status_code == 200 and answer.json() == expected
+        assert "leaver" not in seen
+        assert app.state.registry.slot("bert-clf").batcher.queue_depth == 0
+
+
+async def test_an_injected_failure_fails_only_its_own_request(app_factory: Callable[..., FastAPI]) -> None:
+    app = app_factory()
+    async with serve(app) as client:
+        await client.post("/models/bert-clf/load")
+        texts = [f"text number {i}" for i in range(6)]
+        expected = [(await client.post("/classify", json={"inputs": t, "model": "bert-clf"})).json() for t in texts]
+        with held(app, "bert-clf") as (gate, _):
+            blocker = asyncio.create_task(client.post("/classify", json={"inputs": "hold", "model": "bert-clf"}))
+            await wait_for_queue(app, "bert-clf", 1)
+            good = [asyncio.create_task(client.post("/classify", json={"inputs": t, "model": "bert-clf"})) for t in texts]
+            bad = asyncio.create_task(client.post("/classify", json={"inputs": "POISON", "model": "bert-clf"}))
+            await wait_for_queue(app, "bert-clf", 8)
+            gate.set()
+            await blocker
+            assert [(await g).json() for g in good] == expected
+            failed = await bad
+        assert failed.status_code == 500
+        assert failed.json()["error"] == "inference_failed" and "injected failure" in failed.json()["message"]
+
+
+async def test_a_thousand_concurrent_mixed_requests_are_all_answered_correctly(client: httpx.AsyncClient) -> None:
+    words = "the a small big red green cat dog house river runs sleeps today".split()
+    rng = random.Random(7)
+    texts = [" ".join(rng.choices(words, k=rng.randint(2, 12))) for _ in range(40)]
+    routes = {
+        "/classify": lambda t: {"inputs": t, "model": "bert-clf", "parameters": {"top_k": None}},
+        "/embed": lambda t: {"inputs": t, "model": "bert-embed"},
+        "/translate": lambda t: {"inputs": t, "model": "marian-en-de"},
+        "/summarize": lambda t: {"inputs": t, "model": "t5-sum"},
+    }
+    reference: dict[tuple[str, str], Any] = {}
+    for route, body in routes.items():
+        answers = (await client.post(route, json=body(texts) | {"inputs": texts})).json()
+        for text, result in zip(texts, answers.get("results") or answers["embeddings"], strict=True):
+            reference[(route, text)] = result
+
+    plan = [(rng.choice(list(routes)), rng.choice(texts)) for _ in range(1000)]
+    responses = await asyncio.gather(*(client.post(route, json=routes[route](text)) for route, text in plan))
+    assert [r.status_code for r in responses] == [200] * 1000
+    for (route, text), response in zip(plan, responses, strict=True):
+        body = response.json()
+        got = (body.get("results") or body["embeddings"])[0]
+        expected = reference[(route, text)]
+        if route == "/embed":
+            assert got == pytest.approx(expected, abs=1e-4)
+        elif route == "/classify":
+            assert [s["label"] for s in got] == [s["label"] for s in expected]
+            assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=1e-4)
+        else:
+            assert got == expected
