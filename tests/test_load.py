@@ -24,8 +24,10 @@ def held(app: FastAPI, name: str) -> Iterator[tuple[threading.Event, list[str]]]
     slot = app.state.registry.slot(name)
     real = slot.runner.infer
     gate, seen = threading.Event(), []
+    slot.entered = threading.Event()
 
     def infer(payloads: Any, encoded: Any) -> Any:
+        slot.entered.set()
         gate.wait(30)
         seen.extend(p.text for p in payloads)
         if any("POISON" in p.text for p in payloads):
@@ -38,6 +40,14 @@ def held(app: FastAPI, name: str) -> Iterator[tuple[threading.Event, list[str]]]
     finally:
         gate.set()
         slot.runner.infer = real
+
+
+async def start_blocker(app: FastAPI, client: httpx.AsyncClient) -> asyncio.Task[httpx.Response]:
+    """A request on bert-clf that is inside its (held) forward pass when this returns."""
+    blocker = asyncio.create_task(client.post("/classify", json={"inputs": "hold", "model": "bert-clf"}))
+    entered = app.state.registry.slot("bert-clf").entered
+    assert await asyncio.to_thread(entered.wait, 10)
+    return blocker
 
 
 async def wait_for_queue(app: FastAPI, name: str, depth: int) -> None:
@@ -55,6 +65,7 @@ async def test_full_queue_answers_429_with_retry_after(app_factory: Callable[...
         with held(app, "bert-clf") as (gate, _):
             first = asyncio.create_task(client.post("/classify", json={"inputs": ["a", "b", "c"], "model": "bert-clf"}))
             await wait_for_queue(app, "bert-clf", 3)
+            assert await asyncio.to_thread(app.state.registry.slot("bert-clf").entered.wait, 10)
             over = await client.post("/classify", json={"inputs": ["d", "e"], "model": "bert-clf"})
             assert over.status_code == 429
             assert int(over.headers["retry-after"]) >= 1
@@ -68,8 +79,7 @@ async def test_deadline_answers_504_and_the_work_is_not_run(app_factory: Callabl
     async with serve(app) as client:
         await client.post("/models/bert-clf/load")
         with held(app, "bert-clf") as (gate, seen):
-            blocker = asyncio.create_task(client.post("/classify", json={"inputs": "hold", "model": "bert-clf"}))
-            await wait_for_queue(app, "bert-clf", 1)
+            blocker = await start_blocker(app, client)
             late = await client.post("/classify", json={"inputs": "late", "model": "bert-clf", "timeout_s": 0.1})
             assert late.status_code == 504
             assert late.json()["error"] == "deadline_exceeded"
@@ -84,8 +94,7 @@ async def test_a_disconnecting_client_does_not_disturb_its_neighbours(app_factor
         await client.post("/models/bert-clf/load")
         expected = (await client.post("/classify", json={"inputs": "neighbour", "model": "bert-clf"})).json()
         with held(app, "bert-clf") as (gate, seen):
-            blocker = asyncio.create_task(client.post("/classify", json={"inputs": "hold", "model": "bert-clf"}))
-            await wait_for_queue(app, "bert-clf", 1)
+            blocker = await start_blocker(app, client)
             leaver = asyncio.create_task(client.post("/classify", json={"inputs": "leaver", "model": "bert-clf"}))
             neighbour = asyncio.create_task(client.post("/classify", json={"inputs": "neighbour", "model": "bert-clf"}))
             await wait_for_queue(app, "bert-clf", 3)
@@ -96,7 +105,12 @@ async def test_a_disconnecting_client_does_not_disturb_its_neighbours(app_factor
             answer = await neighbour
         assert answer.status_code == 200 and answer.json() == expected
         assert "leaver" not in seen
-        assert app.state.registry.slot("bert-clf").batcher.queue_depth == 0
+        batcher = app.state.registry.slot("bert-clf").batcher
+        for _ in range(100):  # the worker drops the cancelled item on its next pass
+            if batcher.queue_depth == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 0
 
 
 async def test_an_injected_failure_fails_only_its_own_request(app_factory: Callable[..., FastAPI]) -> None:
@@ -106,8 +120,7 @@ async def test_an_injected_failure_fails_only_its_own_request(app_factory: Calla
         texts = [f"text number {i}" for i in range(6)]
         expected = [(await client.post("/classify", json={"inputs": t, "model": "bert-clf"})).json() for t in texts]
         with held(app, "bert-clf") as (gate, _):
-            blocker = asyncio.create_task(client.post("/classify", json={"inputs": "hold", "model": "bert-clf"}))
-            await wait_for_queue(app, "bert-clf", 1)
+            blocker = await start_blocker(app, client)
             good = [asyncio.create_task(client.post("/classify", json={"inputs": t, "model": "bert-clf"})) for t in texts]
             bad = asyncio.create_task(client.post("/classify", json={"inputs": "POISON", "model": "bert-clf"}))
             await wait_for_queue(app, "bert-clf", 8)
