@@ -1,30 +1,24 @@
-"""Command line: ``python -m app serve`` runs the server."""
+"""Command line: ``python -m app serve`` runs the server; ``python -m app download`` fills the cache."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 
-import uvicorn
-
-from app.api.middleware import RequestIdFilter
-from app.config import CatalogError, Settings
-
-
-def configure_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+from app.config import CatalogError, Settings, load_catalog
+from app.errors import ModelUnavailable
+from app.logs import configure_logging
 
 
 def serve(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
-    settings = Settings(**overrides)
-    configure_logging()
+    import uvicorn
+
     from app.main import create_app
 
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_format, settings.log_level)
     try:
         app = create_app(settings)
     except CatalogError as exc:
@@ -35,13 +29,59 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def download(args: argparse.Namespace) -> int:
+    """Fetch catalog hub models into the HF cache (for baking images and air-gapped hosts)."""
+    from app.registry.sources import hf_offline_flag, locate
+
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        catalog = load_catalog(settings.catalog)
+    except CatalogError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    hub_entries = [m for m in catalog.models if m.source.hub]
+    names = args.names or [m.name for m in hub_entries]
+    unknown = [n for n in names if catalog.entry(n) is None]
+    if unknown:
+        print(
+            f"unknown model(s): {', '.join(unknown)}; the catalog has: "
+            f"{', '.join(m.name for m in catalog.models)}",
+            file=sys.stderr,
+        )
+        return 2
+    if hf_offline_flag():
+        print("HF_HUB_OFFLINE=1 is set: downloading needs the hub; unset it and retry", file=sys.stderr)
+        return 1
+    failed = 0
+    for name in names:
+        entry = catalog.entry(name)
+        if not entry.source.hub:
+            print(f"{name}: {entry.source.describe()} is local, nothing to download")
+            continue
+        print(
+            f"{name}: downloading {entry.source.describe()} into {os.environ.get('HF_HOME', '~/.cache/huggingface')}"
+        )
+        try:
+            path = locate(entry, online=True, timeout=settings.download_timeout_s)
+        except ModelUnavailable as exc:
+            print(f"{name}: FAILED: {exc.message}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{name}: ready at {path}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description="Tessera inference server")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("serve", help="run the HTTP server")
+    run = commands.add_parser("serve", help="run the HTTP server (settings: TESSERA_* environment)")
     run.add_argument("--host", default=None)
     run.add_argument("--port", type=int, default=None)
     run.set_defaults(func=serve)
+    fetch = commands.add_parser("download", help="download catalog hub models into the HF cache")
+    fetch.add_argument("names", nargs="*", help="catalog names (default: every hub model)")
+    fetch.set_defaults(func=download)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.yaml")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -70,7 +78,30 @@ class Settings(BaseSettings):
         "recently used idle models are unloaded to stay within it. JSON, e.g. '{\"cuda:0\": 40}'.",
     )
 
+    # Security and limits.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys (comma-separated in TESSERA_API_KEYS). Empty: no authentication.",
+    )
+    docs_public: bool = Field(True, description="Serve /docs, /redoc and /openapi.json without a key.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma-separated); '*' for any."
+    )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body; past it: 413.")
+    max_tokens_per_request: int = Field(
+        262_144, ge=1, description="Tokens over all inputs of one request, after truncation; past it: 413."
+    )
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _timeouts_consistent(self) -> Settings:

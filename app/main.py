@@ -14,11 +14,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
-from app.api import health, models, tasks
+from app.api import compat_hf, compat_openai, docs, health, metrics, models, tasks
 from app.api.errors import install_error_handlers
-from app.api.middleware import RequestIdMiddleware
+from app.api.metrics import Metrics
+from app.api.middleware import RequestContextMiddleware
+from app.api.security import BodySizeLimit, require_api_key
 from app.config import Settings, load_catalog
 from app.errors import ServiceError
 from app.registry.registry import ModelRegistry
@@ -62,8 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         online = await decide_hub_online(settings)
-        registry = ModelRegistry(settings, catalog, hub_online=online)
+        registry = ModelRegistry(settings, catalog, hub_online=online, hooks=app.state.metrics.hooks())
         app.state.registry = registry
+        app.state.metrics.watch(registry)
         log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
         preloading = asyncio.create_task(_preload(registry))
         try:
@@ -77,12 +81,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from app.api.docs, without a CDN
+        redoc_url=None,
+        dependencies=[Depends(require_api_key)],
     )
     app.state.settings = settings
     app.state.catalog = catalog
     install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.state.metrics = Metrics()
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    # Outermost, so that every answer (413s included) carries a request id and is counted.
+    app.add_middleware(RequestContextMiddleware, observe=app.state.metrics.observe_request)
     app.include_router(tasks.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(compat_hf.router)
+    app.include_router(compat_openai.router)
+    app.include_router(docs.router)
     return app

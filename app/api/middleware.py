@@ -1,4 +1,4 @@
-"""Request ids: each request gets one (or keeps the client's X-Request-ID), echoed on the response."""
+"""Per-request context: an id (the client's X-Request-ID or a new one), metrics and the access log."""
 
 from __future__ import annotations
 
@@ -6,13 +6,19 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.batching.batcher import request_stats
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 access_log = logging.getLogger("tessera.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Observer = Callable[[str, str, int, float], None]
 
 
 class RequestIdFilter(logging.Filter):
@@ -23,11 +29,12 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class RequestIdMiddleware:
+class RequestContextMiddleware:
     """Pure ASGI, so that it costs microseconds and never buffers a body."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, observe: Observer | None = None) -> None:
         self.app = app
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -36,7 +43,8 @@ class RequestIdMiddleware:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
-        token = request_id_var.set(request_id)
+        stats: dict[str, Any] = {}
+        tokens = request_id_var.set(request_id), request_stats.set(stats)
         started = time.perf_counter()
         status = 500
 
@@ -44,18 +52,32 @@ class RequestIdMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            model = stats.get("model", "")
+            if self.observe is not None:
+                self.observe(route, model, status, seconds)
             access_log.info(
-                "%s %s %d %.1fms",
+                "%s %s %d %.1fms model=%s inputs=%d batch=%d",
                 scope["method"],
                 scope["path"],
                 status,
-                (time.perf_counter() - started) * 1000,
+                seconds * 1000,
+                model or "-",
+                stats.get("inputs", 0),
+                stats.get("batch_size", 0),
+                extra={
+                    "route": route,
+                    "status": status,
+                    "model": model,
+                    "latency_ms": round(seconds * 1000, 2),
+                },
             )
-            request_id_var.reset(token)
+            request_stats.reset(tokens[1])
+            request_id_var.reset(tokens[0])

@@ -18,12 +18,23 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, Overloaded, ServiceError
+from app.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InputTooLarge,
+    ModelUnavailable,
+    Overloaded,
+    ServiceError,
+)
 
 log = logging.getLogger(__name__)
+
+# Set by the HTTP layer per request; submit() records the largest batch its inputs ran in.
+request_stats: ContextVar[dict[str, Any] | None] = ContextVar("request_stats", default=None)
 
 
 class Encoded(Protocol):
@@ -53,7 +64,16 @@ class BatchRecord:
 
 
 @dataclass(eq=False)
+class _Ticket:
+    """What the items of one request share: their token total, checked against the limit."""
+
+    tokens: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
 class _Item:
+    ticket: _Ticket
     payload: Any
     group: Hashable
     future: asyncio.Future[Any]
@@ -84,12 +104,14 @@ class DynamicBatcher:
         max_batch_size: int,
         max_batch_tokens: int,
         max_queue_items: int,
+        max_request_tokens: int | None = None,
         observer: Callable[[BatchRecord], None] | None = None,
     ) -> None:
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_items = max_queue_items
+        self.max_request_tokens = max_request_tokens
         self._runner = runner
         self._observer = observer
         self._cond = threading.Condition()
@@ -123,7 +145,10 @@ class DynamicBatcher:
         (a ``time.monotonic()`` instant). Cancelling the caller drops its queued items.
         """
         loop = asyncio.get_running_loop()
-        items = [_Item(p, group, loop.create_future(), loop, deadline, next(self._seq)) for p in payloads]
+        ticket = _Ticket()
+        items = [
+            _Item(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq)) for p in payloads
+        ]
         with self._cond:
             if self._closed:
                 raise ModelUnavailable(f"model '{self.name}' is being unloaded; retry the request")
@@ -139,7 +164,11 @@ class DynamicBatcher:
         futures = [item.future for item in items]
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                return list(await asyncio.gather(*futures))
+                results = list(await asyncio.gather(*futures))
+            stats = request_stats.get()
+            if stats is not None:
+                stats["batch_size"] = max([stats.get("batch_size", 0), *ticket.batch_sizes])
+            return results
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the request did not finish within its deadline on model '{self.name}'; "
@@ -184,20 +213,37 @@ class DynamicBatcher:
         if not live:
             return
         try:
-            encoded = self._runner.encode([item.payload for item in live])
+            encoded: list[Any] = list(self._runner.encode([item.payload for item in live]))
         except Exception:
             # One undecodable input must not fail the others: encode each on its own.
-            for item in live:
-                try:
-                    item.encoded = self._runner.encode([item.payload])[0]
-                    self._pool.append(item)
-                except Exception as exc:
-                    log.exception("encoding failed on model %s", self.name)
-                    self._fail(item, InferenceFailed(f"could not tokenize this input: {exc}"))
-            return
+            encoded = [self._encode_one(item) for item in live]
+        admitted = []
         for item, enc in zip(live, encoded, strict=True):
-            item.encoded = enc
-            self._pool.append(item)
+            if enc is not None:
+                item.encoded = enc
+                item.ticket.tokens += enc.rows * enc.length
+                admitted.append(item)
+        # A request's items all arrive in one submit, so they are all encoded by now.
+        for item in admitted:
+            limit = self.max_request_tokens
+            if limit is not None and item.ticket.tokens > limit:
+                self._fail(
+                    item,
+                    InputTooLarge(
+                        f"this request has {item.ticket.tokens} tokens after truncation; the limit is "
+                        f"{limit} (TESSERA_MAX_TOKENS_PER_REQUEST): send fewer or shorter inputs"
+                    ),
+                )
+            else:
+                self._pool.append(item)
+
+    def _encode_one(self, item: _Item) -> Any:
+        try:
+            return self._runner.encode([item.payload])[0]
+        except Exception as exc:
+            log.exception("encoding failed on model %s", self.name)
+            self._fail(item, InferenceFailed(f"could not tokenize this input: {exc}"))
+            return None
 
     def _drop_if_done(self, item: _Item) -> bool:
         if item.future.done():  # the client went away or its deadline passed
@@ -244,6 +290,7 @@ class DynamicBatcher:
             return
         elapsed = time.monotonic() - started
         for item, result in zip(batch, results, strict=True):
+            item.ticket.batch_sizes.append(len(batch))
             _post(item, _resolve, result)
         self._release(len(batch))
         self.batches += 1

@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from app.batching.batcher import BatchRecord, DynamicBatcher
+from app.batching.batcher import BatchRecord, DynamicBatcher, request_stats
 from app.config import Catalog, Endpoint, Settings, can_serve
 from app.errors import ModelNotFound, ModelUnavailable, WrongTask
 from app.registry.sources import is_local, locate
@@ -180,6 +180,10 @@ class ModelRegistry:
         self, name: str, payloads: Sequence[Any], *, timeout_s: float, group: Hashable = None
     ) -> list[Any]:
         """Run one request's inputs on a model; the deadline starts once the model is loaded."""
+        stats = request_stats.get()
+        if stats is not None:
+            stats["model"] = name
+            stats["inputs"] = stats.get("inputs", 0) + len(payloads)
         async with self.use(name) as slot:
             assert slot.batcher is not None
             deadline = time.monotonic() + timeout_s
@@ -211,6 +215,7 @@ class ModelRegistry:
             max_batch_size=self.settings.max_batch_size,
             max_batch_tokens=self.settings.max_batch_tokens,
             max_queue_items=self.settings.max_queue_items,
+            max_request_tokens=self.settings.max_tokens_per_request,
             observer=self._batch_observer(entry.name),
         )
         slot.memory_bytes = runner.memory_bytes()
