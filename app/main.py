@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_url=None,  # served by app.api.docs, behind the API key unless docs_public
         docs_url=None,  # /docs and /redoc come from app.api.docs, without a CDN
         redoc_url=None,
         dependencies=[Depends(require_api_key)],

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 router = APIRouter(include_in_schema=False)
+OPENAPI_URL = "/openapi.json"
 
 STATIC_URL = "/docs/static"
 ASSET_DIR = Path(str(files("fastapi_offline").joinpath("static")))
@@ -47,7 +48,13 @@ def _static(request: Request, name: str) -> str:
 
 
 def _openapi_url(request: Request) -> str:
-    return f"{request.scope.get('root_path', '')}{request.app.openapi_url}"
+    return f"{request.scope.get('root_path', '')}{OPENAPI_URL}"
+
+
+@router.get(OPENAPI_URL)
+async def openapi_schema(request: Request) -> JSONResponse:
+    """The schema, served here (not by FastAPI) so that API keys can guard it like any route."""
+    return JSONResponse(request.app.openapi())
 
 
 @router.get("/docs")

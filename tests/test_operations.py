@@ -1,0 +1,195 @@
+"""What operators rely on: health, metrics, API keys, limits, CORS, request ids and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.logs import JsonFormatter, configure_logging
+from app.main import create_app
+from tests.conftest import serve
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_readiness_waits_for_preloaded_models_while_liveness_answers_at_once(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    catalog = tmp_path / "catalog.yaml"
+    entries = [
+        {"name": "pre", "task": "text-classification", "preload": True, "source": {"path": str(tiny_models["bert-clf"])}},
+        {"name": "lazy", "task": "embedding", "source": {"path": str(tiny_models["bert-embed"])}},
+    ]
+    catalog.write_text(yaml.safe_dump({"models": entries}))
+    app = create_app(Settings(catalog=catalog, hub="offline"))
+    async with serve(app) as client:
+        assert (await client.get("/health/live")).status_code == 200
+        first = await client.get("/health/ready")
+        if first.status_code == 503:  # caught while the background preload runs
+            assert first.json()["waiting_for"] == ["pre"]
+        for _ in range(200):
+            ready = await client.get("/health/ready")
+            if ready.status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert ready.status_code == 200
+        states = {m["name"]: m["state"] for m in (await client.get("/models")).json()["models"]}
+        assert states == {"pre": "loaded", "lazy": "not_loaded"}
+
+
+async def test_readiness_reports_a_failed_preload(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.yaml"
+    entry = {"name": "gone", "task": "embedding", "preload": True, "source": {"path": str(tmp_path / "missing")}}
+    catalog.write_text(yaml.safe_dump({"models": [entry]}))
+    async with serve(create_app(Settings(catalog=catalog, hub="offline"))) as client:
+        for _ in range(100):
+            body = (await client.get("/health/ready")).json()
+            if body["failed"]:
+                break
+            await asyncio.sleep(0.05)
+        assert body == {"status": "failed", "waiting_for": ["gone"], "failed": ["gone"]}
+
+
+async def test_metrics_count_requests_batches_loads_and_memory(client: httpx.AsyncClient) -> None:
+    await client.post("/classify", json={"inputs": ["a", "b", "c"], "model": "bert-clf"})
+    await client.post("/classify", json={"inputs": "x", "model": "nope"})
+    text = (await client.get("/metrics")).text
+    assert 'tessera_requests_total{model="bert-clf",route="/classify",status="200"} 1.0' in text
+    assert 'tessera_requests_total{model="",route="/classify",status="404"} 1.0' in text
+    assert 'tessera_model_loads_total{model="bert-clf",outcome="success"} 1.0' in text
+    assert 'tessera_batch_size_sum{model="bert-clf"} 3.0' in text
+    assert 'tessera_model_loaded{device="cpu",model="bert-clf"} 1.0' in text
+    assert 'tessera_queue_depth{model="bert-clf"} 0.0' in text
+    memory = next(line for line in text.splitlines() if line.startswith('tessera_model_memory_bytes{model="bert-clf"}'))
+    assert float(memory.split()[-1]) > 0
+    assert "tessera_inference_seconds_bucket" in text and "tessera_model_load_seconds_count" in text
+
+
+async def test_api_keys_guard_every_route_but_health_and_docs(app_factory: Callable[..., FastAPI]) -> None:
+    async with serve(app_factory(api_keys="key-one, key-two")) as client:
+        body = {"inputs": "I love this movie"}
+        missing = await client.post("/classify", json=body)
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        assert missing.json()["error"] == "unauthorized"
+        wrong = await client.post("/classify", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        for key in ("key-one", "key-two"):
+            ok = await client.post("/classify", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200
+        for path in ("/models", "/metrics", "/v1/models"):
+            assert (await client.get(path)).status_code == 401
+        for path in ("/health/live", "/health/ready", "/docs", "/openapi.json"):
+            assert (await client.get(path)).status_code == 200
+
+
+async def test_docs_can_require_a_key_too(app_factory: Callable[..., FastAPI]) -> None:
+    async with serve(app_factory(api_keys="k", docs_public=False)) as client:
+        assert (await client.get("/openapi.json")).status_code == 401
+        assert (await client.get("/openapi.json", headers={"Authorization": "Bearer k"})).status_code == 200
+
+
+def test_api_keys_never_appear_in_settings_output() -> None:
+    settings = Settings(api_keys="super-secret-key", hub="offline")
+    assert "super-secret-key" not in repr(settings) and "super-secret-key" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "body", "fragment"),
+    [
+        ({"max_inputs_per_request": 3}, {"inputs": ["a"] * 4}, "limit is 3 (TESSERA_MAX_INPUTS_PER_REQUEST)"),
+        ({"max_chars_per_input": 10}, {"inputs": ["short", "x" * 11]}, "input 1 has 11 characters"),
+        ({"max_tokens_per_request": 20}, {"inputs": ["one two three four five six"] * 4}, "TESSERA_MAX_TOKENS_PER_REQUEST"),
+    ],
+)
+async def test_per_request_limits_answer_413_naming_the_limit(
+    app_factory: Callable[..., FastAPI], overrides: dict[str, int], body: dict[str, object], fragment: str
+) -> None:
+    async with serve(app_factory(**overrides)) as client:
+        r = await client.post("/classify", json=body | {"model": "bert-clf"})
+        assert r.status_code == 413, r.text
+        assert fragment in r.json()["message"]
+        ok = await client.post("/classify", json={"inputs": "fine", "model": "bert-clf"})
+        assert ok.status_code == 200
+
+
+async def test_oversized_bodies_are_refused_before_parsing(app_factory: Callable[..., FastAPI]) -> None:
+    async with serve(app_factory(max_body_bytes=2048)) as client:
+        big = {"inputs": "x" * 5000}
+        declared = await client.post("/classify", json=big)
+        assert declared.status_code == 413
+        assert "TESSERA_MAX_BODY_BYTES" in declared.json()["message"]
+        assert declared.headers["x-request-id"] == declared.json()["request_id"]
+
+        async def chunks():  # no Content-Length: the limit counts what arrives
+            for _ in range(10):
+                yield b"x" * 500
+
+        streamed = await client.post("/classify", content=chunks(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413
+
+
+async def test_cors_allows_the_configured_origins_only(app_factory: Callable[..., FastAPI]) -> None:
+    async with serve(app_factory(cors_origins="https://app.example.com")) as client:
+        headers = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"}
+        allowed = await client.options("/classify", headers=headers)
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+        other = await client.options("/classify", headers=headers | {"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+async def test_access_log_names_model_inputs_batch_and_request_id(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="tessera.access"):
+        r = await client.post(
+            "/classify", json={"inputs": ["a", "b"], "model": "bert-clf"}, headers={"X-Request-ID": "req-42"}
+        )
+    assert r.headers["x-request-id"] == "req-42"
+    line = next(rec for rec in caplog.records if rec.name == "tessera.access")
+    message = line.getMessage()
+    assert "POST /classify 200" in message and "model=bert-clf inputs=2 batch=2" in message
+    assert JsonFormatter().format(line).startswith("{")
+
+
+def test_json_logs_carry_the_request_id() -> None:
+    record = logging.LogRecord("tessera.access", logging.INFO, __file__, 1, "hello %s", ("world",), None)
+    record.request_id = "abc"
+    record.model = "m"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "hello world" and line["request_id"] == "abc" and line["model"] == "m"
+    configure_logging("json", "WARNING")  # and it installs without error
+    configure_logging("text", "WARNING")
+
+
+def test_download_command_fails_clearly_offline(catalog_path: Path) -> None:
+    env = {"TESSERA_CATALOG": str(catalog_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "app", "download", "hub-sst2"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    assert "HF_HUB_OFFLINE=1 is set" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "app", "download", "hub-sst2"],
+        env=env | {"HF_HUB_OFFLINE": "0", "TESSERA_DOWNLOAD_TIMEOUT_S": "5"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "hub-sst2: FAILED" in proc.stderr
+    unknown = subprocess.run(
+        [sys.executable, "-m", "app", "download", "nope"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert unknown.returncode == 2 and "unknown model(s): nope" in unknown.stderr
