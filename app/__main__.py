@@ -45,8 +45,7 @@ def download(args: argparse.Namespace) -> int:
     unknown = [n for n in names if catalog.entry(n) is None]
     if unknown:
         print(
-            f"unknown model(s): {', '.join(unknown)}; the catalog has: "
-            f"{', '.join(m.name for m in catalog.models)}",
+            f"unknown model(s): {', '.join(unknown)}; the catalog has: {', '.join(m.name for m in catalog.models)}",
             file=sys.stderr,
         )
         return 2
@@ -59,9 +58,7 @@ def download(args: argparse.Namespace) -> int:
         if not entry.source.hub:
             print(f"{name}: {entry.source.describe()} is local, nothing to download")
             continue
-        print(
-            f"{name}: downloading {entry.source.describe()} into {os.environ.get('HF_HOME', '~/.cache/huggingface')}"
-        )
+        print(f"{name}: downloading {entry.source.describe()} into {os.environ.get('HF_HOME', '~/.cache/huggingface')}")
         try:
             path = locate(entry, online=True, timeout=settings.download_timeout_s)
         except ModelUnavailable as exc:

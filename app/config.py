@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,12 +30,12 @@ DEFAULT_CATALOG = Path(__file__).with_name("catalog.yaml")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
-class Endpoint(str, Enum):
+class Endpoint(StrEnum):
     """The task routes; catalog defaults are chosen per endpoint."""
 
     classify = "classify"
     zero_shot = "zero-shot"
-    translate = "translate"
+    translate = "translate"  # type: ignore[assignment]  # shadows str.translate, harmlessly
     summarize = "summarize"
     embed = "embed"
 
@@ -168,9 +168,7 @@ class _EntryBase(BaseModel):
     description: str = ""
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    allow_pickle: bool = Field(
-        False, description="Allow loading .bin (pickle) weights; safetensors otherwise."
-    )
+    allow_pickle: bool = Field(False, description="Allow loading .bin (pickle) weights; safetensors otherwise.")
     preload: bool = Field(False, description="Load at start-up; readiness waits for it.")
     pinned: bool = Field(False, description="Never evicted to make room for another model.")
     max_input_tokens: int | None = Field(None, ge=8, description="Override the model's own maximum.")
@@ -223,9 +221,7 @@ class TranslationEntry(_EntryBase):
     source_lang: str = Field(..., description="ISO 639-1 code of the input language, e.g. 'en'.")
     target_lang: str = Field(..., description="ISO 639-1 code of the output language, e.g. 'de'.")
     prefix: str = Field("", description="Prepended to each input (T5: 'translate English to German: ').")
-    tokenizer_src_lang: str | None = Field(
-        None, description="tokenizer.src_lang for mBART/NLLB, e.g. 'eng_Latn'."
-    )
+    tokenizer_src_lang: str | None = Field(None, description="tokenizer.src_lang for mBART/NLLB, e.g. 'eng_Latn'.")
     forced_bos_token: str | None = Field(None, description="Target language token for mBART/NLLB/M2M.")
     generation: GenerationDefaults = GenerationDefaults()
 
@@ -332,7 +328,8 @@ def load_catalog(path: Path) -> Catalog:
 
 def _describe_errors(path: Path, raw: dict[str, Any], exc: ValidationError) -> str:
     lines = [f"invalid model catalog {path}:"]
-    models = raw.get("models") if isinstance(raw.get("models"), list) else []
+    listed = raw.get("models")
+    models: list[Any] = listed if isinstance(listed, list) else []
     for err in exc.errors():
         loc = list(err["loc"])
         where = ".".join(str(p) for p in loc)

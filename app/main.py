@@ -38,6 +38,21 @@ Every task route takes `inputs` (a string or a list of strings) and an optional 
 `{"error", "message", "request_id"}` with the status documented on each operation.
 """
 
+TAGS = [
+    {"name": "tasks", "description": "Classification, translation, summarization and embeddings."},
+    {"name": "models", "description": "The catalog with live state; load and unload models."},
+    {"name": "health", "description": "Liveness and readiness probes (no API key needed)."},
+    {"name": "operations", "description": "Prometheus metrics."},
+    {
+        "name": "Hugging Face compatibility",
+        "description": "The HF Inference API shapes, for InferenceClient.",
+    },
+    {
+        "name": "OpenAI compatibility",
+        "description": "OpenAI embeddings and model list, for the openai client.",
+    },
+]
+
 
 async def decide_hub_online(settings: Settings) -> bool:
     if settings.hub == "offline" or hf_offline_flag():
@@ -81,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_tags=TAGS,
         openapi_url=None,  # served by app.api.docs, behind the API key unless docs_public
         docs_url=None,  # /docs and /redoc come from app.api.docs, without a CDN
         redoc_url=None,

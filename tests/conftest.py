@@ -41,8 +41,17 @@ def catalog_dict(models: dict[str, Path], broken_dir: Path) -> dict[str, Any]:
     return {
         "models": [
             {"name": "bert-clf", "task": "text-classification", "source": {"path": str(models["bert-clf"])}},
-            {"name": "distilbert-clf", "task": "text-classification", "source": {"path": str(models["distilbert-clf"])}},
-            {"name": "nli", "task": "zero-shot-classification", "engine": "nli", "source": {"path": str(models["nli"])}},
+            {
+                "name": "distilbert-clf",
+                "task": "text-classification",
+                "source": {"path": str(models["distilbert-clf"])},
+            },
+            {
+                "name": "nli",
+                "task": "zero-shot-classification",
+                "engine": "nli",
+                "source": {"path": str(models["nli"])},
+            },
             {
                 "name": "marian-en-de",
                 "task": "translation",
@@ -86,7 +95,11 @@ def catalog_dict(models: dict[str, Path], broken_dir: Path) -> dict[str, Any]:
                 },
             },
             {"name": "minilm-extractive", "task": "summarization", "engine": "extractive", "source": minilm},
-            {"name": "hub-sst2", "task": "text-classification", "source": {"hub": "example-org/not-cached-anywhere"}},
+            {
+                "name": "hub-sst2",
+                "task": "text-classification",
+                "source": {"hub": "example-org/not-cached-anywhere"},
+            },
             {"name": "broken", "task": "text-classification", "source": {"path": str(broken_dir)}},
         ],
         "defaults": {

@@ -28,11 +28,17 @@ def test_shipped_catalog_is_valid_and_has_a_default_per_endpoint() -> None:
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
-        ("{name: m1, task: translation, source: {hub: a/b}, source_lang: en}", "entry 'm1', field 'target_lang'"),
+        (
+            "{name: m1, task: translation, source: {hub: a/b}, source_lang: en}",
+            "entry 'm1', field 'target_lang'",
+        ),
         ("{name: m2, task: embedding, source: {hub: a/b}, device: gpu}", "entry 'm2', field 'device'"),
         ("{name: m3, task: embedding, source: {hub: a/b, path: /x}}", "entry 'm3', field 'source'"),
         ("{name: m4, task: sentiment, source: {hub: a/b}}", "entry 'm4'"),
-        ("{name: m5, task: embedding, source: {hub: a/b}, trust_remote_code: true}", "field 'trust_remote_code'"),
+        (
+            "{name: m5, task: embedding, source: {hub: a/b}, trust_remote_code: true}",
+            "field 'trust_remote_code'",
+        ),
         (
             "{name: m6, task: zero-shot-classification, source: {hub: a/b}, hypothesis_template: nope}",
             "entry 'm6', field 'hypothesis_template'",

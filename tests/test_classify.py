@@ -13,7 +13,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 pytestmark = pytest.mark.anyio
 
 
-async def test_offline_default_classifies_sentiment_with_the_packaged_model(client: httpx.AsyncClient) -> None:
+async def test_offline_default_classifies_sentiment_with_the_packaged_model(
+    client: httpx.AsyncClient,
+) -> None:
     r = await client.post("/classify", json={"inputs": ["I love this movie", "This film was a boring waste of time"]})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -33,21 +35,31 @@ async def test_scores_are_the_models_own_logits_through_function_to_apply(
 
     raw = await client.post(
         "/classify",
-        json={"inputs": text, "model": "bert-clf", "parameters": {"top_k": None, "function_to_apply": "none"}},
+        json={
+            "inputs": text,
+            "model": "bert-clf",
+            "parameters": {"top_k": None, "function_to_apply": "none"},
+        },
     )
     assert raw.status_code == 200, raw.text
     by_label = {s["label"]: s["score"] for s in raw.json()["results"][0]}
     assert by_label["NEGATIVE"] == pytest.approx(logits[0], abs=1e-4)
     assert by_label["POSITIVE"] == pytest.approx(logits[1], abs=1e-4)
 
-    soft = (await client.post("/classify", json={"inputs": text, "model": "bert-clf", "parameters": {"top_k": None}})).json()
+    soft = (
+        await client.post("/classify", json={"inputs": text, "model": "bert-clf", "parameters": {"top_k": None}})
+    ).json()
     scores = [s["score"] for s in soft["results"][0]]
     assert scores == sorted(scores, reverse=True)
     assert sum(scores) == pytest.approx(1.0, abs=1e-5)
 
     sig = await client.post(
         "/classify",
-        json={"inputs": text, "model": "bert-clf", "parameters": {"top_k": None, "function_to_apply": "sigmoid"}},
+        json={
+            "inputs": text,
+            "model": "bert-clf",
+            "parameters": {"top_k": None, "function_to_apply": "sigmoid"},
+        },
     )
     by_label = {s["label"]: s["score"] for s in sig.json()["results"][0]}
     assert by_label["POSITIVE"] == pytest.approx(1 / (1 + math.exp(-logits[1])), abs=1e-4)
@@ -117,14 +129,22 @@ async def test_input_over_the_model_maximum_is_truncated_and_flagged(client: htt
     [
         ({"inputs": "x", "model": "nope"}, 404, "models for /classify: "),
         ({"inputs": "x", "model": "minilm"}, 400, "not /classify"),
-        ({"inputs": "x", "model": "bert-clf", "parameters": {"candidate_labels": ["a"]}}, 400, "not /zero-shot"),
+        (
+            {"inputs": "x", "model": "bert-clf", "parameters": {"candidate_labels": ["a"]}},
+            400,
+            "not /zero-shot",
+        ),
         ({"inputs": ""}, 422, "empty or blank"),
         ({"inputs": []}, 422, "empty list"),
         ({"inputs": ["ok", "   "]}, 422, "input 1 is empty or blank"),
         ({"inputs": 42}, 422, "inputs"),
         ({"text": "hello"}, 422, "inputs"),
         ({"inputs": "x", "parameters": {"top_k": 0}}, 422, "top_k"),
-        ({"inputs": "x", "parameters": {"candidate_labels": ["a"], "hypothesis_template": "no slot"}}, 422, "{}"),
+        (
+            {"inputs": "x", "parameters": {"candidate_labels": ["a"], "hypothesis_template": "no slot"}},
+            422,
+            "{}",
+        ),
     ],
 )
 async def test_bad_requests_get_a_clear_4xx(

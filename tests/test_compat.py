@@ -29,9 +29,7 @@ from app.config import Settings
 from app.main import create_app
 
 KEY = "secret-key"
-needs_api_keys = pytest.mark.skipif(
-    "api_keys" not in Settings.model_fields, reason="api_keys setting not present yet"
-)
+needs_api_keys = pytest.mark.skipif("api_keys" not in Settings.model_fields, reason="api_keys setting not present yet")
 
 
 @contextmanager
@@ -101,9 +99,7 @@ def test_hf_text_classification_returns_every_label_best_first(base_url: str, ou
     assert [(a.label, pytest.approx(a.score)) for a in answer] == [
         (e["label"], e["score"]) for e in expected["results"][0]
     ]
-    top = hf(base_url, "bert-clf").text_classification(
-        "I love this movie", top_k=1, function_to_apply="sigmoid"
-    )
+    top = hf(base_url, "bert-clf").text_classification("I love this movie", top_k=1, function_to_apply="sigmoid")
     assert len(top) == 1 and 0 < top[0].score < 1
 
 
@@ -119,9 +115,7 @@ def test_hf_zero_shot_classification_scores_the_candidate_labels(base_url: str) 
     assert len(multi) == 3
 
 
-def test_hf_translation_and_summarization_answer_what_our_routes_answer(
-    base_url: str, ours: httpx.Client
-) -> None:
+def test_hf_translation_and_summarization_answer_what_our_routes_answer(base_url: str, ours: httpx.Client) -> None:
     text = "The weather is nice today."
     translated = hf(base_url, "marian-en-de").translation(text, src_lang="en", tgt_lang="de")
     expected = post(ours, "/translate", {"inputs": text, "model": "marian-en-de"})

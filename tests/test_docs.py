@@ -40,9 +40,7 @@ async def test_docs_pages_reference_only_this_servers_assets(client: httpx.Async
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
-async def test_docs_assets_are_served_from_the_installed_package(
-    client: httpx.AsyncClient, page: str
-) -> None:
+async def test_docs_assets_are_served_from_the_installed_package(client: httpx.AsyncClient, page: str) -> None:
     html = (await client.get(page)).text
     for url in local_assets(html):
         response = await client.get(url)

@@ -84,9 +84,7 @@ def server_url(catalog_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Headless Chromium driven by the system chromedriver; quit even if the tests fail."""
-    webdriver = pytest.importorskip(
-        "selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])"
-    )
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.skip("chromium or chromedriver not found (apt-get install -y chromium chromium-driver)")
     options = webdriver.ChromeOptions()
@@ -166,8 +164,7 @@ def test_docs_page_runs_the_classify_example(browser: Any, server_url: str) -> N
         browser.save_screenshot(str(ARTIFACTS / "docs.png"))
         operation = browser.find_element(
             By.XPATH,
-            "//div[contains(concat(' ', normalize-space(@class), ' '), ' opblock ')]"
-            "[.//*[@data-path='/classify']]",
+            "//div[contains(concat(' ', normalize-space(@class), ' '), ' opblock ')][.//*[@data-path='/classify']]",
         )
         operation.find_element(By.CSS_SELECTOR, ".opblock-summary-control").click()
         wait_for(browser, "button.try-out__btn", root=operation).click()
@@ -178,9 +175,7 @@ def test_docs_page_runs_the_classify_example(browser: Any, server_url: str) -> N
         status = wait_for(
             browser, ".live-responses-table tr.response .response-col_status", timeout=120, root=operation
         )
-        answer = operation.find_element(
-            By.CSS_SELECTOR, ".live-responses-table .response-col_description pre"
-        )
+        answer = operation.find_element(By.CSS_SELECTOR, ".live-responses-table .response-col_description pre")
         WebDriverWait(browser, 30).until(lambda _: '"label"' in answer.text)
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", answer)
         ARTIFACTS.mkdir(exist_ok=True)

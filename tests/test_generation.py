@@ -55,9 +55,10 @@ async def test_request_generation_settings_override_the_entry_defaults(
     params = {"max_new_tokens": 3, "num_beams": 2}
     r = await client.post("/translate", json={"inputs": "hello there", "model": "marian-en-de", "parameters": params})
     assert r.status_code == 200, r.text
-    assert r.json()["results"][0]["translation_text"] == reference_generate(
-        tiny_models["marian"], ["hello there"], **params
-    )[0]
+    assert (
+        r.json()["results"][0]["translation_text"]
+        == reference_generate(tiny_models["marian"], ["hello there"], **params)[0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,11 @@ async def test_request_generation_settings_override_the_entry_defaults(
     [
         ({"inputs": "x", "source_lang": "en", "target_lang": "ja"}, 404, "available pairs: en->de, en->fr"),
         ({"inputs": "x", "source_lang": "en"}, 422, "give both source_lang and target_lang"),
-        ({"inputs": "x", "model": "marian-en-de", "source_lang": "en", "target_lang": "fr"}, 400, "translates en->de"),
+        (
+            {"inputs": "x", "model": "marian-en-de", "source_lang": "en", "target_lang": "fr"},
+            400,
+            "translates en->de",
+        ),
         ({"inputs": "x", "model": "bert-clf"}, 400, "not /translate"),
         ({"inputs": "x", "parameters": {"max_new_tokens": 100000}}, 422, "cap of 1024"),
         ({"inputs": "x", "parameters": {"num_beams": 64}}, 422, "num_beams 64"),
@@ -94,7 +99,11 @@ async def test_summaries_truncate_by_default_and_chunk_on_request(client: httpx.
     truncated = await client.post("/summarize", json={"inputs": document})
     assert truncated.status_code == 200, truncated.text
     assert truncated.json()["model"] == "bart-sum"
-    assert truncated.json()["results"][0] | {"summary_text": ""} == {"summary_text": "", "truncated": True, "chunks": 1}
+    assert truncated.json()["results"][0] | {"summary_text": ""} == {
+        "summary_text": "",
+        "truncated": True,
+        "chunks": 1,
+    }
 
     chunked = await client.post("/summarize", json={"inputs": document, "parameters": {"long_input": "chunk"}})
     assert chunked.status_code == 200, chunked.text
@@ -110,12 +119,15 @@ async def test_t5_summaries_use_the_entry_prefix(client: httpx.AsyncClient, tiny
     text = "the big dog ran over the green hill"
     r = await client.post("/summarize", json={"inputs": text, "model": "t5-sum"})
     assert r.status_code == 200, r.text
-    assert r.json()["results"][0]["summary_text"] == reference_generate(
-        tiny_models["t5"], ["summarize: " + text], max_new_tokens=8
-    )[0]
+    assert (
+        r.json()["results"][0]["summary_text"]
+        == reference_generate(tiny_models["t5"], ["summarize: " + text], max_new_tokens=8)[0]
+    )
 
 
-async def test_extractive_summary_keeps_the_central_sentences_in_document_order(client: httpx.AsyncClient) -> None:
+async def test_extractive_summary_keeps_the_central_sentences_in_document_order(
+    client: httpx.AsyncClient,
+) -> None:
     sentences = [
         "The city council approved the new transit plan on Tuesday.",
         "My neighbour's cat likes to sleep on warm cars.",
@@ -125,7 +137,11 @@ async def test_extractive_summary_keeps_the_central_sentences_in_document_order(
     ]
     r = await client.post(
         "/summarize",
-        json={"inputs": " ".join(sentences), "model": "minilm-extractive", "parameters": {"max_sentences": 2}},
+        json={
+            "inputs": " ".join(sentences),
+            "model": "minilm-extractive",
+            "parameters": {"max_sentences": 2},
+        },
     )
     assert r.status_code == 200, r.text
     summary = r.json()["results"][0]["summary_text"]

@@ -88,7 +88,9 @@ async def test_deadline_answers_504_and_the_work_is_not_run(app_factory: Callabl
         assert "late" not in seen
 
 
-async def test_a_disconnecting_client_does_not_disturb_its_neighbours(app_factory: Callable[..., FastAPI]) -> None:
+async def test_a_disconnecting_client_does_not_disturb_its_neighbours(
+    app_factory: Callable[..., FastAPI],
+) -> None:
     app = app_factory()
     async with serve(app) as client:
         await client.post("/models/bert-clf/load")
@@ -121,7 +123,9 @@ async def test_an_injected_failure_fails_only_its_own_request(app_factory: Calla
         expected = [(await client.post("/classify", json={"inputs": t, "model": "bert-clf"})).json() for t in texts]
         with held(app, "bert-clf") as (gate, _):
             blocker = await start_blocker(app, client)
-            good = [asyncio.create_task(client.post("/classify", json={"inputs": t, "model": "bert-clf"})) for t in texts]
+            good = [
+                asyncio.create_task(client.post("/classify", json={"inputs": t, "model": "bert-clf"})) for t in texts
+            ]
             bad = asyncio.create_task(client.post("/classify", json={"inputs": "POISON", "model": "bert-clf"}))
             await wait_for_queue(app, "bert-clf", 8)
             gate.set()
@@ -132,8 +136,10 @@ async def test_an_injected_failure_fails_only_its_own_request(app_factory: Calla
         assert failed.json()["error"] == "inference_failed" and "injected failure" in failed.json()["message"]
 
 
-async def test_a_thousand_concurrent_mixed_requests_are_all_answered_correctly(client: httpx.AsyncClient) -> None:
-    words = "the a small big red green cat dog house river runs sleeps today".split()
+async def test_a_thousand_concurrent_mixed_requests_are_all_answered_correctly(
+    client: httpx.AsyncClient,
+) -> None:
+    words = ["the", "a", "small", "big", "red", "green", "cat", "dog", "house", "river", "runs", "sleeps", "today"]
     rng = random.Random(7)
     texts = [" ".join(rng.choices(words, k=rng.randint(2, 12))) for _ in range(40)]
     routes = {

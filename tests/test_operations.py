@@ -28,7 +28,12 @@ async def test_readiness_waits_for_preloaded_models_while_liveness_answers_at_on
 ) -> None:
     catalog = tmp_path / "catalog.yaml"
     entries = [
-        {"name": "pre", "task": "text-classification", "preload": True, "source": {"path": str(tiny_models["bert-clf"])}},
+        {
+            "name": "pre",
+            "task": "text-classification",
+            "preload": True,
+            "source": {"path": str(tiny_models["bert-clf"])},
+        },
         {"name": "lazy", "task": "embedding", "source": {"path": str(tiny_models["bert-embed"])}},
     ]
     catalog.write_text(yaml.safe_dump({"models": entries}))
@@ -50,7 +55,12 @@ async def test_readiness_waits_for_preloaded_models_while_liveness_answers_at_on
 
 async def test_readiness_reports_a_failed_preload(tmp_path: Path) -> None:
     catalog = tmp_path / "catalog.yaml"
-    entry = {"name": "gone", "task": "embedding", "preload": True, "source": {"path": str(tmp_path / "missing")}}
+    entry = {
+        "name": "gone",
+        "task": "embedding",
+        "preload": True,
+        "source": {"path": str(tmp_path / "missing")},
+    }
     catalog.write_text(yaml.safe_dump({"models": [entry]}))
     async with serve(create_app(Settings(catalog=catalog, hub="offline"))) as client:
         for _ in range(100):
@@ -110,7 +120,11 @@ def test_api_keys_never_appear_in_settings_output() -> None:
     [
         ({"max_inputs_per_request": 3}, {"inputs": ["a"] * 4}, "limit is 3 (TESSERA_MAX_INPUTS_PER_REQUEST)"),
         ({"max_chars_per_input": 10}, {"inputs": ["short", "x" * 11]}, "input 1 has 11 characters"),
-        ({"max_tokens_per_request": 20}, {"inputs": ["one two three four five six"] * 4}, "TESSERA_MAX_TOKENS_PER_REQUEST"),
+        (
+            {"max_tokens_per_request": 20},
+            {"inputs": ["one two three four five six"] * 4},
+            "TESSERA_MAX_TOKENS_PER_REQUEST",
+        ),
     ],
 )
 async def test_per_request_limits_answer_413_naming_the_limit(
@@ -176,7 +190,11 @@ def test_json_logs_carry_the_request_id() -> None:
 def test_download_command_fails_clearly_offline(catalog_path: Path) -> None:
     env = {"TESSERA_CATALOG": str(catalog_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
-        [sys.executable, "-m", "app", "download", "hub-sst2"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "app", "download", "hub-sst2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "HF_HUB_OFFLINE=1 is set" in proc.stderr
@@ -190,6 +208,10 @@ def test_download_command_fails_clearly_offline(catalog_path: Path) -> None:
     assert proc.returncode == 1
     assert "hub-sst2: FAILED" in proc.stderr
     unknown = subprocess.run(
-        [sys.executable, "-m", "app", "download", "nope"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "app", "download", "nope"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert unknown.returncode == 2 and "unknown model(s): nope" in unknown.stderr

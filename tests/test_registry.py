@@ -146,8 +146,17 @@ async def test_memory_budget_evicts_the_least_recently_used_idle_model(
 async def test_pinned_or_busy_models_are_never_evicted(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     catalog = tmp_path / "catalog.yaml"
     entries = [
-        {"name": "pinned", "task": "text-classification", "pinned": True, "source": {"path": str(tiny_models["bert-clf"])}},
-        {"name": "busy", "task": "text-classification", "source": {"path": str(tiny_models["distilbert-clf"])}},
+        {
+            "name": "pinned",
+            "task": "text-classification",
+            "pinned": True,
+            "source": {"path": str(tiny_models["bert-clf"])},
+        },
+        {
+            "name": "busy",
+            "task": "text-classification",
+            "source": {"path": str(tiny_models["distilbert-clf"])},
+        },
         {"name": "third", "task": "text-classification", "source": {"path": str(tiny_models["nli"])}},
     ]
     catalog.write_text(yaml.safe_dump({"models": entries}))

@@ -73,9 +73,7 @@ class ZeroShotParameters(_Strict):
     @model_validator(mode="after")
     def _template_has_slot(self) -> ZeroShotParameters:
         if self.hypothesis_template is not None and self.hypothesis_template.count("{}") != 1:
-            raise ValueError(
-                "hypothesis_template must contain '{}' exactly once, e.g. 'This text is about {}.'"
-            )
+            raise ValueError("hypothesis_template must contain '{}' exactly once, e.g. 'This text is about {}.'")
         return self
 
 
@@ -143,14 +141,7 @@ class HfSummary(BaseModel):
     summary_text: str
 
 
-HfAnswer = (
-    list[list[HfLabel]]
-    | list[HfLabel]
-    | list[HfTranslation]
-    | list[HfSummary]
-    | list[float]
-    | list[list[float]]
-)
+HfAnswer = list[list[HfLabel]] | list[HfLabel] | list[HfTranslation] | list[HfSummary] | list[float] | list[list[float]]
 
 _TEXT = "The new GPU doubles training throughput."
 REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
@@ -209,9 +200,7 @@ class Call:
         return isinstance(self.body.inputs, str)
 
     async def infer(self, payloads: Sequence[Any], group: Hashable = None) -> list[Any]:
-        work = self.registry.infer(
-            self.entry.name, payloads, group=group, timeout_s=timeout_of(self.settings, None)
-        )
+        work = self.registry.infer(self.entry.name, payloads, group=group, timeout_s=timeout_of(self.settings, None))
         return await until_disconnect(self.request, work)
 
 
@@ -350,9 +339,7 @@ async def _summarization(call: Call) -> Any:
     generation = _generation(call, params)
     if entry.engine == "extractive":
         if generation:
-            raise InvalidInput(
-                f"generate_parameters do not apply to the extractive model '{entry.name}'; drop them"
-            )
+            raise InvalidInput(f"generate_parameters do not apply to the extractive model '{entry.name}'; drop them")
         results = await call.infer([ExtractInput(t, entry.max_sentences) for t in call.texts])
     else:
         results = await call.infer([Seq2SeqInput(t, generation) for t in call.texts], group=generation)
@@ -366,15 +353,12 @@ async def _feature_extraction(call: Call) -> Any:
         update=call.body.model_dump(include=EMBEDDING_FIELDS, exclude_unset=True)
     )
     if params.prompt_name is not None:
-        raise InvalidInput(
-            "prompt_name is not supported: this server applies no prompts; prepend it yourself"
-        )
+        raise InvalidInput("prompt_name is not supported: this server applies no prompts; prepend it yourself")
     if params.truncation_direction == "left":
         raise InvalidInput("truncation_direction 'left' is not supported: long inputs are cut on the right")
     if params.encoding_format == "base64":
         raise InvalidInput(
-            "encoding_format 'base64' is for the OpenAI-compatible POST /v1/embeddings; this route "
-            "answers floats"
+            "encoding_format 'base64' is for the OpenAI-compatible POST /v1/embeddings; this route answers floats"
         )
     normalize = params.normalize is not False
     results = await call.infer([EmbedInput(t, normalize) for t in call.texts])
@@ -383,8 +367,7 @@ async def _feature_extraction(call: Call) -> Any:
     size = len(results[0].vector)
     if params.dimensions is not None and params.dimensions != size:
         raise InvalidInput(
-            f"model '{call.entry.name}' gives {size}-dimensional vectors, not {params.dimensions}; "
-            "drop dimensions"
+            f"model '{call.entry.name}' gives {size}-dimensional vectors, not {params.dimensions}; drop dimensions"
         )
     return results[0].vector if call.single else [r.vector for r in results]
 

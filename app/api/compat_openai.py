@@ -163,9 +163,7 @@ def texts_of(value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
         )
     for i, text in enumerate(texts):
         if not str(text).strip():
-            raise InvalidInput(
-                f"input {i} is empty or blank; send text with at least one non-space character"
-            )
+            raise InvalidInput(f"input {i} is empty or blank; send text with at least one non-space character")
     return [str(t) for t in texts]
 
 

@@ -91,6 +91,4 @@ async def asset(name: str) -> FileResponse:
     if media_type is None:
         raise HTTPException(status_code=404, detail=f"no docs asset named '{name}'")
     # The bundles change only with the package version: let browsers keep them a day.
-    return FileResponse(
-        ASSET_DIR / name, media_type=media_type, headers={"Cache-Control": "public, max-age=86400"}
-    )
+    return FileResponse(ASSET_DIR / name, media_type=media_type, headers={"Cache-Control": "public, max-age=86400"})

@@ -55,7 +55,7 @@ _EXAMPLES: dict[int, tuple[str, str, str]] = {
     400: (
         "Wrong task",
         "wrong_task",
-        "model 'opus-mt-en-de' is a translation model and cannot serve /classify; use one of: distilbert-sst2, minilm-sentiment",
+        "model 'opus-mt-en-de' serves translation, not /classify; use one of: distilbert-sst2, minilm-sentiment",
     ),
     401: (
         "Missing or wrong API key",
@@ -82,7 +82,8 @@ _EXAMPLES: dict[int, tuple[str, str, str]] = {
     503: (
         "Model unavailable",
         "model_unavailable",
-        "model 'opus-mt-en-de' comes from the Hugging Face hub, is not in the local cache, and the hub is unreachable (offline). To serve it: ...",
+        "model 'opus-mt-en-de' comes from the Hugging Face hub ('Helsinki-NLP/opus-mt-en-de'), is not in the "
+        "local cache, and this server cannot reach the hub (offline). To serve it: ...",
     ),
     504: (
         "Deadline exceeded",
@@ -97,16 +98,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         summary, code, message = _EXAMPLES[status]
-        headers = {
-            "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
-        }
+        headers = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
         out[status] = {
             "model": ErrorBody,
             "description": summary,
             "content": {
-                "application/json": {
-                    "example": {"error": code, "message": message, "request_id": "3f1c2a9e8b7d4c65"}
-                }
+                "application/json": {"example": {"error": code, "message": message, "request_id": "3f1c2a9e8b7d4c65"}}
             },
             **({"headers": headers} if status in (429, 503) else {}),
         }
@@ -151,9 +148,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "input_too_large"}.get(
-            exc.status_code, "http_error"
-        )
+        code = {404: "not_found", 405: "method_not_allowed", 413: "input_too_large"}.get(exc.status_code, "http_error")
         return error_response(request, exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)

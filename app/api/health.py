@@ -13,9 +13,7 @@ router = APIRouter(tags=["health"])
 
 
 class Health(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"status": "ok", "waiting_for": [], "failed": []}]}
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "waiting_for": [], "failed": []}]})
     status: str
     waiting_for: list[str] = Field(default_factory=list, description="Preload models not loaded yet.")
     failed: list[str] = Field(default_factory=list, description="Preload models whose load failed.")
@@ -30,7 +28,15 @@ async def live() -> Health:
 @router.get(
     "/health/ready",
     response_model=Health,
-    responses={503: {"model": Health, "description": "Preload models still loading (or failed)."}},
+    responses={
+        503: {
+            "model": Health,
+            "description": "Preload models still loading (or failed).",
+            "content": {
+                "application/json": {"example": {"status": "loading", "waiting_for": ["distilbert-sst2"], "failed": []}}
+            },
+        }
+    },
     summary="Readiness",
 )
 async def ready(request: Request) -> Health | JSONResponse:

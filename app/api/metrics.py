@@ -28,9 +28,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "tessera_requests_total", "HTTP requests.", ["route", "model", "status"], registry=r
-        )
+        self.requests = Counter("tessera_requests_total", "HTTP requests.", ["route", "model", "status"], registry=r)
         self.latency = Histogram(
             "tessera_request_seconds",
             "HTTP request latency.",
@@ -100,12 +98,8 @@ class _ModelCollector(Collector):
         self.models = models
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        loaded = GaugeMetricFamily(
-            "tessera_model_loaded", "1 if the model is loaded.", labels=["model", "device"]
-        )
-        memory = GaugeMetricFamily(
-            "tessera_model_memory_bytes", "Weights and buffers in memory.", labels=["model"]
-        )
+        loaded = GaugeMetricFamily("tessera_model_loaded", "1 if the model is loaded.", labels=["model", "device"])
+        memory = GaugeMetricFamily("tessera_model_memory_bytes", "Weights and buffers in memory.", labels=["model"])
         depth = GaugeMetricFamily("tessera_queue_depth", "Inputs queued for the model.", labels=["model"])
         for slot in self.models.slots():
             name = slot.entry.name

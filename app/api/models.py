@@ -17,6 +17,28 @@ router = APIRouter(tags=["models"])
 
 
 class ModelInfo(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "opus-mt-en-de",
+                    "task": "translation",
+                    "source": "hub:Helsinki-NLP/opus-mt-en-de",
+                    "device": "auto",
+                    "loaded_on": None,
+                    "dtype": "auto",
+                    "state": "failed",
+                    "error": "model 'opus-mt-en-de' comes from the Hugging Face hub ... (offline). To serve it: ...",
+                    "languages": "en->de",
+                    "default_for": ["translate"],
+                    "preload": False,
+                    "pinned": False,
+                    "memory_bytes": 0,
+                    "queue_depth": 0,
+                }
+            ]
+        }
+    )
     name: str
     task: str
     engine: str | None = Field(
@@ -142,7 +164,7 @@ async def get_model(name: str, request: Request) -> ModelInfo:
 @router.post(
     "/models/{name}/load",
     response_model=LoadState,
-    responses=error_responses(401, 404, 503),
+    responses=error_responses(401, 404, 422, 503),
     summary="Load a model now",
 )
 async def load_model(name: str, request: Request) -> LoadState:

@@ -60,9 +60,7 @@ class ClassifyParameters(_Request):
     @model_validator(mode="after")
     def _template_has_slot(self) -> ClassifyParameters:
         if self.hypothesis_template is not None and self.hypothesis_template.count("{}") != 1:
-            raise ValueError(
-                "hypothesis_template must contain '{}' exactly once, e.g. 'This text is about {}.'"
-            )
+            raise ValueError("hypothesis_template must contain '{}' exactly once, e.g. 'This text is about {}.'")
         return self
 
 
@@ -72,7 +70,7 @@ class ClassifyRequest(_Request):
         json_schema_extra={
             "examples": [
                 {"inputs": "I love this movie"},
-                {"inputs": ["Great service!", "Cold food, rude staff."], "parameters": {"top_k": None}},
+                {"inputs": ["Great service!", "Cold food, rude staff."], "parameters": {"top_k": 2}},
                 {
                     "inputs": "The new GPU doubles training throughput.",
                     "parameters": {"candidate_labels": ["technology", "sports", "politics"]},
@@ -135,9 +133,7 @@ class GenerationParameters(_Request):
         return self
 
     def generate_kwargs(self) -> tuple[tuple[str, Any], ...]:
-        return tuple(
-            sorted(self.model_dump(exclude_none=True, exclude={"long_input", "max_sentences"}).items())
-        )
+        return tuple(sorted(self.model_dump(exclude_none=True, exclude={"long_input", "max_sentences"}).items()))
 
 
 class TranslateRequest(_Request):
@@ -262,9 +258,7 @@ class EmbedRequest(_Request):
 class EmbedResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [
-                {"model": "minilm", "dimensions": 384, "embeddings": [[0.0123, -0.0456, 0.0789]], "tokens": 9}
-            ]
+            "examples": [{"model": "minilm", "dimensions": 384, "embeddings": [[0.0123, -0.0456, 0.0789]], "tokens": 9}]
         }
     )
     model: str

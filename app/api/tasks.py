@@ -8,7 +8,7 @@ disconnects has its work cancelled, which drops its queued inputs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -22,8 +22,10 @@ from app.api.schemas import (
     GenerationParameters,
     SummarizeRequest,
     SummarizeResponse,
+    Summary,
     TranslateRequest,
     TranslateResponse,
+    Translation,
     as_list,
 )
 from app.config import Endpoint, Settings
@@ -40,11 +42,11 @@ TASK_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504)
 
 
 def registry_of(request: Request) -> ModelRegistry:
-    return request.app.state.registry  # type: ignore[no-any-return]
+    return request.app.state.registry
 
 
 def settings_of(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 def check_inputs(settings: Settings, texts: list[str]) -> None:
@@ -71,16 +73,12 @@ def check_generation(settings: Settings, params: GenerationParameters) -> None:
             f"max_new_tokens {params.max_new_tokens} is over this server's cap of {settings.max_new_tokens_cap}"
         )
     if params.max_length is not None and params.max_length > settings.max_new_tokens_cap:
-        raise InvalidInput(
-            f"max_length {params.max_length} is over this server's cap of {settings.max_new_tokens_cap}"
-        )
+        raise InvalidInput(f"max_length {params.max_length} is over this server's cap of {settings.max_new_tokens_cap}")
     if params.num_beams is not None and params.num_beams > settings.max_num_beams:
-        raise InvalidInput(
-            f"num_beams {params.num_beams} is over this server's cap of {settings.max_num_beams}"
-        )
+        raise InvalidInput(f"num_beams {params.num_beams} is over this server's cap of {settings.max_num_beams}")
 
 
-async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``, cancelling it if the client goes away first."""
     task = asyncio.ensure_future(work)
 
@@ -117,9 +115,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     payloads: list[Any]
     if entry.task == "zero-shot-classification":
         if params.function_to_apply is not None:
-            raise WrongTask(
-                f"function_to_apply does not apply to the zero-shot model '{entry.name}'; drop it"
-            )
+            raise WrongTask(f"function_to_apply does not apply to the zero-shot model '{entry.name}'; drop it")
         template = params.hypothesis_template or entry.template
         names = list(labels or entry.labels)
         if labels or entry.engine == "nli":
@@ -165,13 +161,11 @@ async def translate(body: TranslateRequest, request: Request) -> TranslateRespon
     payloads = [Seq2SeqInput(t, generation) for t in texts]
     results = await until_disconnect(
         request,
-        registry.infer(
-            entry.name, payloads, group=generation, timeout_s=timeout_of(settings, body.timeout_s)
-        ),
+        registry.infer(entry.name, payloads, group=generation, timeout_s=timeout_of(settings, body.timeout_s)),
     )
     return TranslateResponse(
         model=entry.name,
-        results=[{"translation_text": r.text, "truncated": r.truncated} for r in results],  # type: ignore[misc]
+        results=[Translation(translation_text=r.text, truncated=r.truncated) for r in results],
     )
 
 
@@ -188,50 +182,44 @@ async def summarize(body: SummarizeRequest, request: Request) -> SummarizeRespon
     entry = registry.resolve(body.model, Endpoint.summarize)
     timeout = timeout_of(settings, body.timeout_s)
 
-    if entry.engine == "extractive":
-        payloads = [ExtractInput(t, params.max_sentences or entry.max_sentences) for t in texts]
-        results = await until_disconnect(request, registry.infer(entry.name, payloads, timeout_s=timeout))
-        summaries = [{"summary_text": r.text, "truncated": r.truncated, "chunks": 1} for r in results]
-        return SummarizeResponse(model=entry.name, results=summaries)  # type: ignore[arg-type]
-
     generation = params.generate_kwargs()
-    if params.long_input == "chunk":
+    summaries: list[Summary]
+    if entry.engine == "extractive":
+        sentences = params.max_sentences or entry.max_sentences
+        extracts = [ExtractInput(t, sentences) for t in texts]
+        results = await until_disconnect(request, registry.infer(entry.name, extracts, timeout_s=timeout))
+        summaries = [Summary(summary_text=r.text, truncated=r.truncated) for r in results]
+    elif params.long_input == "chunk":
         summaries = await until_disconnect(
             request,
-            asyncio.gather(
-                *(_summarize_chunked(registry, entry.name, t, generation, timeout) for t in texts)
-            ),
+            asyncio.gather(*(_summarize_chunked(registry, entry.name, t, generation, timeout) for t in texts)),
         )
-        return SummarizeResponse(model=entry.name, results=summaries)  # type: ignore[arg-type]
-    payloads = [Seq2SeqInput(t, generation) for t in texts]
-    results = await until_disconnect(
-        request, registry.infer(entry.name, payloads, group=generation, timeout_s=timeout)
-    )
-    summaries = [{"summary_text": r.text, "truncated": r.truncated, "chunks": 1} for r in results]
-    return SummarizeResponse(model=entry.name, results=summaries)  # type: ignore[arg-type]
+    else:
+        payloads = [Seq2SeqInput(t, generation) for t in texts]
+        results = await until_disconnect(
+            request, registry.infer(entry.name, payloads, group=generation, timeout_s=timeout)
+        )
+        summaries = [Summary(summary_text=r.text, truncated=r.truncated) for r in results]
+    return SummarizeResponse(model=entry.name, results=summaries)
 
 
 async def _summarize_chunked(
     registry: ModelRegistry, name: str, text: str, generation: tuple[tuple[str, Any], ...], timeout: float
-) -> dict[str, Any]:
+) -> Summary:
     """Map-reduce: summarize model-sized chunks together (one batch), then their joined summaries."""
     async with registry.use(name) as slot:
         runner = slot.runner
         assert isinstance(runner, Seq2SeqRunner)
         chunks = await asyncio.to_thread(runner.split_into_chunks, text)
     if len(chunks) <= 1:
-        [result] = await registry.infer(
-            name, [Seq2SeqInput(text, generation)], group=generation, timeout_s=timeout
-        )
-        return {"summary_text": result.text, "truncated": result.truncated, "chunks": 1}
+        [result] = await registry.infer(name, [Seq2SeqInput(text, generation)], group=generation, timeout_s=timeout)
+        return Summary(summary_text=result.text, truncated=result.truncated)
     partial = await registry.infer(
         name, [Seq2SeqInput(c, generation) for c in chunks], group=generation, timeout_s=timeout
     )
     joined = " ".join(p.text for p in partial)
-    [final] = await registry.infer(
-        name, [Seq2SeqInput(joined, generation)], group=generation, timeout_s=timeout
-    )
-    return {"summary_text": final.text, "truncated": final.truncated, "chunks": len(chunks)}
+    [final] = await registry.infer(name, [Seq2SeqInput(joined, generation)], group=generation, timeout_s=timeout)
+    return Summary(summary_text=final.text, truncated=final.truncated, chunks=len(chunks))
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=TASK_ERRORS, summary="Embed texts")

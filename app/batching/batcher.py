@@ -12,6 +12,7 @@ until the failing input is alone, so one bad input never fails its neighbours.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -40,8 +41,11 @@ request_stats: ContextVar[dict[str, Any] | None] = ContextVar("request_stats", d
 class Encoded(Protocol):
     """What a runner's ``encode`` returns per input: its token length and model rows."""
 
-    length: int
-    rows: int
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def rows(self) -> int: ...
 
 
 class BatchRunner(Protocol):
@@ -146,9 +150,7 @@ class DynamicBatcher:
         """
         loop = asyncio.get_running_loop()
         ticket = _Ticket()
-        items = [
-            _Item(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq)) for p in payloads
-        ]
+        items = [_Item(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq)) for p in payloads]
         with self._cond:
             if self._closed:
                 raise ModelUnavailable(f"model '{self.name}' is being unloaded; retry the request")
@@ -263,9 +265,7 @@ class DynamicBatcher:
         window: list[_Item] = []
         for item in group:
             rows = sum(i.encoded.rows for i in window) + item.encoded.rows
-            if window and (
-                len(window) >= self.max_batch_size or rows * item.encoded.length > self.max_batch_tokens
-            ):
+            if window and (len(window) >= self.max_batch_size or rows * item.encoded.length > self.max_batch_tokens):
                 if oldest in window:
                     break
                 window = []
@@ -329,10 +329,8 @@ class DynamicBatcher:
 
 
 def _post(item: _Item, callback: Callable[[asyncio.Future[Any], Any], None], value: Any) -> None:
-    try:
+    with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown); nobody waits any more
         item.loop.call_soon_threadsafe(callback, item.future, value)
-    except RuntimeError:  # the event loop is gone (shutdown); nobody is waiting any more
-        pass
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

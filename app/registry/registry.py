@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 
 
-class ModelState(str, Enum):
+class ModelState(StrEnum):
     not_loaded = "not_loaded"
     loading = "loading"
     loaded = "loaded"
@@ -87,9 +87,7 @@ class ModelRegistry:
         try:
             return self._slots[name]
         except KeyError:
-            raise ModelNotFound(
-                f"unknown model '{name}'; the catalog has: {', '.join(self._slots)}"
-            ) from None
+            raise ModelNotFound(f"unknown model '{name}'; the catalog has: {', '.join(self._slots)}") from None
 
     def names_for(self, endpoint: Endpoint) -> list[str]:
         return [n for n, s in self._slots.items() if can_serve(s.entry, endpoint)]
@@ -104,11 +102,7 @@ class ModelRegistry:
             )
         entry = self._slots[name].entry
         if not can_serve(entry, endpoint):
-            hint = (
-                " with fixed labels (or pass candidate_labels)"
-                if entry.task == "zero-shot-classification"
-                else ""
-            )
+            hint = " with fixed labels (or pass candidate_labels)" if entry.task == "zero-shot-classification" else ""
             raise WrongTask(
                 f"model '{name}' serves {entry.task}{hint}, not /{endpoint.value}; "
                 f"use one of: {', '.join(self.names_for(endpoint)) or 'none'}"
@@ -127,9 +121,7 @@ class ModelRegistry:
         matching = [e.name for e in pairs if (e.source_lang, e.target_lang) == (source_lang, target_lang)]
         if not matching:
             known = ", ".join(sorted({f"{e.source_lang}->{e.target_lang}" for e in pairs})) or "none"
-            raise ModelNotFound(
-                f"no catalog model translates {source_lang}->{target_lang}; available pairs: {known}"
-            )
+            raise ModelNotFound(f"no catalog model translates {source_lang}->{target_lang}; available pairs: {known}")
         preferred = [n for n in self.catalog.defaults.get(Endpoint.translate, []) if n in matching]
         return self.slot(self._first_servable(preferred + [n for n in matching if n not in preferred])).entry
 
@@ -176,9 +168,7 @@ class ModelRegistry:
             slot.in_flight -= 1
             slot.last_used = time.monotonic()
 
-    async def infer(
-        self, name: str, payloads: Sequence[Any], *, timeout_s: float, group: Hashable = None
-    ) -> list[Any]:
+    async def infer(self, name: str, payloads: Sequence[Any], *, timeout_s: float, group: Hashable = None) -> list[Any]:
         """Run one request's inputs on a model; the deadline starts once the model is loaded."""
         stats = request_stats.get()
         if stats is not None:

@@ -76,7 +76,7 @@ def how_to_provide(entry: Any) -> str:
         f"To serve it: (1) mount a model directory and set this entry's source to {{path: /models/{entry.name}}}; "
         f"(2) pre-download it where there is network with `python -m app download {entry.name}` "
         "and ship the HF cache (HF_HOME); or (3) give the server network access to the hub "
-        "(unset HF_HUB_OFFLINE / TESSERA_HUB=offline)."
+        "(with HF_HUB_OFFLINE unset)."
     )
 
 
@@ -114,10 +114,9 @@ def _hub_snapshot(entry: Any, *, online: bool, timeout: float) -> Path:
             "fix source.hub or set HF_TOKEN"
         ) from exc
     except LocalEntryNotFoundError as exc:
-        reason = "the hub is unreachable (offline)" if online else "the hub is switched off (offline mode)"
         raise ModelUnavailable(
             f"model '{entry.name}' comes from the Hugging Face hub ('{source.hub}'), is not in the local "
-            f"cache, and {reason}. " + how_to_provide(entry)
+            "cache, and this server cannot reach the hub (offline). " + how_to_provide(entry)
         ) from exc
     except (HfHubHTTPError, OSError) as exc:
         raise ModelUnavailable(

@@ -40,7 +40,7 @@ class Encoded:
 class Runner(ABC):
     """A loaded model that the batcher drives; subclasses are one per task family."""
 
-    model: torch.nn.Module
+    model: Any  # a transformers PreTrainedModel
 
     @abstractmethod
     def encode(self, payloads: Sequence[Any]) -> list[Encoded]: ...
@@ -82,7 +82,8 @@ def resolve_device(spec: str) -> torch.device:
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     if spec != "auto":
-        return getattr(torch, spec)  # type: ignore[no-any-return]
+        dtype: torch.dtype = getattr(torch, spec)
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":

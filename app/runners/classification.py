@@ -49,7 +49,8 @@ class Classification:
 
 
 def _load_pipeline(task: str, entry: Any, path: Path, device: torch.device, dtype: torch.dtype) -> Any:
-    return pipeline(
+    make: Any = pipeline  # its overloads want a literal task name
+    return make(
         task,
         model=str(path),
         device=device,
@@ -62,15 +63,12 @@ def _load_pipeline(task: str, entry: Any, path: Path, device: torch.device, dtyp
 class ClassificationRunner(Runner):
     """A sequence classifier (SST-2 sentiment, topic, toxicity ...)."""
 
-    def __init__(
-        self, entry: TextClassificationEntry, path: Path, device: torch.device, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, entry: TextClassificationEntry, path: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.pipe = _load_pipeline("text-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
         self.default_function = entry.function_to_apply
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
-        self.labels = list(self.model.config.id2label.values())
 
     def encode(self, payloads: Sequence[ClassifyInput]) -> list[Encoded]:
         encoded = encode_texts(self.tokenizer, [p.text for p in payloads], self.max_tokens)
@@ -128,9 +126,7 @@ class NliZeroShotRunner(Runner):
             ]
             row += enc.rows
             answer = self.pipe.postprocess(outputs, multi_label=payload.multi_label)
-            ranked = [
-                {"label": lb, "score": s} for lb, s in zip(answer["labels"], answer["scores"], strict=True)
-            ]
+            ranked = [{"label": lb, "score": s} for lb, s in zip(answer["labels"], answer["scores"], strict=True)]
             results.append(Classification(ranked, enc.truncated))
         return results
 
@@ -138,8 +134,6 @@ class NliZeroShotRunner(Runner):
 def _forward(runner: ClassificationRunner | NliZeroShotRunner, encoded: Sequence[Encoded]) -> torch.Tensor:
     rows = [ids for enc in encoded for ids in enc.rows_ids]
     types = [t for enc in encoded for t in (enc.rows_type_ids or [])]
-    batch = pad_rows(
-        rows, pad_id_of(runner.tokenizer), types if len(types) == len(rows) else None, runner.device
-    )
+    batch = pad_rows(rows, pad_id_of(runner.tokenizer), types if len(types) == len(rows) else None, runner.device)
     with torch.inference_mode():
         return runner.model(**batch).logits.float().cpu()

@@ -72,9 +72,7 @@ class SentenceEncoder:
         """One pooled vector per row of ``encoded``, float32 on the CPU."""
         rows = [ids for enc in encoded for ids in enc.rows_ids]
         types = [t for enc in encoded for t in (enc.rows_type_ids or [])]
-        batch = pad_rows(
-            rows, pad_id_of(self.tokenizer), types if len(types) == len(rows) else None, self.device
-        )
+        batch = pad_rows(rows, pad_id_of(self.tokenizer), types if len(types) == len(rows) else None, self.device)
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
@@ -169,9 +167,7 @@ class ExtractInput:
 class ExtractiveSummaryRunner(Runner):
     """Picks the sentences that best cover a document (centroid + redundancy penalty), in order."""
 
-    def __init__(
-        self, entry: SummarizationEntry, path: Path, device: torch.device, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, entry: SummarizationEntry, path: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.encoder = SentenceEncoder(entry, path, device, dtype)
         self.model = self.encoder.model
         self.segmenter = pysbd.Segmenter(language="en", clean=False)

