@@ -7,13 +7,16 @@ all-MiniLM-L6-v2 (packaged) backs the quality tests. Nothing here reaches a netw
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 import yaml
 from fastapi import FastAPI
 
@@ -148,3 +151,22 @@ async def client(make_settings: Callable[..., Settings]) -> AsyncIterator[httpx.
 @pytest.fixture
 def app_factory(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., FastAPI]]:
     yield lambda **overrides: create_app(make_settings(**overrides))
+
+
+@contextmanager
+def running(app: FastAPI) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free port in a thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

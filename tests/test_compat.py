@@ -8,10 +8,7 @@ task routes on the same server.
 from __future__ import annotations
 
 import base64
-import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +17,15 @@ import huggingface_hub.constants
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
 from app.config import Settings
 from app.main import create_app
+from tests.conftest import running
 
 KEY = "secret-key"
-needs_api_keys = pytest.mark.skipif("api_keys" not in Settings.model_fields, reason="api_keys setting not present yet")
-
-
-@contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free port in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +190,6 @@ def test_openai_token_ids_and_other_dimensions_are_refused(base_url: str) -> Non
 # -- API keys ---------------------------------------------------------------------------
 
 
-@needs_api_keys
 def test_hf_client_needs_the_api_key_as_its_token(app_factory: Callable[..., FastAPI]) -> None:
     with running(app_factory(api_keys=[KEY])) as url:
         with pytest.raises(HfHubHTTPError) as caught:
@@ -222,7 +198,6 @@ def test_hf_client_needs_the_api_key_as_its_token(app_factory: Callable[..., Fas
         assert hf(url, "bert-clf", token=KEY).text_classification("hello")
 
 
-@needs_api_keys
 def test_openai_client_needs_the_api_key(app_factory: Callable[..., FastAPI]) -> None:
     with running(app_factory(api_keys=[KEY])) as url:
         with pytest.raises(openai.AuthenticationError):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.conftest import serve
+from tests.conftest import running, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -168,3 +171,42 @@ async def test_a_thousand_concurrent_mixed_requests_are_all_answered_correctly(
             assert [s["score"] for s in got] == pytest.approx([s["score"] for s in expected], abs=1e-4)
         else:
             assert got == expected
+
+
+def test_a_client_that_hangs_up_over_a_real_socket_has_its_queued_work_dropped(
+    app_factory: Callable[..., FastAPI],
+) -> None:
+    app = app_factory()
+    with running(app) as url:
+        httpx.post(f"{url}/models/bert-clf/load", timeout=60)
+        port = int(url.rsplit(":", 1)[1])
+        with held(app, "bert-clf") as (gate, seen):
+            blocker = threading.Thread(
+                target=httpx.post, args=(f"{url}/classify",), kwargs={"json": {"inputs": "hold", "model": "bert-clf"}}
+            )
+            blocker.start()
+            assert app.state.registry.slot("bert-clf").entered.wait(10)
+            body = json.dumps({"inputs": "hangs up", "model": "bert-clf"}).encode()
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                raw.sendall(
+                    b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                batcher = app.state.registry.slot("bert-clf").batcher
+                for _ in range(500):
+                    if batcher.queue_depth == 2:
+                        break
+                    time.sleep(0.01)
+                assert batcher.queue_depth == 2
+            # The socket is closed: the server notices the disconnect and cancels the request.
+            for _ in range(500):
+                if batcher.queue_depth == 1 or app.state.registry.slot("bert-clf").in_flight == 1:
+                    break
+                time.sleep(0.01)
+            gate.set()
+            blocker.join(30)
+            neighbour = httpx.post(f"{url}/classify", json={"inputs": "after", "model": "bert-clf"}, timeout=30)
+        assert neighbour.status_code == 200
+        assert "hangs up" not in seen
+        assert batcher.queue_depth == 0
