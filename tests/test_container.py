@@ -1,8 +1,9 @@
 """The Docker image and compose file: lint, build, run, and serve offline as a non-root user.
 
 These tests drive the real thing: hadolint on the Dockerfile, `docker compose config`,
-`docker compose build` and `up --wait` under a unique project name, then HTTP against
-the published loopback port. They skip, saying why, where no Docker engine answers;
+`docker compose build` and `up --wait` under a unique project name (with an API key set
+through the environment), then HTTP against the published loopback port, and two
+replicas behind nginx (deploy/docker-compose.replicas.yml). They skip, saying why, where no Docker engine answers;
 `deploy/container-test.sh` starts a private engine and runs them. The build context is
 a copy of the working tree, so a local torch wheel can be offered to the build (see
 deploy/wheels/) without touching the checkout.
@@ -20,9 +21,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 pytestmark = pytest.mark.container
 
@@ -32,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 TORCH_WHEELS = os.environ.get("TESSERA_TORCH_WHEEL_DIR", "/opt/wheels")
 # One tag for every run, so that a rerun reuses the engine's layer cache.
 IMAGE = os.environ.get("TESSERA_TEST_IMAGE", "tessera:container-test")
+API_KEY = "container-test-key"
 BUILD_TIMEOUT_S = 1800
 UP_TIMEOUT_S = 300
 
@@ -101,7 +105,7 @@ def build_context(dest: Path) -> str | None:
 
 @dataclass
 class Stack:
-    """A running compose project: how to reach it and how to drive it."""
+    """A compose project: how to reach it and how to drive it."""
 
     project: str
     base_url: str
@@ -111,8 +115,22 @@ class Stack:
     def compose_run(self, *args: str, timeout: float = 120) -> str:
         return run([*self.compose, *args], env=self.env, timeout=timeout)
 
+    def up(self, *args: str) -> None:
+        try:
+            self.compose_run(
+                "up", "-d", "--wait", "--wait-timeout", str(UP_TIMEOUT_S), *args, timeout=UP_TIMEOUT_S + 60
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
+
+    def down(self) -> None:
+        # Containers, network and the model-cache volume go; the image stays as build cache.
+        subprocess.run(
+            [*self.compose, "down", "-v", "--remove-orphans"], capture_output=True, env=self.env, timeout=180
+        )
+
     def logs(self) -> str:
-        """The server's log tail, for failure messages."""
+        """The servers' log tail, for failure messages."""
         done = subprocess.run([*self.compose, "logs", "--no-color"], capture_output=True, text=True, env=self.env)
         return "--- container logs ---\n" + (done.stdout + done.stderr)[-6000:]
 
@@ -125,16 +143,15 @@ def engine() -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    context = tmp_path_factory.mktemp("build-context")
-    torch_spec = build_context(context)
-    project = f"tessera-test-{uuid.uuid4().hex[:8]}"
-    port = free_port()
+def context(engine: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The build context and the environment every compose command of these tests runs with."""
+    path = tmp_path_factory.mktemp("build-context")
+    torch_spec = build_context(path)
     env = {
         **os.environ,
         "TESSERA_IMAGE": IMAGE,
-        "TESSERA_PORT": str(port),
         "TESSERA_BIND": "127.0.0.1",
+        "TESSERA_API_KEYS": API_KEY,
         "HF_HUB_OFFLINE": "1",
         # The engine here has no BuildKit; the classic builder reads this Dockerfile as is.
         "DOCKER_BUILDKIT": "0",
@@ -143,18 +160,56 @@ def stack(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     env.pop("TORCH_SPEC", None)
     if torch_spec:
         env["TORCH_SPEC"] = torch_spec
-    compose = ["docker", "compose", "-p", project, "-f", str(context / "docker-compose.yml")]
-    stack = Stack(project=project, base_url=f"http://127.0.0.1:{port}", compose=compose, env=env)
+    return path, env
+
+
+def new_stack(context: tuple[Path, dict[str, str]], *files: str) -> Stack:
+    path, env = context
+    project = f"tessera-test-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    compose = ["docker", "compose", "-p", project]
+    for name in ("docker-compose.yml", *files):
+        compose += ["-f", str(path / name)]
+    return Stack(project, f"http://127.0.0.1:{port}", compose, {**env, "TESSERA_PORT": str(port)})
+
+
+@pytest.fixture(scope="module")
+def stack(context: tuple[Path, dict[str, str]]) -> Iterator[Stack]:
+    """The compose file as shipped, built and up, with an API key configured through env."""
+    stack = new_stack(context)
     try:
         stack.compose_run("build", timeout=BUILD_TIMEOUT_S)
-        try:
-            stack.compose_run("up", "-d", "--wait", "--wait-timeout", str(UP_TIMEOUT_S), timeout=UP_TIMEOUT_S + 60)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{stack.logs()}") from None
+        stack.up()
         yield stack
     finally:
-        # Containers, network and the model-cache volume go; the image stays as build cache.
-        subprocess.run([*compose, "down", "-v", "--remove-orphans"], capture_output=True, env=env, timeout=180)
+        stack.down()
+
+
+def nginx_image() -> str:
+    """NGINX_IMAGE if given; else a stand-in built from Debian, for engines without Docker Hub."""
+    if os.environ.get("NGINX_IMAGE"):
+        return os.environ["NGINX_IMAGE"]
+    dockerfile = (
+        "FROM debian:bookworm-slim\n"
+        "RUN apt-get update && apt-get install -y --no-install-recommends nginx"
+        " && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/default\n"
+        'CMD ["nginx", "-g", "daemon off;"]\n'
+    )
+    tag = "tessera-test-nginx:local"
+    done = subprocess.run(
+        ["docker", "build", "-q", "-t", tag, "-"],
+        input=dockerfile,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return tag
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -165,22 +220,31 @@ def test_dockerfile_passes_hadolint() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def compose_config(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`docker compose config` of the checkout's files, as JSON (validating them on the way)."""
+    clean = {k: v for k, v in (env or os.environ).items() if not k.startswith(("TESSERA_", "TORCH_SPEC"))}
+    return dict(json.loads(run(["docker", "compose", *args, "config", "--format", "json"], env=clean)))
+
+
 def test_compose_files_are_valid(engine: None) -> None:
-    env = {**os.environ, "TESSERA_IMAGE": "tessera:config-check"}
-    run(["docker", "compose", "-f", "docker-compose.yml", "config", "-q"], env=env)
-    run(["docker", "compose", "-f", "docker-compose.yml", "--profile", "monitoring", "config", "-q"], env=env)
-    env.pop("TORCH_SPEC", None)
-    gpu_files = ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"]
-    gpu = run(["docker", "compose", *gpu_files, "config", "--format", "json"], env=env)
-    service = json.loads(gpu)["services"]["tessera"]
-    assert service["build"]["args"]["TORCH_SPEC"] == "torch"
-    assert service["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    run(["docker", "compose", "-f", "docker-compose.yml", "config", "-q"])
+    monitoring = compose_config("-f", "docker-compose.yml", "--profile", "monitoring")
+    assert "deploy/prometheus.yml" in monitoring["services"]["prometheus"]["volumes"][0]["source"]
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["metrics_path"] == "/metrics"
+    assert scrape["dns_sd_configs"][0] == {"names": ["tessera"], "type": "A", "port": 8000, "refresh_interval": "30s"}
+
+    gpu = compose_config("-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml")["services"]["tessera"]
+    assert gpu["build"]["args"]["TORCH_SPEC"] == "torch"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+    replicas = compose_config("-f", "docker-compose.yml", "-f", "deploy/docker-compose.replicas.yml")["services"]
+    assert "ports" not in replicas["tessera"] or not replicas["tessera"]["ports"]
+    assert replicas["lb"]["ports"][0]["host_ip"] == "127.0.0.1"
 
 
 def test_port_is_published_on_loopback_only_by_default(engine: None) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in {"TESSERA_BIND", "TESSERA_PORT"}}
-    config = json.loads(run(["docker", "compose", "-f", "docker-compose.yml", "config", "--format", "json"], env=env))
-    [port] = config["services"]["tessera"]["ports"]
+    [port] = compose_config("-f", "docker-compose.yml")["services"]["tessera"]["ports"]
     assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "8000", 8000)
 
 
@@ -188,17 +252,32 @@ def test_container_reports_healthy_once_ready(stack: Stack) -> None:
     container = stack.compose_run("ps", "-q", "tessera").strip()
     state = json.loads(run(["docker", "inspect", "--format", "{{json .State.Health}}", container]))
     assert state["Status"] == "healthy"
+    # Probes need no key, even with TESSERA_API_KEYS set.
     response = httpx.get(f"{stack.base_url}/health/ready", timeout=10)
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
 
 
 def test_classify_answers_offline_from_the_packaged_model(stack: Stack) -> None:
-    response = httpx.post(f"{stack.base_url}/classify", json={"inputs": "I love this movie"}, timeout=120)
+    response = httpx.post(
+        f"{stack.base_url}/classify", json={"inputs": "I love this movie"}, headers=auth(), timeout=120
+    )
     assert response.status_code == 200, f"{response.text}\n{stack.logs()}"
     body = response.json()
     assert body["model"] == "minilm-sentiment"
     assert body["results"][0][0]["label"] == "positive"
+
+
+def test_api_keys_configured_through_env_are_enforced(stack: Stack) -> None:
+    response = httpx.post(f"{stack.base_url}/classify", json={"inputs": "I love this movie"}, timeout=30)
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]
+
+
+def test_metrics_answer_for_prometheus(stack: Stack) -> None:
+    response = httpx.get(f"{stack.base_url}/metrics", headers=auth(), timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
 
 
 def test_server_runs_as_a_non_root_user(stack: Stack) -> None:
@@ -213,3 +292,21 @@ def test_model_cache_lives_on_a_named_volume(stack: Stack) -> None:
     mounts = json.loads(run(["docker", "inspect", "--format", "{{json .Mounts}}", container]))
     cache = [m for m in mounts if m["Destination"] == "/data/hf-cache"]
     assert cache and cache[0]["Type"] == "volume" and cache[0]["Name"] == f"{stack.project}_hf-cache"
+
+
+def test_replicas_behind_nginx_share_the_traffic(stack: Stack, context: tuple[Path, dict[str, str]]) -> None:
+    replicas = new_stack(context, "deploy/docker-compose.replicas.yml")
+    replicas.env["NGINX_IMAGE"] = nginx_image()
+    try:
+        replicas.up("--no-build", "--scale", "tessera=2")
+        for _ in range(20):
+            response = httpx.post(
+                f"{replicas.base_url}/classify", json={"inputs": "I love this movie"}, headers=auth(), timeout=120
+            )
+            assert response.status_code == 200, f"{response.text}\n{replicas.logs()}"
+            assert response.json()["results"][0][0]["label"] == "positive"
+        served = replicas.compose_run("logs", "--no-color", "tessera")
+        answering = {line.split("|")[0].strip() for line in served.splitlines() if "POST /classify" in line}
+        assert len(answering) == 2, f"replicas that answered: {answering}\n{served[-3000:]}"
+    finally:
+        replicas.down()

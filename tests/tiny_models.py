@@ -109,9 +109,7 @@ def _sentencepiece_model(*, pad_id: int, eos_id: int, unk_id: int) -> bytes:
     return buf.getvalue()
 
 
-def _save(
-    model_cls: type[PreTrainedModel], config: PretrainedConfig, tok: PreTrainedTokenizerBase, path: Path
-) -> Path:
+def _save(model_cls: type[PreTrainedModel], config: PretrainedConfig, tok: PreTrainedTokenizerBase, path: Path) -> Path:
     torch.manual_seed(SEED)
     model = model_cls(config)
     path.mkdir(parents=True, exist_ok=True)
@@ -288,9 +286,7 @@ def build_bert_embedder(path: Path, pooling: str = "mean", normalize: bool = Tru
     ]
     if normalize:
         (path / "2_Normalize").mkdir(exist_ok=True)
-        modules.append(
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
-        )
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     (path / "modules.json").write_text(json.dumps(modules, indent=2), encoding="utf-8")
     st_config = {"max_seq_length": 256, "do_lower_case": False}  # as all-MiniLM-L6-v2 ships
     (path / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2), encoding="utf-8")
