@@ -28,11 +28,12 @@ from app.api.tasks import (
     settings_of,
     timeout_of,
     until_disconnect,
+    zero_shot_payloads,
 )
 from app.config import Endpoint, Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
 from app.registry.registry import ModelRegistry
-from app.runners.classification import ClassifyInput, ZeroShotInput
+from app.runners.classification import ClassifyInput
 from app.runners.embedding import EmbedInput, ExtractInput
 from app.runners.seq2seq import Seq2SeqInput
 
@@ -279,10 +280,10 @@ async def _zero_shot(call: Call) -> Any:
             )
         return await _fixed_labels(call)
     params = parse(ZeroShotParameters, call.body.parameters)
-    template = params.hypothesis_template or entry.template
-    labels = tuple(params.candidate_labels)
-    hypotheses = tuple(template.format(label) for label in labels)
-    results = await call.infer([ZeroShotInput(t, labels, hypotheses, params.multi_label) for t in call.texts])
+    payloads = zero_shot_payloads(
+        entry, call.texts, list(params.candidate_labels), params.hypothesis_template, params.multi_label
+    )
+    results = await call.infer(payloads)
     return results[0].labels if call.single else [r.labels for r in results]
 
 
@@ -292,12 +293,7 @@ async def _fixed_labels(call: Call) -> Any:
     params = parse(ClassificationParameters, call.body.parameters)
     if params.function_to_apply is not None:
         raise WrongTask(f"function_to_apply does not apply to the zero-shot model '{entry.name}'; drop it")
-    labels = tuple(entry.labels)
-    if entry.engine == "nli":
-        hypotheses = tuple(entry.template.format(label) for label in labels)
-    else:  # the similarity engine embeds each label's description
-        hypotheses = tuple(entry.labels[label] for label in labels)
-    results = await call.infer([ZeroShotInput(t, labels, hypotheses) for t in call.texts])
+    results = await call.infer(zero_shot_payloads(entry, call.texts, None, None))
     return [r.labels[: params.top_k] if params.top_k else r.labels for r in results]
 
 

@@ -78,6 +78,20 @@ def check_generation(settings: Settings, params: GenerationParameters) -> None:
         raise InvalidInput(f"num_beams {params.num_beams} is over this server's cap of {settings.max_num_beams}")
 
 
+def zero_shot_payloads(
+    entry: Any, texts: list[str], labels: list[str] | None, template: str | None, multi_label: bool = False
+) -> list[ZeroShotInput]:
+    """A client's labels become hypotheses through the template; without them, the entry's own
+    labels do too (NLI), or are embedded through their descriptions (similarity engine)."""
+    template = template or entry.template
+    names = tuple(labels or entry.labels)
+    if labels or entry.engine == "nli":
+        hypotheses = tuple(template.format(name) for name in names)
+    else:
+        hypotheses = tuple(entry.labels[name] for name in names)
+    return [ZeroShotInput(text, names, hypotheses, multi_label) for text in texts]
+
+
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``, cancelling it if the client goes away first."""
     task = asyncio.ensure_future(work)
@@ -116,13 +130,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     if entry.task == "zero-shot-classification":
         if params.function_to_apply is not None:
             raise WrongTask(f"function_to_apply does not apply to the zero-shot model '{entry.name}'; drop it")
-        template = params.hypothesis_template or entry.template
-        names = list(labels or entry.labels)
-        if labels or entry.engine == "nli":
-            hypotheses = [template.format(label) for label in names]
-        else:  # the entry's own labels, described for the similarity engine
-            hypotheses = [entry.labels[label] for label in names]
-        payloads = [ZeroShotInput(t, tuple(names), tuple(hypotheses), params.multi_label) for t in texts]
+        payloads = zero_shot_payloads(entry, texts, labels, params.hypothesis_template, params.multi_label)
     else:
         payloads = [ClassifyInput(t, params.top_k, params.function_to_apply) for t in texts]
 
