@@ -93,7 +93,7 @@ async def test_a_large_request_is_split_across_batches_and_reassembled_in_order(
 async def test_batches_group_similar_lengths_within_the_token_budget() -> None:
     runner = FakeRunner()
     runner.gate.clear()
-    batcher = make(runner, max_batch_size=8, max_batch_tokens=40)
+    batcher = make(runner, max_batch_size=8, max_batch_tokens=39)
     blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
     await asyncio.to_thread(runner.entered.wait, 5)
     texts = ["x " * 2, "x " * 20, "x " * 3, "x " * 19, "x " * 2, "x " * 18]
@@ -103,7 +103,24 @@ async def test_batches_group_similar_lengths_within_the_token_budget() -> None:
     await blocker
     await task
     lengths = [sorted(len(p.split()) for p in b) for b in runner.batches[1:]]
-    assert sorted(lengths) == [[2, 2, 3], [18, 19], [20]]  # short ones together; long ones within 40 tokens
+    assert sorted(lengths) == [[2, 2, 3], [18, 19], [20]]  # short ones together; long ones within 39 tokens
+    batcher.close()
+
+
+async def test_a_ragged_pool_becomes_two_tight_batches_rather_than_one_padded_one() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner, max_batch_size=32)
+    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    texts = [" ".join(["w"] * n) for n in (60, 5, 62, 6, 5, 61)]
+    task = asyncio.create_task(batcher.submit(texts, deadline=soon()))
+    await wait_until(lambda: batcher.queue_depth == 7)
+    runner.gate.set()
+    await blocker
+    assert await task == [t.upper() for t in texts]
+    lengths = sorted(sorted(len(p.split()) for p in b) for b in runner.batches[1:])
+    assert lengths == [[5, 5, 6], [60, 61, 62]]
     batcher.close()
 
 

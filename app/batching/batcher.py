@@ -34,6 +34,12 @@ from app.errors import (
 
 log = logging.getLogger(__name__)
 
+# Batch shaping: how far a batch may stretch in length, and how long (at most, and as a
+# fraction of the last forward pass) the worker waits for returning clients after a batch.
+PADDING_SLACK = 16
+MAX_LINGER_S = 0.02
+LINGER_FRACTION = 0.05
+
 # Set by the HTTP layer per request; submit() records the largest batch its inputs ran in.
 request_stats: ContextVar[dict[str, Any] | None] = ContextVar("request_stats", default=None)
 
@@ -109,6 +115,7 @@ class DynamicBatcher:
         max_batch_tokens: int,
         max_queue_items: int,
         max_request_tokens: int | None = None,
+        max_padding_ratio: float = 1.3,
         observer: Callable[[BatchRecord], None] | None = None,
     ) -> None:
         self.name = name
@@ -116,6 +123,7 @@ class DynamicBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_items = max_queue_items
         self.max_request_tokens = max_request_tokens
+        self.max_padding_ratio = max_padding_ratio
         self._runner = runner
         self._observer = observer
         self._cond = threading.Condition()
@@ -125,6 +133,8 @@ class DynamicBatcher:
         self._closed = False
         self._seq = itertools.count()
         self._rate = 0.0  # items per second, smoothed; for Retry-After
+        self._linger_until = 0.0
+        self._linger_target = 0
         self.batches = 0
         self.items = 0
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
@@ -198,6 +208,15 @@ class DynamicBatcher:
             with self._cond:
                 while not self._incoming and not self._pool and not self._closed:
                     self._cond.wait()
+                # Clients whose results just went out are about to send their next inputs; a
+                # moment's wait lets them join this batch instead of forming a half-size one.
+                # Only after a batch: an idle batcher (concurrency 1) never waits.
+                while (
+                    not self._closed
+                    and len(self._incoming) + len(self._pool) < self._linger_target
+                    and time.monotonic() < self._linger_until
+                ):
+                    self._cond.wait(timeout=max(0.0, self._linger_until - time.monotonic()))
                 if self._closed:
                     leftover = self._incoming + self._pool
                     self._incoming, self._pool = [], []
@@ -257,19 +276,37 @@ class DynamicBatcher:
         return False
 
     def _next_batch(self) -> list[_Item]:
+        """The oldest waiting item plus its nearest neighbours by length, within the limits.
+
+        A neighbour joins only while the batch stays within ``max_padding_ratio`` of its
+        shortest member (or ``PADDING_SLACK`` tokens): on a CPU, padded tokens cost as much
+        as real ones, so two well-sorted batches beat one ragged batch.
+        """
         self._pool = [item for item in self._pool if not self._drop_if_done(item)]
         if not self._pool:
             return []
         oldest = min(self._pool, key=lambda item: item.seq)
         group = sorted((i for i in self._pool if i.group == oldest.group), key=lambda i: i.encoded.length)
-        window: list[_Item] = []
-        for item in group:
-            rows = sum(i.encoded.rows for i in window) + item.encoded.rows
-            if window and (len(window) >= self.max_batch_size or rows * item.encoded.length > self.max_batch_tokens):
-                if oldest in window:
-                    break
-                window = []
-            window.append(item)
+        lo = hi = group.index(oldest)
+        rows = oldest.encoded.rows
+        while hi - lo + 1 < self.max_batch_size:
+            fits = []
+            for j in (lo - 1, hi + 1):
+                if not 0 <= j < len(group):
+                    continue
+                shortest = min(group[lo].encoded.length, group[j].encoded.length)
+                width = max(group[hi].encoded.length, group[j].encoded.length)
+                within_padding = width <= max(shortest * self.max_padding_ratio, shortest + PADDING_SLACK)
+                within_budget = (rows + group[j].encoded.rows) * width <= self.max_batch_tokens
+                if within_padding and within_budget:
+                    fits.append(j)
+            if not fits:
+                break
+            # The neighbour closest in length to the oldest item keeps the batch tight.
+            j = min(fits, key=lambda k: abs(group[k].encoded.length - oldest.encoded.length))
+            lo, hi = min(lo, j), max(hi, j)
+            rows += group[j].encoded.rows
+        window = group[lo : hi + 1]
         chosen = set(window)
         self._pool = [item for item in self._pool if item not in chosen]
         return window
@@ -289,12 +326,19 @@ class DynamicBatcher:
             self._fail(batch[0], self._describe_failure(exc))
             return
         elapsed = time.monotonic() - started
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         for item, result in zip(batch, results, strict=True):
             item.ticket.batch_sizes.append(len(batch))
-            _post(item, _resolve, result)
+            by_loop.setdefault(item.loop, []).append((item.future, result))
+        for loop, outcomes in by_loop.items():  # one wake-up per event loop, not one per item
+            with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown); nobody waits
+                loop.call_soon_threadsafe(_resolve_all, outcomes)
         self._release(len(batch))
         self.batches += 1
         self.items += len(batch)
+        with self._cond:
+            self._linger_target = min(self.max_batch_size, len(self._pool) + len(self._incoming) + len(batch))
+            self._linger_until = time.monotonic() + min(MAX_LINGER_S, LINGER_FRACTION * elapsed)
         rate = len(batch) / max(elapsed, 1e-6)
         self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
         if self._observer is not None:
@@ -333,9 +377,10 @@ def _post(item: _Item, callback: Callable[[asyncio.Future[Any], Any], None], val
         item.loop.call_soon_threadsafe(callback, item.future, value)
 
 
-def _resolve(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
+def _resolve_all(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, result in outcomes:
+        if not future.done():
+            future.set_result(result)
 
 
 def _reject(future: asyncio.Future[Any], error: BaseException) -> None:
