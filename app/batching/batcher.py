@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Batch shaping: how far a batch may stretch in length, and how long (at most, and as a
 # fraction of the last forward pass) the worker waits for returning clients after a batch.
 PADDING_SLACK = 16
-MAX_LINGER_S = 0.02
+MAX_LINGER_S = 0.05
 LINGER_FRACTION = 0.05
 
 # Set by the HTTP layer per request; submit() records the largest batch its inputs ran in.

@@ -206,7 +206,7 @@ class ModelRegistry:
             max_batch_tokens=self.settings.max_batch_tokens,
             max_queue_items=self.settings.max_queue_items,
             max_request_tokens=self.settings.max_tokens_per_request,
-            max_padding_ratio=self.settings.batch_padding_ratio,
+            max_padding_ratio=float("inf") if runner.pads_cheaply else self.settings.batch_padding_ratio,
             observer=self._batch_observer(entry.name),
         )
         slot.memory_bytes = runner.memory_bytes()

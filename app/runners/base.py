@@ -41,6 +41,9 @@ class Runner(ABC):
     """A loaded model that the batcher drives; subclasses are one per task family."""
 
     model: Any  # a transformers PreTrainedModel
+    # Whether padded input tokens cost little next to the rest of the work (generate's
+    # decoding steps): then the batcher fills batches without regard to length spread.
+    pads_cheaply = False
 
     @abstractmethod
     def encode(self, payloads: Sequence[Any]) -> list[Encoded]: ...
