@@ -1,0 +1,195 @@
+"""The HTTP load driver and the numbers every method reports.
+
+``drive`` keeps ``concurrency`` requests in flight, one text each, over keep-alive
+httpx.AsyncClient connections, and records each request's latency and the client's own CPU time;
+a request that does not answer 200 counts as an error, never as a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class Measurement:
+    """One method's timed run over a list of texts."""
+
+    method: str
+    texts: int
+    seconds: float
+    latencies_s: list[float] = field(default_factory=list, repr=False)
+    errors: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.texts / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile_ms(self, q: float) -> float | None:
+        if not self.latencies_s:
+            return None
+        ordered = sorted(self.latencies_s)
+        index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+        return ordered[index] * 1000
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "latencies_s"}
+        out["texts_per_s"] = round(self.throughput, 2)
+        for q in (50, 95, 99):
+            value = self.percentile_ms(q)
+            out[f"p{q}_ms"] = None if value is None else round(value, 2)
+        return out
+
+
+def ms_per(seconds: float, count: int) -> float:
+    return round(1000 * seconds / count, 3) if count else 0.0
+
+
+def merge(runs: list[Measurement]) -> Measurement:
+    """Rounds of one method as one measurement: texts, seconds and counts add up, latencies
+    pool, and per-text figures (CPU ms per text) average over the rounds, weighted by texts."""
+    first = runs[0]
+    merged = Measurement(first.method, 0, 0.0, extra=dict(first.extra))
+    for run in runs:
+        merged.texts += run.texts
+        merged.seconds += run.seconds
+        merged.latencies_s += run.latencies_s
+        merged.errors += run.errors
+    for key, value in first.extra.items():
+        if key in ("batches", "items"):
+            merged.extra[key] = sum(r.extra[key] for r in runs)
+        elif key.endswith("_per_text") and isinstance(value, dict):
+            merged.extra[key] = {k: _weighted([(r.extra[key][k], r.texts) for r in runs]) for k in value}
+        elif key.endswith("_per_text"):
+            merged.extra[key] = _weighted([(r.extra[key], r.texts) for r in runs])
+    if merged.extra.get("batches"):
+        merged.extra["mean_batch_size"] = round(merged.extra["items"] / merged.extra["batches"], 2)
+    merged.extra["rounds"] = len(runs)
+    merged.extra["round_texts_per_s"] = [round(r.throughput, 2) for r in runs]
+    return merged
+
+
+def _weighted(pairs: list[tuple[float, int]]) -> float:
+    total = sum(weight for _, weight in pairs)
+    return round(sum(value * weight for value, weight in pairs) / total, 3) if total else 0.0
+
+
+async def _drive(
+    base_url: str,
+    path: str,
+    bodies: list[dict[str, Any]],
+    concurrency: int,
+    warmup: int,
+    stats_path: str | None,
+    timeout_s: float,
+) -> tuple[float, float, list[float], int, str | None, list[Any]]:
+    latencies = [0.0] * len(bodies)
+    errors = 0
+    first_error: str | None = None
+    # One client, holding one keep-alive connection, per in-flight request: a single
+    # client's shared pool costs the client several times more CPU per request at c=64
+    # (httpcore scans its pool on every request), which would make the load generator,
+    # not the server, the bottleneck on a small machine.
+    clients = [
+        httpx.AsyncClient(base_url=base_url, limits=httpx.Limits(max_connections=1), timeout=timeout_s)
+        for _ in range(concurrency)
+    ]
+
+    async def worker(client: httpx.AsyncClient, queue: Any, record: bool) -> None:
+        nonlocal errors, first_error
+        for i, body in queue:
+            started = time.perf_counter()
+            response = await client.post(path, json=body)
+            elapsed = time.perf_counter() - started
+            if response.status_code != 200:
+                errors += 1
+                first_error = first_error or f"{response.status_code} {response.text[:300]}"
+            if record:
+                latencies[i] = elapsed
+
+    try:
+        # Untimed: opens every connection so that the timed run starts warm.
+        if warmup:
+            shared = iter(enumerate(bodies[:warmup]))
+            await asyncio.gather(*(worker(c, shared, False) for c in clients))
+            errors = 0
+        stats = [(await clients[0].get(stats_path)).json()] if stats_path else []
+        shared = iter(enumerate(bodies))
+        started, cpu_started = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(worker(c, shared, True) for c in clients))
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        if stats_path:
+            stats.append((await clients[0].get(stats_path)).json())
+    finally:
+        for client in clients:
+            await client.aclose()
+    return seconds, cpu, latencies, errors, first_error, stats
+
+
+def drive(
+    method: str,
+    base_url: str,
+    path: str,
+    bodies: list[dict[str, Any]],
+    concurrency: int,
+    warmup: int | None = None,
+    stats_path: str | None = None,
+    timeout_s: float = 600.0,
+) -> Measurement:
+    """POST one body per request with ``concurrency`` in flight, after ``warmup`` untimed
+    requests (default: one per connection). With ``stats_path``, the server's stats just
+    before and after the timed requests come back in ``extra["server_stats"]``."""
+    warm = min(len(bodies), concurrency) if warmup is None else warmup
+    seconds, cpu, latencies, errors, first_error, stats = asyncio.run(
+        _drive(base_url, path, bodies, concurrency, warm, stats_path, timeout_s)
+    )
+    # Where the client shares the server's cores, its CPU is part of the picture.
+    extra: dict[str, Any] = {"concurrency": concurrency, "client_cpu_ms_per_text": ms_per(cpu, len(bodies))}
+    if first_error:
+        extra["first_error"] = first_error
+    if stats:
+        extra["server_stats"] = stats
+    return Measurement(method, len(bodies), seconds, latencies, errors, extra)
+
+
+class LoadClient:
+    """Runs ``drive`` in this process, or in one worker process pinned to ``cpus`` (Linux)
+    so that generating the load does not take the cores the server is measured on."""
+
+    def __init__(self, cpus: set[int] | None = None) -> None:
+        self.cpus = cpus
+        self._pool: ProcessPoolExecutor | None = None
+        if cpus:
+            self._pool = ProcessPoolExecutor(
+                1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=os.sched_setaffinity,
+                initargs=(0, cpus),
+            )
+
+    def drive(
+        self,
+        method: str,
+        base_url: str,
+        path: str,
+        bodies: list[dict[str, Any]],
+        concurrency: int,
+        warmup: int | None = None,
+        stats_path: str | None = None,
+    ) -> Measurement:
+        args = (method, base_url, path, bodies, concurrency, warmup, stats_path)
+        if self._pool is None:
+            return drive(*args)
+        return self._pool.submit(drive, *args).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()

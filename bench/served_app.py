@@ -1,0 +1,103 @@
+"""``python -m app serve``, unchanged, plus GET /bench/stats for the benchmark.
+
+The request path is Tessera's own: this script calls ``app.__main__.main(["serve",
+...])``. It adds one read-only route, because nothing in the app exposes these over
+HTTP yet: each loaded model's batcher counters (batches formed, items run), and the
+CPU seconds each kind of server thread has used (the event loop, the batcher workers,
+other Python threads, native pools such as torch's and the tokenizers'), read from
+/proc on Linux. The benchmark takes their differences around each timed run: the mean
+formed batch size and where the server spends its CPU. It also notes torch's thread
+count on the thread that runs each model's forward passes (the batcher's worker,
+which torch may size differently from the main thread): the registry's
+``build_runner`` is wrapped so that each runner's ``infer`` records it, one C call
+per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from fastapi import FastAPI, Request
+
+import app.main as tessera_main
+import app.registry.registry as tessera_registry
+from app.__main__ import main
+
+_create_app = tessera_main.create_app
+_build_runner = tessera_registry.build_runner
+worker_torch_threads: dict[str, int] = {}
+
+
+def build_runner_noting_threads(entry: Any, path: Path) -> Any:
+    runner = _build_runner(entry, path)
+    infer = runner.infer
+
+    def infer_noting_threads(payloads: Any, encoded: Any) -> Any:
+        worker_torch_threads[entry.name] = torch.get_num_threads()
+        return infer(payloads, encoded)
+
+    runner.infer = infer_noting_threads  # type: ignore[method-assign]
+    return runner
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's live threads, by kind; {} off Linux."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    named = {t.native_id: t.name for t in threading.enumerate()}
+    main_id = threading.main_thread().native_id
+    out = {"event_loop": 0.0, "batcher": 0.0, "python_threads": 0.0, "native_pools": 0.0}
+    for task in tasks.iterdir():
+        try:
+            # Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        tid = int(task.name)
+        if tid == main_id:
+            kind = "event_loop"
+        elif named.get(tid, "").startswith("batcher-"):
+            kind = "batcher"
+        elif tid in named:
+            kind = "python_threads"
+        else:
+            kind = "native_pools"
+        out[kind] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def create_app_with_stats(settings: Any = None) -> FastAPI:
+    application = _create_app(settings)
+
+    @application.get("/bench/stats", include_in_schema=False)
+    async def stats(request: Request) -> dict[str, Any]:
+        registry = request.app.state.registry
+        models = {
+            slot.entry.name: {"batches": slot.batcher.batches, "items": slot.batcher.items}
+            for slot in registry.slots()
+            if slot.batcher is not None
+        }
+        return {
+            "torch_threads": torch.get_num_threads(),
+            "worker_torch_threads": worker_torch_threads,
+            "models": models,
+            "cpu_s": thread_cpu_seconds(),
+        }
+
+    return application
+
+
+if __name__ == "__main__":
+    # app.__main__.serve imports create_app from app.main when it runs, so it finds this one.
+    tessera_main.create_app = create_app_with_stats
+    tessera_registry.build_runner = build_runner_noting_threads
+    sys.exit(main(["serve", *sys.argv[1:]]))
