@@ -48,6 +48,7 @@ class Generation:
 
 class Seq2SeqRunner(Runner):
     pads_cheaply = True
+
     def __init__(
         self,
         entry: TranslationEntry | SummarizationEntry,
