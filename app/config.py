@@ -63,9 +63,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_batch_tokens: int = Field(16384, ge=64, description="Padded tokens in one forward pass.")
     batch_padding_ratio: float = Field(
-        1.3,
+        1.2,
         ge=1.0,
-        description="A batch stretches to inputs at most this much longer than its shortest (or 16 tokens "
+        description="A batch stretches to inputs at most this much longer than its shortest (or 4 tokens "
         "longer); the rest waits for the next batch. Raise it on GPUs, where padding is cheap.",
     )
     max_queue_items: int = Field(4096, ge=1, description="Queued inputs per model before 429.")

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Batch shaping: how far a batch may stretch in length, and how long (at most, and as a
 # fraction of the last forward pass) the worker waits for returning clients after a batch.
-PADDING_SLACK = 16
+PADDING_SLACK = 4
 MAX_LINGER_S = 0.05
 LINGER_FRACTION = 0.05
 
@@ -115,7 +115,7 @@ class DynamicBatcher:
         max_batch_tokens: int,
         max_queue_items: int,
         max_request_tokens: int | None = None,
-        max_padding_ratio: float = 1.3,
+        max_padding_ratio: float = 1.2,
         observer: Callable[[BatchRecord], None] | None = None,
     ) -> None:
         self.name = name
