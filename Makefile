@@ -5,8 +5,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-HOST ?= 127.0.0.1
-PORT ?= 8000
 
 .PHONY: run test lint bench install
 
@@ -21,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(PY) -m app serve --host $(HOST) --port $(PORT)
+	$(PY) -m app serve  # address and everything else: TESSERA_* environment (README)
 
 test: install
 	$(PY) -m pytest
