@@ -166,3 +166,16 @@ async def test_malformed_json_is_a_422_not_a_500(client: httpx.AsyncClient) -> N
 async def test_known_model_names_are_listed_on_404(client: httpx.AsyncClient) -> None:
     r = await client.post("/classify", json={"inputs": "x", "model": "nope"})
     assert {"bert-clf", "distilbert-clf", "minilm-sentiment"} <= set(r.json()["message"].split(": ")[-1].split(", "))
+
+
+async def test_braces_in_a_hypothesis_template_are_text_not_a_500(client: httpx.AsyncClient) -> None:
+    for template in ("About {} {x}", "About {}{", "{0} is {}"):
+        r = await client.post(
+            "/classify",
+            json={
+                "inputs": "hello",
+                "model": "nli",
+                "parameters": {"candidate_labels": ["a", "b"], "hypothesis_template": template},
+            },
+        )
+        assert r.status_code == 200, (template, r.text)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from fastapi import FastAPI
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from tests.conftest import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -149,3 +154,53 @@ async def test_extractive_summary_keeps_the_central_sentences_in_document_order(
     assert len(picked) == 2
     assert summary == " ".join(picked)  # document order, nothing invented
     assert "Bananas" not in summary and "cat" not in summary
+
+
+async def test_a_client_length_limit_replaces_the_entrys_own(
+    client: httpx.AsyncClient, tiny_models: dict[str, Path]
+) -> None:
+    r = await client.post(
+        "/translate", json={"inputs": "hello world", "model": "marian-en-de", "parameters": {"max_length": 3}}
+    )
+    assert r.status_code == 200, r.text
+    expected = reference_generate(tiny_models["marian"], ["hello world"], max_length=3)
+    assert r.json()["results"][0]["translation_text"] == expected[0]
+
+
+@pytest.mark.parametrize("literal", [b"Infinity", b"NaN", b"-Infinity"])
+async def test_non_finite_numbers_are_a_422(client: httpx.AsyncClient, literal: bytes) -> None:
+    body = b'{"inputs": "hello", "parameters": {"do_sample": true, "temperature": ' + literal + b"}}"
+    r = await client.post("/translate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "temperature" in r.json()["message"]
+
+
+async def test_very_long_documents_are_reduced_until_they_fit_not_truncated(client: httpx.AsyncClient) -> None:
+    document = "The council met on Tuesday to discuss the new transit plan for the city. " * 150
+    r = await client.post("/summarize", json={"inputs": document, "parameters": {"long_input": "chunk"}})
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    assert result["chunks"] > 10
+    assert result["truncated"] is False
+
+
+async def test_a_chunked_request_larger_than_the_queue_is_a_413_not_a_429(
+    app_factory: Callable[..., FastAPI],
+) -> None:
+    document = "The council met on Tuesday to discuss the new transit plan for the city. " * 150
+    async with serve(app_factory(max_queue_items=8)) as client:
+        r = await client.post("/summarize", json={"inputs": document, "parameters": {"long_input": "chunk"}})
+        assert r.status_code == 413, r.text
+        assert "TESSERA_MAX_QUEUE_ITEMS" in r.json()["message"]
+
+
+async def test_unloading_a_model_mid_request_never_answers_500(client: httpx.AsyncClient) -> None:
+    document = "The council met on Tuesday to discuss the new transit plan for the city. " * 150
+    await client.post("/models/t5-sum/load")
+    request = asyncio.create_task(
+        client.post("/summarize", json={"inputs": document, "model": "t5-sum", "parameters": {"long_input": "chunk"}})
+    )
+    await asyncio.sleep(0.05)
+    await client.delete("/models/t5-sum")
+    r = await request
+    assert r.status_code in (200, 503), r.text

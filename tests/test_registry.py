@@ -190,3 +190,17 @@ async def test_unloading_really_frees_memory(client: httpx.AsyncClient) -> None:
     after = rss_bytes()
     assert loaded - before > 40 * 1024**2  # ~90 MB of float32 weights
     assert loaded - after > 0.75 * (loaded - before)
+
+
+async def test_concurrent_first_loads_stay_within_the_memory_budget(
+    app_factory: Callable[..., FastAPI], tiny_models: dict[str, Path]
+) -> None:
+    budget = budget_for(tiny_models, 1.5)
+    async with serve(app_factory(memory_budget_gib=budget)) as client:
+        bodies = [("/classify", "bert-clf"), ("/classify", "distilbert-clf"), ("/embed", "bert-embed")]
+        answers = await asyncio.gather(*(client.post(path, json={"inputs": "x", "model": m}) for path, m in bodies))
+        for r in answers:
+            assert r.status_code == 200 or (r.status_code == 503 and "busy or pinned" in r.json()["message"]), r.text
+        listed = (await client.get("/models")).json()["models"]
+        resident = sum(m["memory_bytes"] for m in listed if m["state"] == "loaded")
+        assert 0 < resident <= budget["cpu"] * 1024**3

@@ -38,7 +38,8 @@ def as_list(inputs: str | list[str]) -> list[str]:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity parse as JSON here; no parameter of ours means anything with them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # -- classification -------------------------------------------------------------------
@@ -67,6 +68,7 @@ class ClassifyParameters(_Request):
 class ClassifyRequest(_Request):
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {"inputs": "I love this movie"},
@@ -139,6 +141,7 @@ class GenerationParameters(_Request):
 class TranslateRequest(_Request):
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {"inputs": "The weather is nice today.", "source_lang": "en", "target_lang": "de"},
@@ -196,6 +199,7 @@ class SummarizeParameters(GenerationParameters):
 class SummarizeRequest(_Request):
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {
@@ -247,6 +251,7 @@ class SummarizeResponse(BaseModel):
 class EmbedRequest(_Request):
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         json_schema_extra={"examples": [{"inputs": ["A man is eating food.", "Someone is having a meal."]}]},
     )
     inputs: Inputs

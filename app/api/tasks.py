@@ -8,7 +8,8 @@ disconnects has its work cancelled, which drops its queued inputs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -86,7 +87,8 @@ def zero_shot_payloads(
     template = template or entry.template
     names = tuple(labels or entry.labels)
     if labels or entry.engine == "nli":
-        hypotheses = tuple(template.format(name) for name in names)
+        # replace, not format: other braces in a client's template are text, not fields.
+        hypotheses = tuple(template.replace("{}", name, 1) for name in names)
     else:
         hypotheses = tuple(entry.labels[name] for name in names)
     return [ZeroShotInput(text, names, hypotheses, multi_label) for text in texts]
@@ -198,9 +200,9 @@ async def summarize(body: SummarizeRequest, request: Request) -> SummarizeRespon
         results = await until_disconnect(request, registry.infer(entry.name, extracts, timeout_s=timeout))
         summaries = [Summary(summary_text=r.text, truncated=r.truncated) for r in results]
     elif params.long_input == "chunk":
+        deadline = time.monotonic() + timeout  # one deadline for every stage of every document
         summaries = await until_disconnect(
-            request,
-            asyncio.gather(*(_summarize_chunked(registry, entry.name, t, generation, timeout) for t in texts)),
+            request, all_or_nothing(_summarize_chunked(registry, entry.name, t, generation, deadline) for t in texts)
         )
     else:
         payloads = [Seq2SeqInput(t, generation) for t in texts]
@@ -211,23 +213,47 @@ async def summarize(body: SummarizeRequest, request: Request) -> SummarizeRespon
     return SummarizeResponse(model=entry.name, results=summaries)
 
 
+# Rounds of summarizing summaries before the last one may truncate: each round shrinks the
+# text several-fold, so documents past a few hundred model windows are the only ones cut.
+MAX_REDUCE_ROUNDS = 3
+
+
+async def all_or_nothing(works: Iterable[Awaitable[T]]) -> list[T]:
+    """Like gather, but the first failure cancels the rest instead of leaving them running."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def _summarize_chunked(
-    registry: ModelRegistry, name: str, text: str, generation: tuple[tuple[str, Any], ...], timeout: float
+    registry: ModelRegistry, name: str, text: str, generation: tuple[tuple[str, Any], ...], deadline: float
 ) -> Summary:
-    """Map-reduce: summarize model-sized chunks together (one batch), then their joined summaries."""
+    """Map-reduce: summarize model-sized chunks together (one batch), then their joined summaries,
+    again while they are still too long for the model."""
+
+    async def summarize_all(texts: list[str]) -> list[str]:
+        left = max(0.001, deadline - time.monotonic())
+        results = await registry.infer(
+            name, [Seq2SeqInput(t, generation) for t in texts], group=generation, timeout_s=left
+        )
+        return [r.text for r in results]
+
     async with registry.use(name) as slot:
         runner = slot.runner
         assert isinstance(runner, Seq2SeqRunner)
         chunks = await asyncio.to_thread(runner.split_into_chunks, text)
-    if len(chunks) <= 1:
-        [result] = await registry.infer(name, [Seq2SeqInput(text, generation)], group=generation, timeout_s=timeout)
-        return Summary(summary_text=result.text, truncated=result.truncated)
-    partial = await registry.infer(
-        name, [Seq2SeqInput(c, generation) for c in chunks], group=generation, timeout_s=timeout
-    )
-    joined = " ".join(p.text for p in partial)
-    [final] = await registry.infer(name, [Seq2SeqInput(joined, generation)], group=generation, timeout_s=timeout)
-    return Summary(summary_text=final.text, truncated=final.truncated, chunks=len(chunks))
+        pieces, joined = len(chunks), text
+        for _ in range(MAX_REDUCE_ROUNDS):
+            if len(chunks) <= 1:
+                break
+            joined = " ".join(await summarize_all(chunks))
+            chunks = await asyncio.to_thread(runner.split_into_chunks, joined)
+    left = max(0.001, deadline - time.monotonic())
+    [final] = await registry.infer(name, [Seq2SeqInput(joined, generation)], group=generation, timeout_s=left)
+    return Summary(summary_text=final.text, truncated=final.truncated, chunks=pieces)
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=TASK_ERRORS, summary="Embed texts")

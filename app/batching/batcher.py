@@ -164,6 +164,11 @@ class DynamicBatcher:
         with self._cond:
             if self._closed:
                 raise ModelUnavailable(f"model '{self.name}' is being unloaded; retry the request")
+            if len(items) > self.max_queue_items:
+                raise InputTooLarge(
+                    f"this request needs {len(items)} inputs on model '{self.name}' but at most "
+                    f"{self.max_queue_items} can queue (TESSERA_MAX_QUEUE_ITEMS): send fewer or shorter inputs"
+                )
             if self._depth + len(items) > self.max_queue_items:
                 raise Overloaded(
                     f"model '{self.name}' has {self._depth} inputs queued (limit {self.max_queue_items}); "
@@ -191,12 +196,13 @@ class DynamicBatcher:
                 if not fut.done():
                     fut.cancel()  # the worker drops cancelled items instead of running them
 
-    def close(self) -> None:
-        """Stop the worker; queued requests fail with 503 rather than hang."""
+    def close(self, timeout: float = 60) -> bool:
+        """Stop the worker; queued requests fail with 503 rather than hang. True once it stopped."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
 
     # -- worker thread ------------------------------------------------------------------
 

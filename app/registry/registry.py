@@ -11,6 +11,7 @@ flight or queued, or a pinned one, never is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
@@ -50,6 +51,7 @@ class ModelSlot:
     failed_at: float = 0.0
     loading: asyncio.Task[None] | None = None
     in_flight: int = 0
+    waiting: int = 0  # requests waiting for this model's load to finish
     last_used: float = 0.0
     load_seconds: float | None = None
     memory_bytes: int = 0
@@ -58,7 +60,9 @@ class ModelSlot:
 
     @property
     def busy(self) -> bool:
-        return self.in_flight > 0 or (self.batcher is not None and self.batcher.queue_depth > 0)
+        # Waiters count too: a model must not be evicted between its load and their first use.
+        queued = self.batcher is not None and self.batcher.queue_depth > 0
+        return self.in_flight > 0 or self.waiting > 0 or queued
 
 
 @dataclass
@@ -148,7 +152,11 @@ class ModelRegistry:
                         retry_after=max(1.0, self.settings.load_retry_after_s - waited),
                     )
                 slot.loading = asyncio.create_task(self._load(slot))
-            await asyncio.shield(slot.loading)
+            slot.waiting += 1
+            try:
+                await asyncio.shield(slot.loading)
+            finally:
+                slot.waiting -= 1
             if slot.state is ModelState.failed:
                 raise ModelUnavailable(
                     f"model '{name}' failed to load: {slot.error}",
@@ -187,9 +195,12 @@ class ModelRegistry:
             path = await asyncio.to_thread(
                 locate, entry, online=self.hub_online, timeout=self.settings.download_timeout_s
             )
-            await self._make_room(slot, _weights_bytes(path))
-            log.info("loading model %s from %s", entry.name, entry.source.describe())
-            runner = await asyncio.to_thread(build_runner, entry, path)
+            budgeted = _device_key(entry.device) in self.settings.memory_budget_gib
+            # Under a budget, loads run one at a time: each sees the memory the last one took.
+            async with self._budget_lock if budgeted else contextlib.nullcontext():
+                await self._make_room(slot, _weights_bytes(path))
+                log.info("loading model %s from %s", entry.name, entry.source.describe())
+                runner = await asyncio.to_thread(build_runner, entry, path)
         except Exception as exc:
             slot.state, slot.failed_at = ModelState.failed, time.monotonic()
             slot.error = exc.message if isinstance(exc, ModelUnavailable) else f"{type(exc).__name__}: {exc}"
@@ -225,10 +236,14 @@ class ModelRegistry:
             return False
         batcher, runner = slot.batcher, slot.runner
         slot.state, slot.runner, slot.batcher, slot.memory_bytes = ModelState.not_loaded, None, None, 0
+        stopped = True
         if batcher is not None:
-            await asyncio.to_thread(batcher.close)
-        if runner is not None:
+            stopped = await asyncio.to_thread(batcher.close)
+        if runner is not None and stopped:
+            # Only the weights go; a request still splitting text with the tokenizer finishes.
             await asyncio.to_thread(runner.close)
+        elif runner is not None:
+            log.warning("model %s: a forward pass outlived unload; its memory is freed when it ends", name)
         log.info("model %s unloaded", name)
         if self.hooks.on_unload:
             self.hooks.on_unload(name)
@@ -251,28 +266,28 @@ class ModelRegistry:
         if budget_gib is None:
             return
         budget = int(budget_gib * GIB)
-        async with self._budget_lock:
-            device = _device_key(slot.entry.device)
-            while True:
-                resident = [
-                    s
-                    for s in self._slots.values()
-                    if s.state is ModelState.loaded and _device_key(s.entry.device) == device
-                ]
-                used = sum(s.memory_bytes for s in resident)
-                if used + needed <= budget:
-                    return
-                idle = [s for s in resident if not s.busy and not s.entry.pinned]
-                if not idle:
-                    raise ModelUnavailable(
-                        f"loading '{slot.entry.name}' needs about {needed / GIB:.2f} GiB but {device} has "
-                        f"{(budget - used) / GIB:.2f} GiB left of its {budget_gib} GiB budget and every loaded "
-                        "model is busy or pinned; retry later or raise the memory budget",
-                        retry_after=5,
-                    )
-                victim = min(idle, key=lambda s: s.last_used)
-                log.info("evicting idle model %s to make room for %s", victim.entry.name, slot.entry.name)
-                await self.unload(victim.entry.name)
+        # The caller holds _budget_lock.
+        device = _device_key(slot.entry.device)
+        while True:
+            resident = [
+                s
+                for s in self._slots.values()
+                if s.state is ModelState.loaded and _device_key(s.entry.device) == device
+            ]
+            used = sum(s.memory_bytes for s in resident)
+            if used + needed <= budget:
+                return
+            idle = [s for s in resident if not s.busy and not s.entry.pinned]
+            if not idle:
+                raise ModelUnavailable(
+                    f"loading '{slot.entry.name}' needs about {needed / GIB:.2f} GiB but {device} has "
+                    f"{(budget - used) / GIB:.2f} GiB left of its {budget_gib} GiB budget and every loaded "
+                    "model is busy or pinned; retry later or raise the memory budget",
+                    retry_after=5,
+                )
+            victim = min(idle, key=lambda s: s.last_used)
+            log.info("evicting idle model %s to make room for %s", victim.entry.name, slot.entry.name)
+            await self.unload(victim.entry.name)
 
     def _batch_observer(self, name: str) -> Callable[[BatchRecord], None] | None:
         hook = self.hooks.on_batch

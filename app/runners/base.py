@@ -60,10 +60,14 @@ class Runner(ABC):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def close(self) -> None:
-        """Drop the weights so that unloading really frees memory."""
+        """Drop the weights (and whatever holds them) so that unloading really frees memory.
+
+        Tokenizers stay: a request still splitting text when its model is unloaded finishes.
+        """
         device = self.device
-        for attr in list(vars(self)):
-            setattr(self, attr, None)
+        for attr, value in list(vars(self).items()):
+            if isinstance(value, torch.nn.Module) or isinstance(getattr(value, "model", None), torch.nn.Module):
+                setattr(self, attr, None)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -83,7 +83,13 @@ class Seq2SeqRunner(Runner):
 
     def infer(self, payloads: Sequence[Seq2SeqInput], encoded: Sequence[Encoded]) -> list[Generation]:
         # The batcher only batches inputs of one group, i.e. one set of generation settings.
-        settings = {**self.defaults, **dict(payloads[0].generation)}
+        requested = dict(payloads[0].generation)
+        defaults = dict(self.defaults)
+        if {"max_new_tokens", "max_length"} & requested.keys():
+            # A client's length limit replaces the entry's, whichever of the two it was given as.
+            defaults.pop("max_new_tokens", None)
+            defaults.pop("max_length", None)
+        settings = {**defaults, **requested}
         if "max_new_tokens" in settings and "max_length" in settings:
             settings.pop("max_length")  # max_new_tokens is the more precise of the two
         batch = pad_rows([e.rows_ids[0] for e in encoded], pad_id_of(self.tokenizer), None, self.device)
@@ -94,13 +100,9 @@ class Seq2SeqRunner(Runner):
 
     def split_into_chunks(self, text: str) -> list[str]:
         """Sentence-aligned pieces that each fit the model's input; long sentences are cut by tokens."""
-        budget = (
-            self.max_tokens
-            - _CHUNK_MARGIN
-            - len(self._chunk_tokenizer(self.prefix, add_special_tokens=False)["input_ids"])
-        )
-        budget = max(budget, 8)
         with self._chunk_lock:
+            prefix_tokens = len(self._chunk_tokenizer(self.prefix, add_special_tokens=False)["input_ids"])
+            budget = max(self.max_tokens - _CHUNK_MARGIN - prefix_tokens, 8)
             chunks: list[str] = []
             current: list[str] = []
             used = 0
