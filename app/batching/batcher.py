@@ -148,10 +148,6 @@ class DynamicBatcher:
     def closed(self) -> bool:
         return self._closed
 
-    @property
-    def mean_batch_size(self) -> float:
-        return self.items / self.batches if self.batches else 0.0
-
     async def submit(self, payloads: Sequence[Any], *, group: Hashable = None, deadline: float) -> list[Any]:
         """Run ``payloads`` (one request's inputs) and return their results in order.
 

@@ -71,7 +71,6 @@ class RegistryHooks:
 
     on_batch: Callable[[str, BatchRecord], None] | None = None
     on_load: Callable[[str, float, bool], None] | None = None
-    on_unload: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -245,8 +244,6 @@ class ModelRegistry:
         elif runner is not None:
             log.warning("model %s: a forward pass outlived unload; its memory is freed when it ends", name)
         log.info("model %s unloaded", name)
-        if self.hooks.on_unload:
-            self.hooks.on_unload(name)
         return True
 
     async def close(self) -> None:

@@ -119,8 +119,3 @@ class Seq2SeqRunner(Runner):
             if current:
                 chunks.append(" ".join(current).strip())
         return [c for c in chunks if c]
-
-    def fits(self, text: str) -> bool:
-        with self._chunk_lock:
-            ids = self._chunk_tokenizer(self.prefix + text, verbose=False)["input_ids"]
-        return len(ids) <= self.max_tokens
