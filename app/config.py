@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         description="A batch stretches to inputs at most this much longer than its shortest (or 4 tokens "
         "longer); the rest waits for the next batch. Raise it on GPUs, where padding is cheap.",
     )
+    lanes_per_model: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Threads per loaded model that each run a batch; on a CPU, busy lanes share torch's "
+        "threads equally. Default: 2 on a CPU (1 with a single torch thread), 1 on a GPU.",
+    )
     max_queue_items: int = Field(4096, ge=1, description="Queued inputs per model before 429.")
     request_timeout_s: float = Field(60.0, gt=0, description="Default deadline of a request.")
     max_request_timeout_s: float = Field(600.0, gt=0, description="Cap on a request's own timeout_s.")
@@ -178,6 +185,12 @@ class _EntryBase(BaseModel):
     preload: bool = Field(False, description="Load at start-up; readiness waits for it.")
     pinned: bool = Field(False, description="Never evicted to make room for another model.")
     max_input_tokens: int | None = Field(None, ge=8, description="Override the model's own maximum.")
+    torchscript: bool | None = Field(
+        None,
+        description="Run the encoder's forward pass as a TorchScript trace, checked against the eager model "
+        "at load (falls back to eager if it differs). Default: on for CPU, off elsewhere. Encoder "
+        "models only (classification, zero-shot, embeddings, extractive summaries).",
+    )
 
     @field_validator("device")
     @classmethod

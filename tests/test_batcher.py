@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from app.batching.batcher import DynamicBatcher
+from app.batching.threads import ThreadShare
 from app.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, Overloaded
 
 pytestmark = pytest.mark.anyio
@@ -50,7 +51,7 @@ class FakeRunner:
 
 
 def make(runner: FakeRunner, **limits: int) -> DynamicBatcher:
-    options = {"max_batch_size": 8, "max_batch_tokens": 10_000, "max_queue_items": 100} | limits
+    options = {"max_batch_size": 8, "max_batch_tokens": 10_000, "max_queue_items": 100, "lanes": 1} | limits
     return DynamicBatcher(runner, name="fake", **options)
 
 
@@ -224,3 +225,114 @@ async def test_closing_fails_queued_requests_instead_of_hanging() -> None:
         await queued
     with pytest.raises(ModelUnavailable):
         await batcher.submit(["new"], deadline=soon())
+
+
+# -- lanes -------------------------------------------------------------------------------
+
+
+class LaneRunner(FakeRunner):
+    """A FakeRunner that notes which lane ran each batch and how many ran at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lanes: list[str] = []
+        self.running = 0
+        self.most_at_once = 0
+        self.release_held = threading.Event()
+        self._count = threading.Lock()
+
+    def infer(self, payloads: Sequence[str], encoded: Sequence[Any]) -> list[str]:
+        with self._count:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.lanes.append(threading.current_thread().name)
+        try:
+            time.sleep(0.002)
+            if "held" in payloads:
+                self.release_held.wait(5)
+            return super().infer(payloads, encoded)
+        finally:
+            with self._count:
+                self.running -= 1
+
+
+async def test_a_second_lane_runs_while_the_first_is_busy() -> None:
+    runner = LaneRunner()
+    batcher = make(runner, lanes=2)
+    first = asyncio.create_task(batcher.submit(["held"], deadline=soon()))
+    await wait_until(lambda: runner.running == 1)
+    # The first lane is inside its forward pass; the next input does not wait for it.
+    assert await batcher.submit(["next"], deadline=soon()) == ["NEXT"]
+    assert not first.done()
+    runner.release_held.set()
+    assert await first == ["HELD"]
+    assert sorted(runner.lanes) == ["batcher-fake-0", "batcher-fake-1"]
+    batcher.close()
+
+
+async def test_at_low_load_the_first_lane_does_all_the_work() -> None:
+    runner = LaneRunner()
+    batcher = make(runner, lanes=3)
+    for i in range(30):
+        assert await batcher.submit([f"t{i}"], deadline=soon()) == [f"T{i}"]
+    assert set(runner.lanes) == {"batcher-fake-0"}  # its torch threads stay warm; no other pool is made
+    batcher.close()
+
+
+async def test_many_lanes_answer_a_crowd_of_split_requests_in_order() -> None:
+    runner = LaneRunner()
+    batcher = make(runner, lanes=3, max_batch_size=4, max_queue_items=2000)
+    requests = [[f"r{r} " + "w " * ((r * 5 + i) % 9) + f"i{i}" for i in range(1 + r % 5)] for r in range(200)]
+    answers = await asyncio.gather(*(batcher.submit(texts, deadline=soon()) for texts in requests))
+    assert answers == [[t.upper() for t in texts] for texts in requests]
+    assert runner.most_at_once >= 2
+    assert len(set(runner.lanes)) >= 2
+    batcher.close()
+
+
+def test_only_the_lead_lane_runs_multithreaded_and_only_when_it_runs_alone() -> None:
+    counts: list[int] = []
+    share = ThreadShare(4, counts.append)
+    share.QUIET_S = 0.1
+    go = [threading.Event() for _ in range(6)]
+    seen: dict[str, int] = {}
+
+    def lead() -> None:
+        with share.running():
+            seen["alone"] = counts[-1]
+            go[0].set()
+            go[1].wait(5)
+        go[2].set()
+        go[3].wait(5)
+        with share.running():
+            seen["after the quiet period"] = counts[-1]
+        share.retire()
+
+    def other(may_lead: bool) -> None:
+        with share.running(may_lead):
+            seen[f"both, may_lead={may_lead}"] = counts[-1]
+
+    leader = threading.Thread(target=lead)
+    leader.start()
+    go[0].wait(5)  # the first thread to run leads, alone on the whole budget
+    for may_lead in (True, False):  # another lane, or a model load: everyone on one thread
+        thread = threading.Thread(target=other, args=(may_lead,))
+        thread.start()
+        thread.join()
+    assert counts[-1] == 1  # the lead stays on one thread for a quiet period after sharing
+    go[1].set()
+    go[2].wait(5)
+    time.sleep(0.15)
+    go[3].set()
+    leader.join()
+    assert seen == {"alone": 4, "both, may_lead=True": 1, "both, may_lead=False": 1, "after the quiet period": 4}
+
+    loader = threading.Thread(target=other, args=(False,))  # a load never leads, even alone
+    loader.start()
+    loader.join()
+    assert seen["both, may_lead=False"] == 1
+    time.sleep(0.15)
+    successor = threading.Thread(target=other, args=(True,))  # the lead retired: the next lane leads
+    successor.start()
+    successor.join()
+    assert seen["both, may_lead=True"] == 4

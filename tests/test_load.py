@@ -23,7 +23,11 @@ pytestmark = pytest.mark.anyio
 
 @contextmanager
 def held(app: FastAPI, name: str) -> Iterator[tuple[threading.Event, list[str]]]:
-    """Hold model ``name``'s forward passes until the event is set; record the texts it runs."""
+    """Hold model ``name``'s forward passes until the event is set; record the texts it runs.
+
+    The tests that hold a model run it on one lane (``lanes_per_model=1``), so that
+    holding its forward pass holds the model and later requests queue.
+    """
     slot = app.state.registry.slot(name)
     real = slot.runner.infer
     gate, seen = threading.Event(), []
@@ -62,7 +66,7 @@ async def wait_for_queue(app: FastAPI, name: str, depth: int) -> None:
 
 
 async def test_full_queue_answers_429_with_retry_after(app_factory: Callable[..., FastAPI]) -> None:
-    app = app_factory(max_queue_items=4)
+    app = app_factory(max_queue_items=4, lanes_per_model=1)
     async with serve(app) as client:
         await client.post("/models/bert-clf/load")
         with held(app, "bert-clf") as (gate, _):
@@ -78,7 +82,7 @@ async def test_full_queue_answers_429_with_retry_after(app_factory: Callable[...
 
 
 async def test_deadline_answers_504_and_the_work_is_not_run(app_factory: Callable[..., FastAPI]) -> None:
-    app = app_factory()
+    app = app_factory(lanes_per_model=1)
     async with serve(app) as client:
         await client.post("/models/bert-clf/load")
         with held(app, "bert-clf") as (gate, seen):
@@ -94,7 +98,7 @@ async def test_deadline_answers_504_and_the_work_is_not_run(app_factory: Callabl
 async def test_a_disconnecting_client_does_not_disturb_its_neighbours(
     app_factory: Callable[..., FastAPI],
 ) -> None:
-    app = app_factory()
+    app = app_factory(lanes_per_model=1)
     async with serve(app) as client:
         await client.post("/models/bert-clf/load")
         expected = (await client.post("/classify", json={"inputs": "neighbour", "model": "bert-clf"})).json()
@@ -119,7 +123,7 @@ async def test_a_disconnecting_client_does_not_disturb_its_neighbours(
 
 
 async def test_an_injected_failure_fails_only_its_own_request(app_factory: Callable[..., FastAPI]) -> None:
-    app = app_factory()
+    app = app_factory(lanes_per_model=1)
     async with serve(app) as client:
         await client.post("/models/bert-clf/load")
         texts = [f"text number {i}" for i in range(6)]
@@ -176,7 +180,7 @@ async def test_a_thousand_concurrent_mixed_requests_are_all_answered_correctly(
 def test_a_client_that_hangs_up_over_a_real_socket_has_its_queued_work_dropped(
     app_factory: Callable[..., FastAPI],
 ) -> None:
-    app = app_factory()
+    app = app_factory(lanes_per_model=1)
     with running(app) as url:
         httpx.post(f"{url}/models/bert-clf/load", timeout=60)
         port = int(url.rsplit(":", 1)[1])

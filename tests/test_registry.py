@@ -15,6 +15,7 @@ import yaml
 from fastapi import FastAPI
 
 import app.registry.registry as registry_module
+import app.runners.traced as traced_module
 from app.config import Settings
 from app.main import create_app
 from tests.conftest import serve
@@ -190,6 +191,55 @@ async def test_unloading_really_frees_memory(client: httpx.AsyncClient) -> None:
     after = rss_bytes()
     assert loaded - before > 40 * 1024**2  # ~90 MB of float32 weights
     assert loaded - after > 0.75 * (loaded - before)
+
+
+async def test_a_reloaded_model_reuses_its_trace_and_unloading_still_frees_it(
+    app_factory: Callable[..., FastAPI],
+) -> None:
+    app = app_factory()
+    async with serve(app) as client:
+        await _reload_cycles(app, client)
+
+
+async def _reload_cycles(app: FastAPI, client: httpx.AsyncClient) -> None:
+    body = {"inputs": "the same text every time", "model": "minilm"}
+    first = (await client.post("/embed", json=body)).json()["embeddings"][0]
+    assert app.state.registry.slot("minilm").runner.encoder.forward.traced  # CPU models run a trace
+    await client.post("/models/minilm/unload")
+    settled = rss_bytes()
+    for _ in range(3):
+        again = (await client.post("/embed", json=body)).json()["embeddings"][0]
+        assert app.state.registry.slot("minilm").runner.encoder.forward.traced
+        assert again == pytest.approx(first, abs=1e-5)  # the kept trace runs the new weights
+        await client.post("/models/minilm/unload")
+    # A fresh trace per load would keep ~20 MB each time; MiniLM's weights are ~90 MB.
+    assert rss_bytes() - settled < 12 * 1024**2
+
+
+async def test_a_model_that_cannot_be_traced_runs_eager_with_the_same_results(
+    app_factory: Callable[..., FastAPI], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = app_factory()
+    async with serve(app) as client:
+        await _trace_refused(app, client, monkeypatch)
+
+
+async def _trace_refused(app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = {"inputs": "I love this movie", "model": "distilbert-clf", "parameters": {"top_k": None}}
+    traced = (await client.post("/classify", json=body)).json()
+    assert app.state.registry.slot("distilbert-clf").runner.forward.traced
+    await client.post("/models/distilbert-clf/unload")
+    monkeypatch.setattr(traced_module, "_traces", {})  # as if never traced in this process
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr("torch.jit.trace", refuse)
+    eager = (await client.post("/classify", json=body)).json()
+    assert not app.state.registry.slot("distilbert-clf").runner.forward.traced
+    pairs = list(zip(eager["results"][0], traced["results"][0], strict=True))
+    assert [x["label"] for x, _ in pairs] == [y["label"] for _, y in pairs]
+    assert [x["score"] for x, _ in pairs] == pytest.approx([y["score"] for _, y in pairs], abs=1e-5)
 
 
 async def test_concurrent_first_loads_stay_within_the_memory_budget(

@@ -1,12 +1,19 @@
-"""The dynamic batcher: one queue and one worker thread per loaded model.
+"""The dynamic batcher: one queue and one or more worker threads ("lanes") per loaded model.
 
-Requests enqueue items and await futures. The worker tokenizes new items (it is the
-only thread that touches the model's tokenizer), keeps them in a pool, and forms each
-batch from the group of the oldest waiting item, sorted by token length so that padding
-stays small, within ``max_batch_size`` items and ``max_batch_tokens`` padded tokens. It
-never waits for a batch to fill: when idle, an item goes straight through, and whatever
-arrives during a forward pass forms the next batch. A failing batch is split in halves
-until the failing input is alone, so one bad input never fails its neighbours.
+Requests enqueue items and await futures. A free lane tokenizes new items (runners guard
+their tokenizer with a lock, so two lanes never use it at once), adds them to a shared
+pool, and forms a batch from the group of the oldest waiting item, sorted by token length
+so that padding stays small, within ``max_batch_size`` items and ``max_batch_tokens``
+padded tokens. No lane waits for a batch to fill: when idle, an item goes straight
+through, and whatever arrives during a forward pass forms the next batch. A failing batch
+is split in halves until the failing input is alone, so one bad input never fails its
+neighbours.
+
+With several lanes, one lane tokenizes and forms the next batch while another runs its
+forward pass, and on a CPU each busy lane gets an equal share of torch's threads (a lane
+alone gets them all, so a lone request is as fast as with one lane). Independent lanes
+keep the cores busy when the event loop takes a core for a moment: threads of one
+forward pass wait on each other at every operation, lanes do not.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from app.batching.threads import ThreadShare
 from app.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -117,6 +125,8 @@ class DynamicBatcher:
         max_request_tokens: int | None = None,
         max_padding_ratio: float = 1.2,
         observer: Callable[[BatchRecord], None] | None = None,
+        lanes: int = 1,
+        threads: ThreadShare | None = None,
     ) -> None:
         self.name = name
         self.max_batch_size = max_batch_size
@@ -126,19 +136,26 @@ class DynamicBatcher:
         self.max_padding_ratio = max_padding_ratio
         self._runner = runner
         self._observer = observer
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        # Each lane sleeps on its own condition, and the idle lane with the lowest index is
+        # woken first: at low load, lane 0 alone does the work, on all of torch's threads.
+        self._wakes = [threading.Condition(self._lock) for _ in range(lanes)]
+        self._idle: set[int] = set()
         self._incoming: list[_Item] = []
         self._pool: list[_Item] = []  # worker thread only
-        self._depth = 0  # items queued or pooled, guarded by _cond
+        self._depth = 0  # items queued or pooled, guarded by _lock
         self._closed = False
         self._seq = itertools.count()
         self._rate = 0.0  # items per second, smoothed; for Retry-After
-        self._linger_until = 0.0
-        self._linger_target = 0
+        self._thread_share = threads
         self.batches = 0
         self.items = 0
-        self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._lane, args=(n,), name=f"batcher-{name}-{n}", daemon=True)
+            for n in range(lanes)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queue_depth(self) -> int:
@@ -157,7 +174,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         ticket = _Ticket()
         items = [_Item(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq)) for p in payloads]
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise ModelUnavailable(f"model '{self.name}' is being unloaded; retry the request")
             if len(items) > self.max_queue_items:
@@ -173,7 +190,7 @@ class DynamicBatcher:
                 )
             self._incoming.extend(items)
             self._depth += len(items)
-            self._cond.notify()
+            self._wake_one()
         futures = [item.future for item in items]
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -194,40 +211,69 @@ class DynamicBatcher:
 
     def close(self, timeout: float = 60) -> bool:
         """Stop the worker; queued requests fail with 503 rather than hang. True once it stopped."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=timeout)
-        return not self._thread.is_alive()
+            for wake in self._wakes:
+                wake.notify()
+        stop_by = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, stop_by - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     # -- worker thread ------------------------------------------------------------------
 
     def _retry_after(self) -> float:
         return float(max(1, math.ceil(self._depth / self._rate))) if self._rate > 0 else 1.0
 
-    def _work(self) -> None:
+    def _wake_one(self) -> None:
+        """Wake the idle lane with the lowest index, if any lane is idle (called holding ``_lock``)."""
+        if self._idle:
+            lane = min(self._idle)
+            self._idle.discard(lane)
+            self._wakes[lane].notify()
+
+    def _sleep(self, lane: int, timeout: float | None = None) -> None:
+        self._idle.add(lane)
+        try:
+            self._wakes[lane].wait(timeout)
+        finally:
+            self._idle.discard(lane)  # still there if the timeout, not _wake_one, woke it
+
+    def _lane(self, lane: int) -> None:
+        linger_until, linger_target = 0.0, 0
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._incoming and not self._pool and not self._closed:
-                    self._cond.wait()
+                    self._sleep(lane)
                 # Clients whose results just went out are about to send their next inputs; a
                 # moment's wait lets them join this batch instead of forming a half-size one.
                 # Only after a batch: an idle batcher (concurrency 1) never waits.
                 while (
                     not self._closed
-                    and len(self._incoming) + len(self._pool) < self._linger_target
-                    and time.monotonic() < self._linger_until
+                    and len(self._incoming) + len(self._pool) < linger_target
+                    and time.monotonic() < linger_until
                 ):
-                    self._cond.wait(timeout=max(0.0, self._linger_until - time.monotonic()))
+                    self._sleep(lane, max(0.0, linger_until - time.monotonic()))
                 if self._closed:
                     leftover = self._incoming + self._pool
                     self._incoming, self._pool = [], []
                     break
                 new, self._incoming = self._incoming, []
-            self._admit(new)
-            batch = self._next_batch()
-            if batch:
-                self._execute(batch)
+            if new:
+                self._admit(new)
+            with self._lock:
+                batch = self._next_batch()
+                if self._pool:
+                    self._wake_one()  # another lane may take what this batch left
+                if not batch:
+                    continue
+            with self._thread_share.running() if self._thread_share else contextlib.nullcontext():
+                elapsed = self._execute(batch, lane)
+            with self._lock:
+                linger_target = min(self.max_batch_size, len(self._pool) + len(self._incoming) + len(batch))
+            linger_until = time.monotonic() + min(MAX_LINGER_S, LINGER_FRACTION * elapsed)
+        if self._thread_share is not None:
+            self._thread_share.retire()
         for item in leftover:
             self._fail(item, ModelUnavailable(f"model '{self.name}' was unloaded before this input ran"))
 
@@ -247,6 +293,7 @@ class DynamicBatcher:
                 item.ticket.tokens += enc.rows * enc.length
                 admitted.append(item)
         # A request's items all arrive in one submit, so they are all encoded by now.
+        pooled = []
         for item in admitted:
             limit = self.max_request_tokens
             if limit is not None and item.ticket.tokens > limit:
@@ -258,7 +305,9 @@ class DynamicBatcher:
                     ),
                 )
             else:
-                self._pool.append(item)
+                pooled.append(item)
+        with self._lock:
+            self._pool.extend(pooled)
 
     def _encode_one(self, item: _Item) -> Any:
         try:
@@ -278,7 +327,8 @@ class DynamicBatcher:
         return False
 
     def _next_batch(self) -> list[_Item]:
-        """The oldest waiting item plus its nearest neighbours by length, within the limits.
+        """The oldest waiting item plus its nearest neighbours by length, within the limits
+        (called holding ``_lock``).
 
         A neighbour joins only while the batch stays within ``max_padding_ratio`` of its
         shortest member (or ``PADDING_SLACK`` tokens): on a CPU, padded tokens cost as much
@@ -313,7 +363,8 @@ class DynamicBatcher:
         self._pool = [item for item in self._pool if item not in chosen]
         return window
 
-    def _execute(self, batch: list[_Item]) -> None:
+    def _execute(self, batch: list[_Item], lane: int) -> float:
+        """Run ``batch`` on ``lane`` and resolve its futures; the seconds it took."""
         started = time.monotonic()
         try:
             results = self._runner.infer([i.payload for i in batch], [i.encoded for i in batch])
@@ -322,25 +373,25 @@ class DynamicBatcher:
                 # Halve until the failing input is alone; an OOM shrinks the batch that way too.
                 log.warning("batch of %d failed on %s (%s); splitting", len(batch), self.name, exc)
                 middle = len(batch) // 2
-                self._execute(batch[:middle])
-                self._execute(batch[middle:])
-                return
+                return self._execute(batch[:middle], lane) + self._execute(batch[middle:], lane)
             self._fail(batch[0], self._describe_failure(exc))
-            return
+            return time.monotonic() - started
         elapsed = time.monotonic() - started
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         for item, result in zip(batch, results, strict=True):
             item.ticket.batch_sizes.append(len(batch))
             by_loop.setdefault(item.loop, []).append((item.future, result))
+        with self._lock:
+            # Its clients answer at once; their next inputs should find this lane, which is
+            # about to look for work, rather than wake another one.
+            self._idle.add(lane)
         for loop, outcomes in by_loop.items():  # one wake-up per event loop, not one per item
             with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown); nobody waits
                 loop.call_soon_threadsafe(_resolve_all, outcomes)
-        self._release(len(batch))
-        self.batches += 1
-        self.items += len(batch)
-        with self._cond:
-            self._linger_target = min(self.max_batch_size, len(self._pool) + len(self._incoming) + len(batch))
-            self._linger_until = time.monotonic() + min(MAX_LINGER_S, LINGER_FRACTION * elapsed)
+        with self._lock:
+            self._depth -= len(batch)
+            self.batches += 1
+            self.items += len(batch)
         rate = len(batch) / max(elapsed, 1e-6)
         self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
         if self._observer is not None:
@@ -353,6 +404,7 @@ class DynamicBatcher:
                     queue_depth=self._depth,
                 )
             )
+        return elapsed
 
     def _describe_failure(self, exc: Exception) -> ServiceError:
         if isinstance(exc, ServiceError):
@@ -370,7 +422,7 @@ class DynamicBatcher:
         self._release(1)
 
     def _release(self, count: int) -> None:
-        with self._cond:
+        with self._lock:
             self._depth -= count
 
 

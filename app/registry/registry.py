@@ -21,7 +21,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from app.batching.batcher import BatchRecord, DynamicBatcher, request_stats
+from app.batching.threads import ThreadShare
 from app.config import Catalog, Endpoint, Settings, can_serve
 from app.errors import ModelNotFound, ModelUnavailable, WrongTask
 from app.registry.sources import is_local, locate
@@ -30,6 +33,9 @@ from app.runners import Runner, build_runner, resolve_device
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+# torch's intra-op threads as the process started (or TESSERA_TORCH_THREADS); read once,
+# because lanes change the count that threads started later inherit.
+STARTUP_TORCH_THREADS = torch.get_num_threads()
 
 
 class ModelState(StrEnum):
@@ -83,6 +89,8 @@ class ModelRegistry:
     def __post_init__(self) -> None:
         self._slots = {entry.name: ModelSlot(entry) for entry in self.catalog.models}
         self._budget_lock = asyncio.Lock()
+        budget = self.settings.torch_threads or STARTUP_TORCH_THREADS
+        self._cpu_threads = ThreadShare(budget, torch.set_num_threads)
 
     # -- choosing a model ---------------------------------------------------------------
 
@@ -199,7 +207,7 @@ class ModelRegistry:
             async with self._budget_lock if budgeted else contextlib.nullcontext():
                 await self._make_room(slot, _weights_bytes(path))
                 log.info("loading model %s from %s", entry.name, entry.source.describe())
-                runner = await asyncio.to_thread(build_runner, entry, path)
+                runner = await asyncio.to_thread(self._build_on_one_thread, entry, path)
         except Exception as exc:
             slot.state, slot.failed_at = ModelState.failed, time.monotonic()
             slot.error = exc.message if isinstance(exc, ModelUnavailable) else f"{type(exc).__name__}: {exc}"
@@ -209,6 +217,7 @@ class ModelRegistry:
         finally:
             slot.loading = None
         slot.runner = runner
+        on_cpu = runner.device.type == "cpu"
         slot.batcher = DynamicBatcher(
             runner,
             name=entry.name,
@@ -218,6 +227,8 @@ class ModelRegistry:
             max_request_tokens=self.settings.max_tokens_per_request,
             max_padding_ratio=float("inf") if runner.pads_cheaply else self.settings.batch_padding_ratio,
             observer=self._batch_observer(entry.name),
+            lanes=self.settings.lanes_per_model or (min(2, self._cpu_threads.budget) if on_cpu else 1),
+            threads=self._cpu_threads if on_cpu else None,
         )
         slot.memory_bytes = runner.memory_bytes()
         slot.device = str(runner.device)
@@ -225,6 +236,12 @@ class ModelRegistry:
         slot.state, slot.loads, slot.last_used = ModelState.loaded, slot.loads + 1, time.monotonic()
         log.info("model %s loaded on %s in %.1fs", entry.name, slot.device, slot.load_seconds)
         self._notify_load(entry.name, slot.load_seconds, ok=True)
+
+    def _build_on_one_thread(self, entry: Any, path: Path) -> Runner:
+        # A load (and its trace) on several threads would leave this thread an OpenMP pool
+        # of its own, which slows the lanes' forward passes (see ThreadShare).
+        with self._cpu_threads.running(may_lead=False):
+            return build_runner(entry, path)
 
     async def unload(self, name: str) -> bool:
         """Unload a model; its queued requests fail with 503. False if it was not loaded."""

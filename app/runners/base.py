@@ -1,13 +1,16 @@
 """What every runner shares: tokenized inputs, padding, device and dtype choice.
 
-A runner owns one loaded model. The batcher calls ``encode`` (tokenize, on the
-batcher's worker thread) and ``infer`` (one forward pass over a formed batch); a runner
-never sees HTTP and never runs on the event loop.
+A runner owns one loaded model. The batcher calls ``encode`` (tokenize) and ``infer``
+(one forward pass over a formed batch) from its lanes, several threads at once; a
+runner never sees HTTP and never runs on the event loop. Forward passes may overlap, but
+the tokenizer is used by one thread at a time: ``encode`` holds ``tokenizer_lock``, and
+so must any use of the tokenizer inside ``infer`` (decoding, say).
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,8 +48,15 @@ class Runner(ABC):
     # decoding steps): then the batcher fills batches without regard to length spread.
     pads_cheaply = False
 
+    def __init__(self) -> None:
+        self.tokenizer_lock = threading.Lock()
+
+    def encode(self, payloads: Sequence[Any]) -> list[Encoded]:
+        with self.tokenizer_lock:
+            return self.tokenize(payloads)
+
     @abstractmethod
-    def encode(self, payloads: Sequence[Any]) -> list[Encoded]: ...
+    def tokenize(self, payloads: Sequence[Any]) -> list[Encoded]: ...
 
     @abstractmethod
     def infer(self, payloads: Sequence[Any], encoded: Sequence[Encoded]) -> list[Any]: ...
@@ -64,7 +74,14 @@ class Runner(ABC):
 
         Tokenizers stay: a request still splitting text when its model is unloaded finishes.
         """
+        from app.runners.traced import EncoderForward  # it imports this module
+
         device = self.device
+        for value in list(vars(self).values()):
+            # A kept trace outlives the runner; it must let go of the weights.
+            for held in (value, getattr(value, "forward", None)):
+                if isinstance(held, EncoderForward):
+                    held.release()
         for attr, value in list(vars(self).items()):
             if isinstance(value, torch.nn.Module) or isinstance(getattr(value, "model", None), torch.nn.Module):
                 setattr(self, attr, None)

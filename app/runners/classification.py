@@ -25,6 +25,7 @@ from app.runners.base import (
     pad_rows,
     weights_kwargs,
 )
+from app.runners.traced import EncoderForward, encoder_forward
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,15 @@ class ClassificationRunner(Runner):
     """A sequence classifier (SST-2 sentiment, topic, toxicity ...)."""
 
     def __init__(self, entry: TextClassificationEntry, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
         self.pipe = _load_pipeline("text-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
+        self.forward = _logits_forward(self, entry, device)
         self.default_function = entry.function_to_apply
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
 
-    def encode(self, payloads: Sequence[ClassifyInput]) -> list[Encoded]:
+    def tokenize(self, payloads: Sequence[ClassifyInput]) -> list[Encoded]:
         encoded = encode_texts(self.tokenizer, [p.text for p in payloads], self.max_tokens)
         return [Encoded([ids], truncated, [types] if types else None) for ids, types, truncated in encoded]
 
@@ -92,9 +95,11 @@ class NliZeroShotRunner(Runner):
     """Zero-shot classification with an NLI cross-encoder: one (text, hypothesis) row per label."""
 
     def __init__(self, entry: ZeroShotEntry, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
         self.pipe = _load_pipeline("zero-shot-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
+        self.forward = _logits_forward(self, entry, device)
         if self.pipe.entailment_id == -1:
             raise RuntimeError(
                 "this model has no 'entailment' label in its config; the NLI zero-shot engine needs one "
@@ -102,7 +107,7 @@ class NliZeroShotRunner(Runner):
             )
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
 
-    def encode(self, payloads: Sequence[ZeroShotInput]) -> list[Encoded]:
+    def tokenize(self, payloads: Sequence[ZeroShotInput]) -> list[Encoded]:
         out = []
         for p in payloads:
             rows = encode_texts(self.tokenizer, [p.text] * len(p.hypotheses), self.max_tokens, p.hypotheses)
@@ -136,4 +141,12 @@ def _forward(runner: ClassificationRunner | NliZeroShotRunner, encoded: Sequence
     types = [t for enc in encoded for t in (enc.rows_type_ids or [])]
     batch = pad_rows(rows, pad_id_of(runner.tokenizer), types if len(types) == len(rows) else None, runner.device)
     with torch.inference_mode():
-        return runner.model(**batch).logits.float().cpu()
+        return runner.forward(batch).float().cpu()
+
+
+def _logits_forward(
+    runner: ClassificationRunner | NliZeroShotRunner, entry: Any, device: torch.device
+) -> EncoderForward:
+    uses_types = "token_type_ids" in runner.tokenizer.model_input_names
+    enabled = entry.torchscript if entry.torchscript is not None else device.type == "cpu"
+    return encoder_forward(runner.model, "logits", uses_types, entry.name, enabled)

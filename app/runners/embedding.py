@@ -8,6 +8,7 @@ sentence-transformers gives. The runners compose it rather than inherit from it.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from app.runners.base import (
 )
 from app.runners.classification import Classification, ZeroShotInput
 from app.runners.seq2seq import Generation
+from app.runners.traced import encoder_forward
 
 _POOLING_KEYS = {
     "mean": "pooling_mode_mean_tokens",
@@ -51,7 +53,7 @@ def declared_pooling(path: Path) -> str:
 
 
 class SentenceEncoder:
-    """Tokenizer + encoder + pooling; used from the batcher's worker thread only."""
+    """Tokenizer + encoder + pooling; its owner runs ``encode`` under its tokenizer lock."""
 
     def __init__(self, entry: Any, path: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
@@ -61,6 +63,9 @@ class SentenceEncoder:
         self.pooling = declared_pooling(path) if pooling == "auto" else pooling
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
         self.device = device
+        uses_types = "token_type_ids" in self.tokenizer.model_input_names
+        enabled = entry.torchscript if entry.torchscript is not None else device.type == "cpu"
+        self.forward = encoder_forward(self.model, "last_hidden_state", uses_types, entry.name, enabled)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         return [
@@ -74,7 +79,7 @@ class SentenceEncoder:
         types = [t for enc in encoded for t in (enc.rows_type_ids or [])]
         batch = pad_rows(rows, pad_id_of(self.tokenizer), types if len(types) == len(rows) else None, self.device)
         with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state.float()
+            hidden = self.forward(batch).float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -102,10 +107,11 @@ class Embedding:
 
 class EmbeddingRunner(Runner):
     def __init__(self, entry: EmbeddingEntry, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
         self.encoder = SentenceEncoder(entry, path, device, dtype)
         self.model = self.encoder.model
 
-    def encode(self, payloads: Sequence[EmbedInput]) -> list[Encoded]:
+    def tokenize(self, payloads: Sequence[EmbedInput]) -> list[Encoded]:
         return self.encoder.encode([p.text for p in payloads])
 
     def infer(self, payloads: Sequence[EmbedInput], encoded: Sequence[Encoded]) -> list[Embedding]:
@@ -123,20 +129,22 @@ class SimilarityZeroShotRunner(Runner):
     _CACHE_SIZE = 4096
 
     def __init__(self, entry: ZeroShotEntry, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
         self.encoder = SentenceEncoder(entry, path, device, dtype)
         self.model = self.encoder.model
         self.temperature = entry.temperature
         self._label_vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._labels_lock = threading.Lock()
 
-    def encode(self, payloads: Sequence[ZeroShotInput]) -> list[Encoded]:
+    def tokenize(self, payloads: Sequence[ZeroShotInput]) -> list[Encoded]:
         return self.encoder.encode([p.text for p in payloads])
 
     def infer(self, payloads: Sequence[ZeroShotInput], encoded: Sequence[Encoded]) -> list[Classification]:
         texts = self.encoder.embed(encoded)
-        self._embed_labels({h for p in payloads for h in p.hypotheses})
+        vectors = self._label_vectors_for({h for p in payloads for h in p.hypotheses})
         results = []
         for i, p in enumerate(payloads):
-            labels = torch.stack([self._label_vectors[h] for h in p.hypotheses])
+            labels = torch.stack([vectors[h] for h in p.hypotheses])
             similarity = labels @ texts[i]
             if p.multi_label:
                 scores = similarity.clamp(min=0.0)  # each label judged alone: its cosine similarity
@@ -147,15 +155,21 @@ class SimilarityZeroShotRunner(Runner):
             results.append(Classification(ranked, encoded[i].truncated))
         return results
 
-    def _embed_labels(self, hypotheses: set[str]) -> None:
-        missing = sorted(h for h in hypotheses if h not in self._label_vectors)
-        if missing:
-            for text, vector in zip(missing, self.encoder.embed(self.encoder.encode(missing)), strict=True):
-                self._label_vectors[text] = vector
-        for h in hypotheses:
-            self._label_vectors.move_to_end(h)
-        while len(self._label_vectors) > self._CACHE_SIZE:
-            self._label_vectors.popitem(last=False)
+    def _label_vectors_for(self, hypotheses: set[str]) -> dict[str, torch.Tensor]:
+        """Each hypothesis's vector, from the cache or embedded now (lanes share the cache)."""
+        with self._labels_lock:
+            missing = sorted(h for h in hypotheses if h not in self._label_vectors)
+            if missing:
+                with self.tokenizer_lock:
+                    encoded = self.encoder.encode(missing)
+                for text, vector in zip(missing, self.encoder.embed(encoded), strict=True):
+                    self._label_vectors[text] = vector
+            for h in hypotheses:
+                self._label_vectors.move_to_end(h)
+            vectors = {h: self._label_vectors[h] for h in hypotheses}
+            while len(self._label_vectors) > self._CACHE_SIZE:
+                self._label_vectors.popitem(last=False)
+        return vectors
 
 
 @dataclass(frozen=True)
@@ -168,11 +182,12 @@ class ExtractiveSummaryRunner(Runner):
     """Picks the sentences that best cover a document (centroid + redundancy penalty), in order."""
 
     def __init__(self, entry: SummarizationEntry, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
         self.encoder = SentenceEncoder(entry, path, device, dtype)
         self.model = self.encoder.model
         self.segmenter = pysbd.Segmenter(language="en", clean=False)
 
-    def encode(self, payloads: Sequence[ExtractInput]) -> list[Encoded]:
+    def tokenize(self, payloads: Sequence[ExtractInput]) -> list[Encoded]:
         out = []
         for p in payloads:
             sentences = [s.strip() for s in self.segmenter.segment(p.text) if s.strip()] or [p.text.strip()]

@@ -56,6 +56,7 @@ class Seq2SeqRunner(Runner):
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
+        super().__init__()
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         self.model = AutoModelForSeq2SeqLM.from_pretrained(str(path), dtype=dtype, **weights_kwargs(entry.allow_pickle))
         self.model.to(device).eval()
@@ -76,7 +77,7 @@ class Seq2SeqRunner(Runner):
         self._chunk_lock = threading.Lock()
         self._segmenter = pysbd.Segmenter(language="en", clean=False)
 
-    def encode(self, payloads: Sequence[Seq2SeqInput]) -> list[Encoded]:
+    def tokenize(self, payloads: Sequence[Seq2SeqInput]) -> list[Encoded]:
         texts = [self.prefix + p.text for p in payloads]
         # generate() rejects token_type_ids (BERT-style tokenizers return them), so drop them.
         return [Encoded([ids], truncated) for ids, _, truncated in encode_texts(self.tokenizer, texts, self.max_tokens)]
@@ -95,7 +96,8 @@ class Seq2SeqRunner(Runner):
         batch = pad_rows([e.rows_ids[0] for e in encoded], pad_id_of(self.tokenizer), None, self.device)
         with torch.inference_mode():
             output = self.model.generate(**batch, **settings)
-        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        with self.tokenizer_lock:
+            texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [Generation(t.strip(), e.truncated) for t, e in zip(texts, encoded, strict=True)]
 
     def split_into_chunks(self, text: str) -> list[str]:
