@@ -1,14 +1,18 @@
 """The in-process baselines: the same model files, no HTTP, no batcher.
 
 ``batched`` is the best a well-batched offline loop does: tokenize everything at once,
-sort by token length, pad and run fixed-size batches. ``sequential`` runs one text at
-a time and times each, which is both the single-item latency and the naive generate
-loop. Both include tokenization and turning outputs into results (labels with scores,
-decoded text), as the server does.
+sort by token length, pad and run fixed-size batches on one thread that uses all of
+torch's threads; ``lanes`` runs the same sorted batches on several threads at once,
+each on one torch thread, as the server's lanes do under load. ``sequential`` runs one
+text at a time and times each, which is both the single-item latency and the naive
+generate loop. All include tokenization and turning outputs into results (labels with
+scores, decoded text), as the server does.
 
-Both run on one dedicated worker thread, as the server's batcher and the naive
-server's route do: torch sizes its thread pool per calling thread, so running all
-methods from a worker thread keeps their thread counts the same by construction.
+A classifier runs the forward pass the server runs: on a CPU, the same checked
+TorchScript trace (app/runners/traced.py), so that served and offline differ only in
+what the server adds. ``batched`` and ``sequential`` run on one dedicated worker
+thread, which also makes the trace, so that it is the only thread with a torch thread
+pool of its own (see app/batching/threads.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 from load import Measurement, ms_per
 from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from app.runners.traced import encoder_forward
+
 
 class OfflineModel:
     """A tokenizer and a model loaded from a model directory, and its ``predict`` step."""
@@ -35,7 +41,15 @@ class OfflineModel:
         self.model = auto.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
         self.generation: dict[str, Any] = {}
         self.generated_tokens: list[int] = []  # per generated row, to check the fixed length
+        self.threads = torch.get_num_threads()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="offline")
+        self.traced = False
+        if kind != "seq2seq":
+            uses_types = "token_type_ids" in self.tokenizer.model_input_names
+            self.forward = self._worker.submit(
+                encoder_forward, self.model, "logits", uses_types, "bench-offline", self.device.type == "cpu"
+            ).result()
+            self.traced = self.forward.traced
 
     def _on_worker(self, run: Callable[[], Measurement]) -> Measurement:
         return self._worker.submit(run).result()
@@ -57,7 +71,7 @@ class OfflineModel:
                 # Row 0 of each output is the decoder start token; count what was generated.
                 self.generated_tokens += (output[:, 1:] != pad).sum(dim=1).tolist()
                 return self.tokenizer.batch_decode(output, skip_special_tokens=True)
-            probs = self.model(**batch).logits.float().softmax(dim=-1)
+            probs = self.forward(dict(batch)).float().softmax(dim=-1)
         scores, labels = probs.max(dim=-1)
         names = self.model.config.id2label
         pairs = zip(scores.tolist(), labels.tolist(), strict=True)
@@ -74,7 +88,28 @@ class OfflineModel:
     def sequential(self, texts: list[str], method: str = "offline single-item") -> Measurement:
         return self._on_worker(lambda: self._sequential(texts, method))
 
+    def lanes(self, texts: list[str], batch_size: int, lanes: int, method: str = "offline lanes") -> Measurement:
+        """The sorted batches of ``batched``, run by ``lanes`` threads at once on one torch thread each."""
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(lanes, thread_name_prefix="offline-lane") as pool:
+                started, cpu_started = time.perf_counter(), time.process_time()
+                encodings = self._encode(texts)
+                order = sorted(range(len(texts)), key=lambda i: len(encodings[i]["input_ids"]))
+                chunks = [order[at : at + batch_size] for at in range(0, len(order), batch_size)]
+                results: list[Any] = [None] * len(texts)
+                predicted = pool.map(lambda chunk: self._predict([encodings[i] for i in chunk]), chunks)
+                for chunk, answers in zip(chunks, predicted, strict=True):
+                    for i, result in zip(chunk, answers, strict=True):
+                        results[i] = result
+                seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        finally:
+            torch.set_num_threads(self.threads)
+        extra = {"batch_size": batch_size, "lanes": lanes, "cpu_ms_per_text": ms_per(cpu, len(texts))}
+        return Measurement(method, len(texts), seconds, extra=extra)
+
     def _batched(self, texts: list[str], batch_size: int, method: str) -> Measurement:
+        torch.set_num_threads(self.threads)
         started, cpu_started = time.perf_counter(), time.process_time()
         encodings = self._encode(texts)
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i]["input_ids"]))
@@ -88,6 +123,7 @@ class OfflineModel:
         return Measurement(method, len(texts), seconds, extra=extra)
 
     def _sequential(self, texts: list[str], method: str) -> Measurement:
+        torch.set_num_threads(self.threads)
         latencies = []
         started, cpu_started = time.perf_counter(), time.process_time()
         for text in texts:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app/, for the forward the server runs
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -207,6 +208,7 @@ def classification(sizes: Sizes, device: str, client: LoadClient, work: Path) ->
         naive = None if cuda else servers.enter_context(naive_server(model_dir, work))
         print("  warming up ...", flush=True)
         offline.batched(texts[:128], 32)
+        offline.lanes(texts[:128], 16, 2)
         offline.sequential(texts[:16])
         client.drive("warm", served.url, "/classify", bodies[:128], 64)
 
@@ -216,6 +218,7 @@ def classification(sizes: Sizes, device: str, client: LoadClient, work: Path) ->
 
         methods: dict[str, Callable[[], Measurement]] = {
             "offline batched (bs 32)": lambda: offline.batched(texts, 32),
+            "offline 2 lanes (bs 16)": lambda: offline.lanes(texts, 16, 2, "offline lanes"),
             "served c=64": lambda: served_run(len(texts), 64),
             "offline single-item": lambda: offline.sequential(single),
             "served c=1": lambda: served_run(len(single), 1),
@@ -234,7 +237,9 @@ def classification(sizes: Sizes, device: str, client: LoadClient, work: Path) ->
         results = interleave(sizes.rounds, methods)
     offline.close()
 
-    off, srv64, srv1 = results["offline batched (bs 32)"], results["served c=64"], results["served c=1"]
+    # The offline limit is the faster of its two ways to run the same sorted batches.
+    off = max(results["offline batched (bs 32)"], results["offline 2 lanes (bs 16)"], key=lambda m: m.throughput)
+    srv64, srv1 = results["served c=64"], results["served c=1"]
     ratios = {"served/offline c=64": ratio(srv64.throughput, off.throughput)}
     targets = [check("c=64: served / offline batched", ratios["served/offline c=64"], 0.9, ">=")]
     if not cuda:
@@ -243,6 +248,7 @@ def classification(sizes: Sizes, device: str, client: LoadClient, work: Path) ->
         targets.append(check("c=64: served / naive server", ratios["served/naive c=64"], 2.5, ">="))
     targets.append(latency_check(srv1, results["offline single-item"]))
     model = "bert-base size (BertConfig(), random weights), fp16 on cuda" if cuda else "all-MiniLM-L6-v2 + random head"
+    model += ", TorchScript forward" if offline.traced else ", eager forward"
     return report("classification", model, threads, results, ratios, targets)
 
 

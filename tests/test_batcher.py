@@ -291,48 +291,53 @@ async def test_many_lanes_answer_a_crowd_of_split_requests_in_order() -> None:
 
 
 def test_only_the_lead_lane_runs_multithreaded_and_only_when_it_runs_alone() -> None:
-    counts: list[int] = []
+    counts: list[int] = []  # what each thread set for itself as it started
     share = ThreadShare(4, counts.append)
     share.QUIET_S = 0.1
-    go = [threading.Event() for _ in range(6)]
+    go = [threading.Event() for _ in range(4)]
     seen: dict[str, int] = {}
 
     def lead() -> None:
         with share.running():
-            seen["alone"] = counts[-1]
+            seen["lead alone"] = counts[-1]
             go[0].set()
             go[1].wait(5)
-        go[2].set()
-        go[3].wait(5)
         with share.running():
-            seen["after the quiet period"] = counts[-1]
+            seen["lead, right after sharing"] = counts[-1]
+        time.sleep(0.15)
+        with share.running():
+            seen["lead, after the quiet period"] = counts[-1]
+        with share.running(backlog=True):
+            seen["lead with inputs waiting"] = counts[-1]
         share.retire()
 
-    def other(may_lead: bool) -> None:
+    def other(label: str, may_lead: bool) -> None:
         with share.running(may_lead):
-            seen[f"both, may_lead={may_lead}"] = counts[-1]
+            seen[label] = counts[-1]
+
+    def run(label: str, may_lead: bool = True) -> None:
+        thread = threading.Thread(target=other, args=(label, may_lead))
+        thread.start()
+        thread.join()
 
     leader = threading.Thread(target=lead)
     leader.start()
     go[0].wait(5)  # the first thread to run leads, alone on the whole budget
-    for may_lead in (True, False):  # another lane, or a model load: everyone on one thread
-        thread = threading.Thread(target=other, args=(may_lead,))
-        thread.start()
-        thread.join()
-    assert counts[-1] == 1  # the lead stays on one thread for a quiet period after sharing
+    run("another lane beside the lead")
+    run("a load beside the lead", may_lead=False)
     go[1].set()
-    go[2].wait(5)
-    time.sleep(0.15)
-    go[3].set()
     leader.join()
-    assert seen == {"alone": 4, "both, may_lead=True": 1, "both, may_lead=False": 1, "after the quiet period": 4}
-
-    loader = threading.Thread(target=other, args=(False,))  # a load never leads, even alone
-    loader.start()
-    loader.join()
-    assert seen["both, may_lead=False"] == 1
     time.sleep(0.15)
-    successor = threading.Thread(target=other, args=(True,))  # the lead retired: the next lane leads
-    successor.start()
-    successor.join()
-    assert seen["both, may_lead=True"] == 4
+    run("a load alone", may_lead=False)  # never leads
+    time.sleep(0.15)
+    run("the next lane, after the lead retired")
+    assert seen == {
+        "lead alone": 4,
+        "another lane beside the lead": 1,
+        "a load beside the lead": 1,
+        "lead, right after sharing": 1,
+        "lead, after the quiet period": 4,
+        "lead with inputs waiting": 1,
+        "a load alone": 1,
+        "the next lane, after the lead retired": 4,
+    }

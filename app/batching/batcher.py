@@ -267,7 +267,10 @@ class DynamicBatcher:
                     self._wake_one()  # another lane may take what this batch left
                 if not batch:
                     continue
-            with self._thread_share.running() if self._thread_share else contextlib.nullcontext():
+                backlog = len(self._threads) > 1 and bool(self._pool or self._incoming)
+            # Lane 0 is the one woken at low load, so it is the one that may lead.
+            share = self._thread_share
+            with share.running(lane == 0, backlog) if share else contextlib.nullcontext():
                 elapsed = self._execute(batch, lane)
             with self._lock:
                 linger_target = min(self.max_batch_size, len(self._pool) + len(self._incoming) + len(batch))

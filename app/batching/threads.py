@@ -11,18 +11,19 @@ from collections.abc import Callable, Iterator
 class ThreadShare:
     """Who may run torch on several threads: one thread in the process, when it runs alone.
 
-    ``torch.set_num_threads`` sets one count for every thread of the process, and each
-    thread that runs torch on more than one thread keeps an OpenMP thread pool of its
-    own. Once a second such pool exists, pools stop spinning between operations and a
-    multi-threaded forward pass takes almost twice as long (measured on 2 cores: one text
-    through MiniLM, 8.1 ms becomes 15.1 ms). So the first lane that runs becomes the
-    lead: it gets the whole budget while it is the only thread running torch, and
-    everything else (other lanes, other models, model loads) runs on one thread, as does
-    the lead whenever anything else runs too or ran within ``QUIET_S``: under steady
-    load the lead stays on one thread instead of flipping, since its pool's threads spin
-    for a while after each multi-threaded pass, taking CPU from the other lanes (measured:
-    c=64 throughput fell by a third without the quiet period). The lead's role ends with
-    its thread.
+    Each thread that runs torch on more than one thread keeps an OpenMP thread pool of
+    its own, and once a second such pool exists, pools stop spinning between operations
+    and a multi-threaded forward pass takes almost twice as long (measured on 2 cores:
+    one text through MiniLM, 8.1 ms becomes 15.1 ms). So the first lane that runs becomes
+    the lead and is the only thread that ever runs on the whole budget: when it is the
+    only thread running torch and nothing has shared the cores for ``QUIET_S`` (no other
+    lane busy, no inputs waiting behind its batch). Everything else (other lanes, other
+    models, model loads) runs on one thread. Under steady load the lead stays on one
+    thread too: flipping would leave its pool's threads spinning beside the other lanes.
+
+    ``torch.set_num_threads`` is applied by each thread for itself as it starts a batch:
+    a thread that has an OpenMP pool keeps its own count, which another thread's call
+    does not change.
     """
 
     QUIET_S = 0.2
@@ -32,19 +33,27 @@ class ThreadShare:
         self._set_threads = set_threads
         self._lock = threading.Lock()
         self._lead: int | None = None
-        self._busy: set[int] = set()  # thread idents running torch now
-        self._shared_until = 0.0  # when a thread other than the lead last stopped running torch
-        self._current = 0
+        self._busy: set[int] = set()  # idents of the threads running torch now
+        self._shared_until = 0.0  # the last moment anything shared the cores with the lead
 
     @contextlib.contextmanager
-    def running(self, may_lead: bool = True) -> Iterator[None]:
-        """Count the calling thread as running torch for the ``with`` block."""
+    def running(self, may_lead: bool = True, backlog: bool = False) -> Iterator[None]:
+        """Run the ``with`` block on this thread's share of torch's threads.
+
+        ``backlog``: inputs wait behind this batch for another lane, which is load like a
+        busy lane: the lead stays on one thread, and the quiet period starts again.
+        """
         me = threading.get_ident()
         with self._lock:
+            now = time.monotonic()
             if may_lead and self._lead is None:
                 self._lead = me
+            if backlog:
+                self._shared_until = now
             self._busy.add(me)
-            self._apply()
+            alone = self._busy == {self._lead} and now - self._shared_until > self.QUIET_S
+            threads = self.budget if me == self._lead and alone else 1
+        self._set_threads(threads)
         try:
             yield
         finally:
@@ -52,17 +61,9 @@ class ThreadShare:
                 self._busy.discard(me)
                 if me != self._lead:
                     self._shared_until = time.monotonic()
-                self._apply()
 
     def retire(self) -> None:
         """The calling thread ends; if it led, the next lane to run may lead."""
         with self._lock:
             if self._lead == threading.get_ident():
                 self._lead = None
-
-    def _apply(self) -> None:
-        alone = self._busy == {self._lead} and time.monotonic() - self._shared_until > self.QUIET_S
-        threads = self.budget if alone else 1
-        if threads != self._current:
-            self._set_threads(threads)
-            self._current = threads
