@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     max_tokens_per_request: int = Field(
         262_144, ge=1, description="Tokens over all inputs of one request, after truncation; past it: 413."
     )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's OpenTelemetry spans, metrics and logs, exported by the providers the "
+        "process configures (opentelemetry-sdk, OTEL_* variables); off, they cost nothing per request.",
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 

@@ -215,3 +215,21 @@ def test_download_command_fails_clearly_offline(catalog_path: Path) -> None:
         timeout=120,
     )
     assert unknown.returncode == 2 and "unknown model(s): nope" in unknown.stderr
+
+
+async def test_opentelemetry_spans_are_recorded_only_when_asked_for(app_factory: Callable[..., FastAPI]) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # what an OpenTelemetry setup does, once per process
+    async with serve(app_factory()) as client:
+        assert (await client.get("/health/live")).status_code == 200
+    assert exporter.get_finished_spans() == ()
+    async with serve(app_factory(opentelemetry=True)) as client:
+        assert (await client.get("/health/live")).status_code == 200
+    assert any("/health/live" in span.name for span in exporter.get_finished_spans())

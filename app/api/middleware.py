@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
@@ -41,7 +41,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex[:16]
+        request_id = given if _SAFE_ID.match(given) else os.urandom(8).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         stats: dict[str, Any] = {}
         tokens = request_id_var.set(request_id), request_stats.set(stats)
