@@ -73,7 +73,8 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="Threads per loaded model that each run a batch; on a CPU, busy lanes share torch's "
-        "threads equally. Default: 2 on a CPU (1 with a single torch thread), 1 on a GPU.",
+        "threads (app/batching/threads.py). Default: on a CPU, 2 for encoders and 1 for seq2seq "
+        "models (generate() holds the GIL between steps); 1 on a GPU.",
     )
     max_queue_items: int = Field(4096, ge=1, description="Queued inputs per model before 429.")
     request_timeout_s: float = Field(60.0, gt=0, description="Default deadline of a request.")

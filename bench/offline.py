@@ -33,6 +33,8 @@ from app.runners.traced import encoder_forward
 class OfflineModel:
     """A tokenizer and a model loaded from a model directory, and its ``predict`` step."""
 
+    threads = torch.get_num_threads()  # torch threads of the worker thread; run.py sets it
+
     def __init__(self, path: Path, kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.kind = kind
         self.device = torch.device(device)
@@ -41,18 +43,21 @@ class OfflineModel:
         self.model = auto.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
         self.generation: dict[str, Any] = {}
         self.generated_tokens: list[int] = []  # per generated row, to check the fixed length
-        self.threads = torch.get_num_threads()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="offline")
         self.traced = False
         if kind != "seq2seq":
             uses_types = "token_type_ids" in self.tokenizer.model_input_names
-            self.forward = self._worker.submit(
-                encoder_forward, self.model, "logits", uses_types, "bench-offline", self.device.type == "cpu"
-            ).result()
+            self.forward = self._on_worker(
+                lambda: encoder_forward(self.model, "logits", uses_types, "bench-offline", self.device.type == "cpu")
+            )
             self.traced = self.forward.traced
 
-    def _on_worker(self, run: Callable[[], Measurement]) -> Measurement:
-        return self._worker.submit(run).result()
+    def _on_worker(self, run: Callable[[], Any]) -> Any:
+        def on_all_threads() -> Any:
+            torch.set_num_threads(self.threads)
+            return run()
+
+        return self._worker.submit(on_all_threads).result()
 
     @property
     def torch_threads(self) -> int:
@@ -104,12 +109,11 @@ class OfflineModel:
                         results[i] = result
                 seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         finally:
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(1)
         extra = {"batch_size": batch_size, "lanes": lanes, "cpu_ms_per_text": ms_per(cpu, len(texts))}
         return Measurement(method, len(texts), seconds, extra=extra)
 
     def _batched(self, texts: list[str], batch_size: int, method: str) -> Measurement:
-        torch.set_num_threads(self.threads)
         started, cpu_started = time.perf_counter(), time.process_time()
         encodings = self._encode(texts)
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i]["input_ids"]))
@@ -123,7 +127,6 @@ class OfflineModel:
         return Measurement(method, len(texts), seconds, extra=extra)
 
     def _sequential(self, texts: list[str], method: str) -> Measurement:
-        torch.set_num_threads(self.threads)
         latencies = []
         started, cpu_started = time.perf_counter(), time.process_time()
         for text in texts:

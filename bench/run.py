@@ -408,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
             print("--device cuda runs the classification scenario only", flush=True)
             scenarios = ["classification"]
 
+    # Only the offline worker thread may run torch on several threads (it reads this budget):
+    # a second OpenMP pool in this process, such as one left by building a model on the
+    # main thread, would slow every multi-threaded offline pass (app/batching/threads.py).
+    OfflineModel.threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
     started = time.monotonic()
     load_before = os.getloadavg()
     if load_before[0] > (os.cpu_count() or 1) / 2:

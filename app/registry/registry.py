@@ -227,7 +227,7 @@ class ModelRegistry:
             max_request_tokens=self.settings.max_tokens_per_request,
             max_padding_ratio=float("inf") if runner.pads_cheaply else self.settings.batch_padding_ratio,
             observer=self._batch_observer(entry.name),
-            lanes=self.settings.lanes_per_model or (min(2, self._cpu_threads.budget) if on_cpu else 1),
+            lanes=self.settings.lanes_per_model or (min(runner.cpu_lanes, self._cpu_threads.budget) if on_cpu else 1),
             threads=self._cpu_threads if on_cpu else None,
         )
         slot.memory_bytes = runner.memory_bytes()

@@ -47,6 +47,8 @@ class Runner(ABC):
     # Whether padded input tokens cost little next to the rest of the work (generate's
     # decoding steps): then the batcher fills batches without regard to length spread.
     pads_cheaply = False
+    # Lanes on a CPU unless TESSERA_LANES_PER_MODEL says otherwise (see app/batching/threads.py).
+    cpu_lanes = 2
 
     def __init__(self) -> None:
         self.tokenizer_lock = threading.Lock()
