@@ -43,7 +43,7 @@ from app.errors import (
 log = logging.getLogger(__name__)
 
 # Batch shaping: how far a batch may stretch in length, and how long (at most, and as a
-# fraction of the last forward pass) the worker waits for returning clients after a batch.
+# fraction of the last forward pass) a lane waits for returning clients after a batch.
 PADDING_SLACK = 4
 MAX_LINGER_S = 0.05
 LINGER_FRACTION = 0.05
@@ -63,7 +63,7 @@ class Encoded(Protocol):
 
 
 class BatchRunner(Protocol):
-    """The two steps a runner exposes to the batcher; both run on the worker thread."""
+    """The two steps a runner exposes to the batcher; both run on its lanes."""
 
     def encode(self, payloads: Sequence[Any]) -> Sequence[Encoded]: ...
 
@@ -142,7 +142,7 @@ class DynamicBatcher:
         self._wakes = [threading.Condition(self._lock) for _ in range(lanes)]
         self._idle: set[int] = set()
         self._incoming: list[_Item] = []
-        self._pool: list[_Item] = []  # worker thread only
+        self._pool: list[_Item] = []  # encoded, waiting for a batch; guarded by _lock
         self._depth = 0  # items queued or pooled, guarded by _lock
         self._closed = False
         self._seq = itertools.count()
@@ -207,10 +207,10 @@ class DynamicBatcher:
         finally:
             for fut in futures:
                 if not fut.done():
-                    fut.cancel()  # the worker drops cancelled items instead of running them
+                    fut.cancel()  # a lane drops cancelled items instead of running them
 
     def close(self, timeout: float = 60) -> bool:
-        """Stop the worker; queued requests fail with 503 rather than hang. True once it stopped."""
+        """Stop the lanes; queued requests fail with 503 rather than hang. True once they stopped."""
         with self._lock:
             self._closed = True
             for wake in self._wakes:
@@ -220,7 +220,7 @@ class DynamicBatcher:
             thread.join(timeout=max(0.0, stop_by - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)
 
-    # -- worker thread ------------------------------------------------------------------
+    # -- lanes ---------------------------------------------------------------------------
 
     def _retry_after(self) -> float:
         return float(max(1, math.ceil(self._depth / self._rate))) if self._rate > 0 else 1.0

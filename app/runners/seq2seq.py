@@ -75,7 +75,7 @@ class Seq2SeqRunner(Runner):
                 self.defaults["forced_bos_token_id"] = token_id
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
         # Chunking runs on request threads, so it gets its own tokenizer and lock: the
-        # worker's tokenizer is never shared between threads.
+        # lanes' tokenizer is never used by them.
         self._chunk_tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         self._chunk_lock = threading.Lock()
         self._segmenter = pysbd.Segmenter(language="en", clean=False)
