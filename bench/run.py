@@ -117,13 +117,17 @@ def naive_stats(measurement: Measurement) -> Measurement:
 def torch_threads(
     offline: OfflineModel, served: ServerProcess, model: str, naive: ServerProcess | None = None
 ) -> dict[str, int]:
-    """torch's thread count where each method runs its forward passes (after warm-up)."""
+    """torch's thread count where each method runs its forward passes (after warm-up).
+
+    The served figure is what the serving lane last used: with two lanes busy, one each
+    (app/batching/threads.py); a lone request gets all of them.
+    """
     threads = {"offline": offline.torch_threads, "served": _get(served, STATS)["worker_torch_threads"][model]}
     if naive is not None:
         threads["naive"] = _get(naive, "/health")["worker_torch_threads"]
     print(f"  torch threads on the threads that run the model: {threads}", flush=True)
     if len(set(threads.values())) > 1:
-        print("  note: the methods run torch with different thread counts", flush=True)
+        print("  note: the methods ran torch with different thread counts (served: its last batch's)", flush=True)
     return threads
 
 
