@@ -243,6 +243,7 @@ class DynamicBatcher:
         linger_until, linger_target = 0.0, 0
         while True:
             with self._lock:
+                self._idle.discard(lane)  # marked free while posting results; now it looks for itself
                 while not self._incoming and not self._pool and not self._closed:
                     self._sleep(lane)
                 # Clients whose results just went out are about to send their next inputs; a
