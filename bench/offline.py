@@ -46,9 +46,8 @@ class OfflineModel:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="offline")
         self.traced = False
         if kind != "seq2seq":
-            uses_types = "token_type_ids" in self.tokenizer.model_input_names
             self.forward = self._on_worker(
-                lambda: encoder_forward(self.model, "logits", uses_types, "bench-offline", self.device.type == "cpu")
+                lambda: encoder_forward(self.model, "logits", self.tokenizer, "bench-offline", None)
             )
             self.traced = self.forward.traced
 

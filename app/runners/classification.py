@@ -25,7 +25,7 @@ from app.runners.base import (
     pad_rows,
     weights_kwargs,
 )
-from app.runners.traced import EncoderForward, encoder_forward
+from app.runners.traced import encoder_forward
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class ClassificationRunner(Runner):
         self.pipe = _load_pipeline("text-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
-        self.forward = _logits_forward(self, entry, device)
+        self.forward = encoder_forward(self.model, "logits", self.tokenizer, entry.name, entry.torchscript)
         self.default_function = entry.function_to_apply
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
 
@@ -99,7 +99,7 @@ class NliZeroShotRunner(Runner):
         self.pipe = _load_pipeline("zero-shot-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
-        self.forward = _logits_forward(self, entry, device)
+        self.forward = encoder_forward(self.model, "logits", self.tokenizer, entry.name, entry.torchscript)
         if self.pipe.entailment_id == -1:
             raise RuntimeError(
                 "this model has no 'entailment' label in its config; the NLI zero-shot engine needs one "
@@ -142,11 +142,3 @@ def _forward(runner: ClassificationRunner | NliZeroShotRunner, encoded: Sequence
     batch = pad_rows(rows, pad_id_of(runner.tokenizer), types if len(types) == len(rows) else None, runner.device)
     with torch.inference_mode():
         return runner.forward(batch).float().cpu()
-
-
-def _logits_forward(
-    runner: ClassificationRunner | NliZeroShotRunner, entry: Any, device: torch.device
-) -> EncoderForward:
-    uses_types = "token_type_ids" in runner.tokenizer.model_input_names
-    enabled = entry.torchscript if entry.torchscript is not None else device.type == "cpu"
-    return encoder_forward(runner.model, "logits", uses_types, entry.name, enabled)

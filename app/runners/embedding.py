@@ -63,9 +63,7 @@ class SentenceEncoder:
         self.pooling = declared_pooling(path) if pooling == "auto" else pooling
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
         self.device = device
-        uses_types = "token_type_ids" in self.tokenizer.model_input_names
-        enabled = entry.torchscript if entry.torchscript is not None else device.type == "cpu"
-        self.forward = encoder_forward(self.model, "last_hidden_state", uses_types, entry.name, enabled)
+        self.forward = encoder_forward(self.model, "last_hidden_state", self.tokenizer, entry.name, entry.torchscript)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         return [

@@ -68,11 +68,13 @@ class EncoderForward:
         self.model = None
 
 
-def encoder_forward(model: Any, output: str, uses_types: bool, name: str, enabled: bool) -> EncoderForward:
-    """The model's forward pass, traced when ``enabled`` and a trace matches eager."""
-    if not enabled:
-        return EncoderForward(model, output)
+def encoder_forward(model: Any, output: str, tokenizer: Any, name: str, torchscript: bool | None) -> EncoderForward:
+    """The model's forward pass, traced where a trace matches eager and ``torchscript`` asks
+    for it (an entry's setting; None: on a CPU only)."""
     param = next(model.parameters())
+    if not (torchscript if torchscript is not None else param.device.type == "cpu"):
+        return EncoderForward(model, output)
+    uses_types = "token_type_ids" in tokenizer.model_input_names
     key = (name, output, str(param.device), str(param.dtype), str(uses_types))
     with _traces_lock:
         kept = _traces.get(key)
