@@ -389,13 +389,12 @@ class DynamicBatcher:
             # Its clients answer at once; their next inputs should find this lane, which is
             # about to look for work, rather than wake another one.
             self._idle.add(lane)
-        for loop, outcomes in by_loop.items():  # one wake-up per event loop, not one per item
-            with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown); nobody waits
-                loop.call_soon_threadsafe(_resolve_all, outcomes)
-        with self._lock:
             self._depth -= len(batch)
             self.batches += 1
             self.items += len(batch)
+        for loop, outcomes in by_loop.items():  # one wake-up per event loop, not one per item
+            with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown); nobody waits
+                loop.call_soon_threadsafe(_resolve_all, outcomes)
         rate = len(batch) / max(elapsed, 1e-6)
         self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
         if self._observer is not None:
