@@ -189,31 +189,18 @@ def test_json_logs_carry_the_request_id() -> None:
 
 def test_download_command_fails_clearly_offline(catalog_path: Path) -> None:
     env = {"TESSERA_CATALOG": str(catalog_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "app", "download", "hub-sst2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def download(name: str, **overrides: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "app", "download", name]
+        return subprocess.run(command, env=env | overrides, capture_output=True, text=True, timeout=120)
+
+    proc = download("hub-sst2")
     assert proc.returncode == 1
     assert "HF_HUB_OFFLINE=1 is set" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "app", "download", "hub-sst2"],
-        env=env | {"HF_HUB_OFFLINE": "0", "TESSERA_DOWNLOAD_TIMEOUT_S": "5"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = download("hub-sst2", HF_HUB_OFFLINE="0", TESSERA_DOWNLOAD_TIMEOUT_S="5")
     assert proc.returncode == 1
     assert "hub-sst2: FAILED" in proc.stderr
-    unknown = subprocess.run(
-        [sys.executable, "-m", "app", "download", "nope"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    unknown = download("nope")
     assert unknown.returncode == 2 and "unknown model(s): nope" in unknown.stderr
 
 
