@@ -1,0 +1,148 @@
+"""The packed forward: the model's own outputs on ragged batches, used only where it matches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi import FastAPI
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    pipeline,
+)
+
+import app.runners.traced as traced_module
+from app.runners.base import pad_rows
+from app.runners.packed import PackedEncoder, packable
+from app.runners.traced import encoder_forward
+from tests.conftest import serve
+
+RAGGED = (12, 3, 7, 1)
+
+
+def ragged_batch(vocab_size: int, lengths: tuple[int, ...], pairs: bool = True) -> dict[str, torch.Tensor]:
+    """Right-padded random ids; with ``pairs`` the second half of each row is segment 1."""
+    generator = torch.Generator().manual_seed(7)
+    rows = [torch.randint(5, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    types = [[0] * (n - n // 2) + [1] * (n // 2) for n in lengths] if pairs else None
+    return pad_rows(rows, 0, types, torch.device("cpu"))
+
+
+def load(kind: Any, path: Path) -> Any:
+    return kind.from_pretrained(str(path)).eval()
+
+
+def test_packed_bert_classifier_gives_the_models_logits(tiny_models: dict[str, Path]) -> None:
+    model = load(AutoModelForSequenceClassification, tiny_models["bert-clf"])
+    batch = ragged_batch(model.config.vocab_size, RAGGED)
+    with torch.inference_mode():
+        want = model(**batch).logits
+        got = PackedEncoder(model, "logits")(**batch)["logits"]
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_packed_hidden_states_equal_the_model_on_real_tokens_and_are_zero_on_padding(
+    tiny_models: dict[str, Path],
+) -> None:
+    model = load(AutoModel, tiny_models["bert-embed"])
+    batch = ragged_batch(model.config.vocab_size, RAGGED, pairs=False)
+    real = batch["attention_mask"].unsqueeze(-1).bool()
+    with torch.inference_mode():
+        want = model(**batch).last_hidden_state
+        got = PackedEncoder(model, "last_hidden_state")(**batch)["last_hidden_state"]
+    assert torch.allclose(got.masked_select(real), want.masked_select(real), atol=1e-5)
+    assert not got.masked_select(~real).any()
+
+
+def test_roberta_positions_count_from_after_the_padding_index() -> None:
+    config = RobertaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        pad_token_id=1,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(config).eval()
+    assert packable(model, "logits")
+    batch = ragged_batch(config.vocab_size, RAGGED, pairs=False)
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, config.pad_token_id)
+    with torch.inference_mode():
+        want = model(**batch).logits
+        got = PackedEncoder(model, "logits")(**batch)["logits"]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_architectures_it_does_not_know_run_padded(tiny_models: dict[str, Path]) -> None:
+    distilbert = load(AutoModelForSequenceClassification, tiny_models["distilbert-clf"])
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["distilbert-clf"]))
+    assert not packable(distilbert, "logits")
+    forward = encoder_forward(distilbert, "logits", tokenizer, "test-distilbert", None)
+    assert forward.traced and not forward.packed
+
+
+def test_ragged_batches_run_packed_and_even_ones_padded(tiny_models: dict[str, Path]) -> None:
+    model = load(AutoModelForSequenceClassification, tiny_models["bert-clf"])
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert-clf"]))
+    forward = encoder_forward(model, "logits", tokenizer, "test-bert-routing", None)
+    assert forward.traced and forward.packed
+    calls: list[int] = []
+    packed = forward._packed
+
+    def counting(**batch: torch.Tensor) -> Any:
+        calls.append(len(batch["input_ids"]))
+        return packed(**batch)
+
+    forward._packed = counting
+    with torch.inference_mode():
+        for lengths in ((9, 9, 9), RAGGED):
+            batch = ragged_batch(model.config.vocab_size, lengths)
+            assert torch.allclose(forward(batch), model(**batch).logits, atol=1e-5)
+    assert calls == [len(RAGGED)]  # only the ragged batch ran packed
+
+
+def test_a_packed_forward_that_disagrees_with_the_model_is_not_used(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load(AutoModelForSequenceClassification, tiny_models["bert-clf"])
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert-clf"]))
+    monkeypatch.setattr(traced_module, "_traces", {})
+    right = PackedEncoder.forward
+
+    def off_by_a_little(self: PackedEncoder, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return {k: v + 1e-3 for k, v in right(self, *args, **kwargs).items()}
+
+    monkeypatch.setattr(PackedEncoder, "forward", off_by_a_little)
+    for torchscript in (True, False):
+        forward = encoder_forward(model, "logits", tokenizer, "test-bert-wrong", torchscript)
+        assert not forward.packed
+        batch = ragged_batch(model.config.vocab_size, RAGGED)
+        with torch.inference_mode():
+            assert torch.allclose(forward(batch), model(**batch).logits, atol=1e-5)
+
+
+@pytest.mark.anyio
+async def test_served_ragged_inputs_match_the_transformers_pipeline(
+    app_factory: Callable[..., FastAPI], tiny_models: dict[str, Path]
+) -> None:
+    texts = ["good", "a much longer text about a movie that was not good at all, sadly", "fine film"]
+    body = {"inputs": texts, "model": "bert-clf", "parameters": {"top_k": None}}
+    app = app_factory()
+    async with serve(app) as client:
+        served = (await client.post("/classify", json=body)).json()["results"]
+        assert app.state.registry.slot("bert-clf").runner.forward.packed
+    reference = pipeline("text-classification", model=str(tiny_models["bert-clf"]), top_k=None)
+    for got, want in zip(served, reference(texts), strict=True):
+        assert [x["label"] for x in got] == [y["label"] for y in want]
+        assert [x["score"] for x in got] == pytest.approx([y["score"] for y in want], abs=1e-5)
