@@ -82,7 +82,8 @@ class ClassifyRequest(_Request):
     )
     inputs: Inputs
     model: ModelName = None
-    parameters: ClassifyParameters = ClassifyParameters()
+    # A factory, not a shared default instance: pydantic deep-copies a default on every request.
+    parameters: ClassifyParameters = Field(default_factory=ClassifyParameters)
     timeout_s: Timeout = None
 
 
@@ -157,7 +158,7 @@ class TranslateRequest(_Request):
     model: ModelName = None
     source_lang: str | None = Field(None, min_length=2, max_length=12, description="ISO code, e.g. 'en'.")
     target_lang: str | None = Field(None, min_length=2, max_length=12, description="ISO code, e.g. 'de'.")
-    parameters: GenerationParameters = GenerationParameters()
+    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
     timeout_s: Timeout = None
 
     @model_validator(mode="after")
@@ -213,7 +214,7 @@ class SummarizeRequest(_Request):
     )
     inputs: Inputs
     model: ModelName = None
-    parameters: SummarizeParameters = SummarizeParameters()
+    parameters: SummarizeParameters = Field(default_factory=SummarizeParameters)
     timeout_s: Timeout = None
 
 
