@@ -100,7 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,  # served by app.api.docs, behind the API key unless docs_public
         docs_url=None,  # /docs and /redoc come from app.api.docs, without a CDN
         redoc_url=None,
-        dependencies=[Depends(require_api_key)],
+        # Without keys there is nothing to check: no dependency to solve on every request.
+        dependencies=[Depends(require_api_key)] if settings.api_keys else [],
         # FastAPI's OpenTelemetry hooks ask the global providers on every request (5 % of the
         # event loop's time under load, measured); they are on only when asked for.
         telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
