@@ -95,19 +95,20 @@ def zero_shot_payloads(
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work``, cancelling it if the client goes away first."""
-    task = asyncio.ensure_future(work)
+    """Await ``work``, cancelling it if the client goes away first."""
+    request_task = asyncio.current_task()
+    assert request_task is not None
 
     async def watch() -> None:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                task.cancel()
+                request_task.cancel()  # the client is gone: so is its work
                 return
 
     watcher = asyncio.create_task(watch())
     try:
-        return await task
+        return await work
     finally:
         watcher.cancel()
 

@@ -194,7 +194,7 @@ class DynamicBatcher:
         futures = [item.future for item in items]
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                results = list(await asyncio.gather(*futures))
+                results = [await futures[0]] if len(futures) == 1 else list(await asyncio.gather(*futures))
             stats = request_stats.get()
             if stats is not None:
                 stats["batch_size"] = max([stats.get("batch_size", 0), *ticket.batch_sizes])
