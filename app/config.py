@@ -197,6 +197,12 @@ class _EntryBase(BaseModel):
         "at load (falls back to eager if it differs). Default: on for CPU, off elsewhere. Encoder "
         "models only (classification, zero-shot, embeddings, extractive summaries).",
     )
+    packed: bool | None = Field(
+        None,
+        description="Run batches with much padding on their real tokens only (BERT, RoBERTa and "
+        "XLM-R encoders), checked against the eager model at load (falls back to padded if it "
+        "differs). Default: on for CPU, off elsewhere.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -19,7 +19,9 @@ from transformers import (
 )
 
 import app.runners.traced as traced_module
+from app.config import TextClassificationEntry
 from app.runners.base import pad_rows
+from app.runners.classification import ClassificationRunner
 from app.runners.packed import PackedEncoder, packable
 from app.runners.traced import encoder_forward
 from tests.conftest import serve
@@ -146,3 +148,20 @@ async def test_served_ragged_inputs_match_the_transformers_pipeline(
     for got, want in zip(served, reference(texts), strict=True):
         assert [x["label"] for x in got] == [y["label"] for y in want]
         assert [x["score"] for x in got] == pytest.approx([y["score"] for y in want], abs=1e-5)
+
+
+def test_an_entry_can_turn_packing_off(tiny_models: dict[str, Path]) -> None:
+    source = {"path": str(tiny_models["bert-clf"])}
+    runners = {
+        packed: ClassificationRunner(
+            TextClassificationEntry(
+                name=f"test-packed-{packed}", task="text-classification", source=source, packed=packed
+            ),
+            tiny_models["bert-clf"],
+            torch.device("cpu"),
+            torch.float32,
+        )
+        for packed in (None, False)
+    }
+    assert runners[None].forward.packed
+    assert not runners[False].forward.packed and runners[False].forward.traced

@@ -69,7 +69,9 @@ class ClassificationRunner(Runner):
         self.pipe = _load_pipeline("text-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
-        self.forward = encoder_forward(self.model, "logits", self.tokenizer, entry.name, entry.torchscript)
+        self.forward = encoder_forward(
+            self.model, "logits", self.tokenizer, entry.name, entry.torchscript, entry.packed
+        )
         self.default_function = entry.function_to_apply
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
 
@@ -99,7 +101,9 @@ class NliZeroShotRunner(Runner):
         self.pipe = _load_pipeline("zero-shot-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
-        self.forward = encoder_forward(self.model, "logits", self.tokenizer, entry.name, entry.torchscript)
+        self.forward = encoder_forward(
+            self.model, "logits", self.tokenizer, entry.name, entry.torchscript, entry.packed
+        )
         if self.pipe.entailment_id == -1:
             raise RuntimeError(
                 "this model has no 'entailment' label in its config; the NLI zero-shot engine needs one "

@@ -63,7 +63,9 @@ class SentenceEncoder:
         self.pooling = declared_pooling(path) if pooling == "auto" else pooling
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
         self.device = device
-        self.forward = encoder_forward(self.model, "last_hidden_state", self.tokenizer, entry.name, entry.torchscript)
+        self.forward = encoder_forward(
+            self.model, "last_hidden_state", self.tokenizer, entry.name, entry.torchscript, entry.packed
+        )
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         return [

@@ -94,24 +94,25 @@ class EncoderForward:
         self.model = None
 
 
-def encoder_forward(model: Any, output: str, tokenizer: Any, name: str, torchscript: bool | None) -> EncoderForward:
+def encoder_forward(
+    model: Any, output: str, tokenizer: Any, name: str, torchscript: bool | None, packed: bool | None = None
+) -> EncoderForward:
     """The model's forward pass, traced where a trace matches eager and ``torchscript`` asks
-    for it (an entry's setting; None: on a CPU only), and packed on a CPU where the
-    architecture allows it and the result matches eager."""
+    for it, with a packed forward for ragged batches where the architecture allows it, the
+    result matches eager and ``packed`` asks for it (an entry's settings; None: on a CPU)."""
     param = next(model.parameters())
     on_cpu = param.device.type == "cpu"
     trace = torchscript if torchscript is not None else on_cpu
+    pack = (packed if packed is not None else on_cpu) and packable(model, output)
     uses_types = "token_type_ids" in tokenizer.model_input_names
     keys = frozenset({"input_ids", "attention_mask", *(["token_type_ids"] if uses_types else [])})
     check = _Check(name, model, output, uses_types)
     traced = check.prepare("padded", model) if trace else None
-    packed = (
-        check.prepare("packed", PackedEncoder(model, output), trace) if on_cpu and packable(model, output) else None
-    )
-    if traced is not None or packed is not None:
-        ways = [w for w, f in (("a TorchScript forward", traced), ("packed batches", packed)) if f is not None]
+    packer = check.prepare("packed", PackedEncoder(model, output), trace) if pack else None
+    if traced is not None or packer is not None:
+        ways = [w for w, f in (("a TorchScript forward", traced), ("packed batches", packer)) if f is not None]
         log.info("model %s runs %s (checked against eager)", name, " and ".join(ways))
-    return EncoderForward(model, output, traced, keys, packed)
+    return EncoderForward(model, output, traced, keys, packer)
 
 
 class _Check:
