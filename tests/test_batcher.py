@@ -125,6 +125,24 @@ async def test_a_ragged_pool_becomes_two_tight_batches_rather_than_one_padded_on
     batcher.close()
 
 
+@pytest.mark.parametrize(("slack", "expected"), [(4, [[5, 6], [14, 16]]), (12, [[5, 6, 14, 16]])])
+async def test_the_padding_slack_lets_short_inputs_stretch_a_batch(slack: int, expected: list[list[int]]) -> None:
+    # A model that packs its batches pays for padding only in attention: it gets a wider slack.
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner, max_batch_size=32, padding_slack=slack)
+    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    texts = [" ".join(["w"] * n) for n in (5, 14, 6, 16)]
+    task = asyncio.create_task(batcher.submit(texts, deadline=soon()))
+    await wait_until(lambda: batcher.queue_depth == 5)
+    runner.gate.set()
+    await blocker
+    assert await task == [t.upper() for t in texts]
+    assert sorted(sorted(len(p.split()) for p in b) for b in runner.batches[1:]) == expected
+    batcher.close()
+
+
 async def test_inputs_with_different_generation_settings_are_never_batched_together() -> None:
     runner = FakeRunner()
     runner.gate.clear()

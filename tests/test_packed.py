@@ -19,6 +19,7 @@ from transformers import (
 )
 
 import app.runners.traced as traced_module
+from app.batching.batcher import PACKED_PADDING_SLACK
 from app.config import TextClassificationEntry
 from app.runners.base import pad_rows
 from app.runners.classification import ClassificationRunner
@@ -143,7 +144,9 @@ async def test_served_ragged_inputs_match_the_transformers_pipeline(
     app = app_factory()
     async with serve(app) as client:
         served = (await client.post("/classify", json=body)).json()["results"]
-        assert app.state.registry.slot("bert-clf").runner.forward.packed
+        slot = app.state.registry.slot("bert-clf")
+        assert slot.runner.forward.packed and slot.runner.packs_batches
+        assert slot.batcher.padding_slack == PACKED_PADDING_SLACK
     reference = pipeline("text-classification", model=str(tiny_models["bert-clf"]), top_k=None)
     for got, want in zip(served, reference(texts), strict=True):
         assert [x["label"] for x in got] == [y["label"] for y in want]

@@ -71,19 +71,28 @@ class Runner(ABC):
         tensors = [*self.model.parameters(), *self.model.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    @property
+    def packs_batches(self) -> bool:
+        """Whether its forward runs ragged batches packed (app/runners/packed.py): then padding
+        costs little outside attention, and the batcher may stretch a batch further."""
+        forwards = self._encoder_forwards()
+        return bool(forwards) and all(forward.packed for forward in forwards)
+
+    def _encoder_forwards(self) -> list[Any]:
+        """The EncoderForwards it holds, directly or through its encoder."""
+        from app.runners.traced import EncoderForward  # it imports this module
+
+        held = [v for value in vars(self).values() for v in (value, getattr(value, "forward", None))]
+        return [v for v in held if isinstance(v, EncoderForward)]
+
     def close(self) -> None:
         """Drop the weights (and whatever holds them) so that unloading really frees memory.
 
         Tokenizers stay: a request still splitting text when its model is unloaded finishes.
         """
-        from app.runners.traced import EncoderForward  # it imports this module
-
         device = self.device
-        for value in list(vars(self).values()):
-            # A kept trace outlives the runner; it must let go of the weights.
-            for held in (value, getattr(value, "forward", None)):
-                if isinstance(held, EncoderForward):
-                    held.release()
+        for forward in self._encoder_forwards():
+            forward.release()  # a kept trace outlives the runner; it must let go of the weights
         for attr, value in list(vars(self).items()):
             if isinstance(value, torch.nn.Module) or isinstance(getattr(value, "model", None), torch.nn.Module):
                 setattr(self, attr, None)
