@@ -24,6 +24,7 @@ from app.api.middleware import RequestContextMiddleware
 from app.api.security import BodySizeLimit, require_api_key
 from app.config import Settings, load_catalog
 from app.errors import ServiceError
+from app.heap import freeze_survivors
 from app.registry.registry import ModelRegistry
 from app.registry.sources import hf_offline_flag, probe_hub
 
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = ModelRegistry(settings, catalog, hub_online=online, hooks=app.state.metrics.hooks())
         app.state.registry = registry
         app.state.metrics.watch(registry)
+        freeze_survivors()  # what start-up built lives as long as the process (app/heap.py)
         log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
         preloading = asyncio.create_task(_preload(registry))
         try:

@@ -33,6 +33,7 @@ from app.batching.batcher import (
 from app.batching.threads import ThreadShare
 from app.config import Catalog, Endpoint, Settings, can_serve
 from app.errors import ModelNotFound, ModelUnavailable, WrongTask
+from app.heap import freeze_survivors
 from app.registry.sources import is_local, locate
 from app.runners import Runner, build_runner, resolve_device
 
@@ -248,7 +249,9 @@ class ModelRegistry:
         # A load (and its trace) on several threads would leave this thread an OpenMP pool
         # of its own, which slows the lanes' forward passes (see ThreadShare).
         with self._cpu_threads.running(may_lead=False):
-            return build_runner(entry, path)
+            runner = build_runner(entry, path)
+        freeze_survivors()  # the model's objects live until unload: out of the collector's way
+        return runner
 
     async def unload(self, name: str) -> bool:
         """Unload a model; its queued requests fail with 503. False if it was not loaded."""

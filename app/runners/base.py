@@ -9,7 +9,6 @@ so must any use of the tokenizer inside ``infer`` (decoding, say).
 
 from __future__ import annotations
 
-import gc
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from app.heap import collect_all
 
 # A tokenizer whose model_max_length is unset reports this huge sentinel.
 _UNSET_MAX = 1_000_000
@@ -96,7 +97,7 @@ class Runner(ABC):
         for attr, value in list(vars(self).items()):
             if isinstance(value, torch.nn.Module) or isinstance(getattr(value, "model", None), torch.nn.Module):
                 setattr(self, attr, None)
-        gc.collect()
+        collect_all()  # frozen objects too (app/heap.py): a model's cycles must go with it
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
