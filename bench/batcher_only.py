@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/batcher_only.py [--concurrency 64] [--texts 1536]
 
-The served runner and ``DynamicBatcher`` (two lanes, as the server runs them on a CPU)
-are driven in this process by ``--concurrency`` asyncio tasks, one text per submit, over
+The served runner and ``DynamicBatcher`` (two lanes and the padding slack, as the server
+sets them on a CPU) are driven in this process by ``--concurrency`` asyncio tasks, one text per submit, over
 the classification scenario's texts; the offline limit runs the same texts as in
 ``run.py``. The ratio separates the cost of batching only the texts in flight from the
 cost of HTTP, which ``run.py``'s served figure adds on top.
@@ -27,7 +27,7 @@ import torch
 from offline import OfflineModel
 from workloads import build_minilm_classifier, make_texts
 
-from app.batching.batcher import DynamicBatcher
+from app.batching.batcher import PACKED_PADDING_SLACK, PADDING_SLACK, BatchRecord, DynamicBatcher
 from app.batching.threads import ThreadShare
 from app.config import TextClassificationEntry
 from app.runners.classification import ClassificationRunner, ClassifyInput
@@ -61,11 +61,14 @@ def main() -> None:
         entry = TextClassificationEntry(name="bench-clf", task="text-classification", source={"path": str(path)})
         with share.running(may_lead=False):
             runner = ClassificationRunner(entry, path, torch.device("cpu"), torch.float32)
+        records: list[BatchRecord] = []
         batcher = DynamicBatcher(
             runner, name="bench-clf", max_batch_size=32, max_batch_tokens=16384, max_queue_items=4096,
-            lanes=2, threads=share,
+            lanes=2, threads=share, observer=records.append,
+            padding_slack=PACKED_PADDING_SLACK if runner.packs_batches else PADDING_SLACK,
         )  # fmt: skip
         asyncio.run(drive(batcher, texts[:256], args.concurrency))  # warm-up
+        records.clear()
         batched, batched_cpu = asyncio.run(drive(batcher, texts, args.concurrency))
         batcher.close()
         offline = OfflineModel(path, "classification")
@@ -73,6 +76,9 @@ def main() -> None:
         limit = max(offline.batched(texts, 32).throughput, offline.lanes(texts, 16, 2).throughput)
         offline.close()
     print(f"batcher in-process, c={args.concurrency}: {batched:.1f} texts/s ({batched_cpu:.2f} ms CPU per text)")
+    size = sum(r.size for r in records) / len(records)
+    padding = sum(r.padded_tokens for r in records) / sum(r.tokens for r in records)
+    print(f"  mean batch {size:.1f} texts; padded / input tokens {padding:.2f} (packed: {runner.packs_batches})")
     print(f"offline limit: {limit:.1f} texts/s")
     print(f"batcher / offline: {batched / limit:.3f}")
 

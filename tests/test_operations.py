@@ -78,6 +78,11 @@ async def test_metrics_count_requests_batches_loads_and_memory(client: httpx.Asy
     assert 'tessera_requests_total{model="bert-clf",route="/classify",status="200"} 1.0' in text
     assert 'tessera_requests_total{model="",route="/classify",status="404"} 1.0' in text
     assert 'tessera_model_loads_total{model="bert-clf",outcome="success"} 1.0' in text
+    tokens = {
+        kind: float(text.split(f'tessera_batch_tokens_total{{kind="{kind}",model="bert-clf"}} ')[1].split()[0])
+        for kind in ("input", "padded")
+    }
+    assert 3 * 3 <= tokens["input"] <= tokens["padded"]  # [CLS] a [SEP] at least, per input
     assert 'tessera_batch_size_sum{model="bert-clf"} 3.0' in text
     assert 'tessera_model_loaded{device="cpu",model="bert-clf"} 1.0' in text
     assert 'tessera_queue_depth{model="bert-clf"} 0.0' in text

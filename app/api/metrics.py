@@ -46,6 +46,12 @@ class Metrics:
             buckets=(64, 256, 1024, 4096, 16384, 65536),
             registry=r,
         )
+        self.tokens = Counter(
+            "tessera_batch_tokens_total",
+            "Tokens run in batches: kind=input (the inputs' own) and kind=padded (as a padded batch).",
+            ["model", "kind"],
+            registry=r,
+        )
         self.inference = Histogram(
             "tessera_inference_seconds",
             "Forward pass (or generate) time per batch.",
@@ -79,6 +85,8 @@ class Metrics:
     def observe_batch(self, model: str, record: BatchRecord) -> None:
         self.batch_size.labels(model).observe(record.size)
         self.batch_tokens.labels(model).observe(record.padded_tokens)
+        self.tokens.labels(model, "input").inc(record.tokens)
+        self.tokens.labels(model, "padded").inc(record.padded_tokens)
         self.inference.labels(model).observe(record.infer_s)
         self.queue_wait.labels(model).observe(record.queue_wait_s)
 

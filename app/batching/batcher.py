@@ -79,7 +79,8 @@ class BatchRecord:
     """One formed batch, as reported to observers (logs, metrics, the benchmark)."""
 
     size: int
-    padded_tokens: int
+    tokens: int  # the inputs' own tokens
+    padded_tokens: int  # what a padded batch of them holds: rows x the longest row
     queue_wait_s: float
     infer_s: float
     queue_depth: int
@@ -407,7 +408,8 @@ class DynamicBatcher:
             self._observer(
                 BatchRecord(
                     size=len(batch),
-                    padded_tokens=len(batch) * max(i.encoded.length for i in batch),
+                    tokens=sum(i.cost for i in batch),
+                    padded_tokens=sum(i.encoded.rows for i in batch) * max(i.encoded.length for i in batch),
                     queue_wait_s=started - min(i.enqueued for i in batch),
                     infer_s=elapsed,
                     queue_depth=self._depth,
