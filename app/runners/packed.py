@@ -1,18 +1,12 @@
-"""A BERT-family encoder run on packed tokens: no work on padding outside attention.
+"""A BERT-family encoder run on packed tokens: a ragged batch costs its real tokens only.
 
-A padded batch costs every row the longest row's length, and on a CPU a padded token
-costs as much as a real one. The batcher keeps padding small by grouping similar
-lengths, but from the few dozen texts in flight it cannot sort as well as an offline
-loop sorts its whole input: served batches carry about 9 % padding (measured at
-concurrency 64, bench/README.md). ``PackedEncoder`` takes the same padded batch as the
-model and returns the same output, but runs the embeddings, projections, feed-forward
-layers and layer norms on the real tokens only, packed into one ``[tokens, hidden]``
-matrix; only attention, a small share of the work at these lengths, goes back to the
-padded shape for each layer.
-
-It reuses the model's own modules, so it holds no weights of its own, and covers the
-architectures whose layers it knows (``PACKABLE``); everything else runs padded. Like a
-trace, it is used only once it matches the eager model (app/runners/traced.py).
+``PackedEncoder`` takes the padded batch the model takes and returns the model's output,
+but runs embeddings, projections, feed-forward layers and layer norms on the real tokens
+packed into one ``[tokens, hidden]`` matrix (on a CPU a padded token costs as much as a
+real one); only attention, a small share of the work at these lengths, goes back to the
+padded shape. It reuses the model's own modules (no weights of its own), knows the
+architectures in ``PACKABLE``, and like a trace is used only once it matches the eager
+model (app/runners/traced.py).
 """
 
 from __future__ import annotations
