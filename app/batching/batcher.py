@@ -79,7 +79,7 @@ class BatchRecord:
     """One formed batch, as reported to observers (logs, metrics, the benchmark)."""
 
     size: int
-    tokens: int  # the inputs' own tokens
+    tokens: int  # the inputs' own: each input's rows at its longest row's length
     padded_tokens: int  # what a padded batch of them holds: rows x the longest row
     queue_wait_s: float
     infer_s: float

@@ -13,11 +13,14 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from app.heap import collect_all
+
+if TYPE_CHECKING:
+    from app.runners.traced import EncoderForward
 
 # A tokenizer whose model_max_length is unset reports this huge sentinel.
 _UNSET_MAX = 1_000_000
@@ -79,7 +82,7 @@ class Runner(ABC):
         forwards = self._encoder_forwards()
         return bool(forwards) and all(forward.packed for forward in forwards)
 
-    def _encoder_forwards(self) -> list[Any]:
+    def _encoder_forwards(self) -> list[EncoderForward]:
         """The EncoderForwards it holds, directly or through its encoder."""
         from app.runners.traced import EncoderForward  # it imports this module
 
