@@ -10,7 +10,7 @@ for ``--rounds`` rounds on one torch thread, as a lane under load runs:
 - sorted 16: the offline loop's batches (all texts sorted by length, 16 at a time);
 - served 9: what the batcher forms at concurrency 64, about 9 neighbours by length from
   the ~46 texts waiting (a window of 9 from a random 46, sorted);
-- request 32: one request's 32 texts of mixed lengths, in one batch.
+- unsorted 32: 32 texts of mixed lengths in one batch, as a loop that does not sort runs them.
 
 It prints CPU ms per text and the ratio padded / served forward (above 1: packing pays).
 """
@@ -52,7 +52,7 @@ def batch_shapes(rows: list[list[int]], seed: int = 0) -> dict[str, list[list[in
     return {
         "sorted 16": [by_length[at : at + 16] for at in range(0, len(rows), 16)],
         "served 9": served,
-        "request 32": [rng.sample(range(len(rows)), 32) for _ in range(len(rows) // 32)],
+        "unsorted 32": [rng.sample(range(len(rows)), 32) for _ in range(len(rows) // 32)],
     }
 
 
