@@ -199,8 +199,8 @@ class _EntryBase(BaseModel):
     )
     packed: bool | None = Field(
         None,
-        description="Run batches with much padding on their real tokens only (BERT, RoBERTa and "
-        "XLM-R encoders), checked against the eager model at load (falls back to padded if it "
+        description="Run batches with much padding on their real tokens only (BERT, RoBERTa, "
+        "XLM-R and DistilBERT encoders), checked against the eager model at load (falls back to padded if it "
         "differs). Default: on for CPU, off elsewhere.",
     )
 

@@ -1,8 +1,9 @@
 """Packed vs padded forward passes, side by side on the same batches (no HTTP, no batcher).
 
-    .venv/bin/python bench/packing.py [--rounds 3]
+    .venv/bin/python bench/packing.py [--rounds 3] [--model minilm|distilbert]
 
-The classification scenario's MiniLM classifier runs three kinds of batch, each through
+The classification scenario's MiniLM classifier (or, with ``--model distilbert``, a
+distilbert-base-size classifier with random weights) runs three kinds of batch, each through
 its padded TorchScript forward and through the forward the server runs (which packs a
 batch whose padding is over 4 % of its real tokens, app/runners/traced.py), alternating
 for ``--rounds`` rounds on one torch thread, as a lane under load runs:
@@ -32,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from workloads import build_minilm_classifier, make_texts
+from workloads import build_distilbert_classifier, build_minilm_classifier, make_texts
 
 from app.runners.base import pad_rows
 from app.runners.traced import encoder_forward
 
 Batch = dict[str, torch.Tensor]
+BUILDERS = {"minilm": build_minilm_classifier, "distilbert": build_distilbert_classifier}
 
 
 def batch_shapes(rows: list[list[int]], seed: int = 0) -> dict[str, list[list[int]]]:
@@ -69,21 +71,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--texts", type=int, default=768)
+    parser.add_argument("--model", choices=tuple(BUILDERS), default="minilm")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp:
-        path = build_minilm_classifier(Path(tmp) / "classifier")
+        path = BUILDERS[args.model](Path(tmp) / "classifier")
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
         padded = encoder_forward(model, "logits", tokenizer, "bench-padded", None, packed=False)
         served = encoder_forward(model, "logits", tokenizer, "bench-served", None)
         print(f"padded forward traced: {padded.traced}; served forward traced: {served.traced}, packs: {served.packed}")
         encoded = tokenizer(make_texts(args.texts))
-        rows, types = encoded["input_ids"], encoded["token_type_ids"]
-        shapes = {
-            name: [pad_rows([rows[i] for i in idx], 0, [types[i] for i in idx], torch.device("cpu")) for idx in batches]
-            for name, batches in batch_shapes(rows).items()
-        }
+        rows, types = encoded["input_ids"], encoded.get("token_type_ids")
+
+        def batch(idx: list[int]) -> Batch:
+            return pad_rows([rows[i] for i in idx], 0, [types[i] for i in idx] if types else None, torch.device("cpu"))
+
+        shapes = {name: [batch(idx) for idx in batches] for name, batches in batch_shapes(rows).items()}
         times: dict[tuple[str, str], list[float]] = {}
         for r in range(args.rounds):
             for name, batches in shapes.items():

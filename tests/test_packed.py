@@ -13,6 +13,8 @@ from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    ElectraConfig,
+    ElectraForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
     pipeline,
@@ -42,9 +44,11 @@ def load(kind: Any, path: Path) -> Any:
     return kind.from_pretrained(str(path)).eval()
 
 
-def test_packed_bert_classifier_gives_the_models_logits(tiny_models: dict[str, Path]) -> None:
-    model = load(AutoModelForSequenceClassification, tiny_models["bert-clf"])
-    batch = ragged_batch(model.config.vocab_size, RAGGED)
+@pytest.mark.parametrize(("name", "pairs"), [("bert-clf", True), ("distilbert-clf", False)])
+def test_packed_classifiers_give_the_models_logits(tiny_models: dict[str, Path], name: str, pairs: bool) -> None:
+    model = load(AutoModelForSequenceClassification, tiny_models[name])
+    assert packable(model, "logits")
+    batch = ragged_batch(model.config.vocab_size, RAGGED, pairs=pairs)
     with torch.inference_mode():
         want = model(**batch).logits
         got = PackedEncoder(model, "logits")(**batch)["logits"]
@@ -88,10 +92,19 @@ def test_roberta_positions_count_from_after_the_padding_index() -> None:
 
 
 def test_architectures_it_does_not_know_run_padded(tiny_models: dict[str, Path]) -> None:
-    distilbert = load(AutoModelForSequenceClassification, tiny_models["distilbert-clf"])
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["distilbert-clf"]))
-    assert not packable(distilbert, "logits")
-    forward = encoder_forward(distilbert, "logits", tokenizer, "test-distilbert", None)
+    config = ElectraConfig(
+        vocab_size=64,
+        embedding_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+    )
+    electra = ElectraForSequenceClassification(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert-clf"]))  # only its input names matter
+    assert not packable(electra, "logits")
+    forward = encoder_forward(electra, "logits", tokenizer, "test-electra", None)
     assert forward.traced and not forward.packed
 
 

@@ -17,28 +17,105 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# model_type -> the first position id (RoBERTa-style models count from padding_idx + 1).
-PACKABLE = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
+
+class _Bert:
+    """Where BERT's parts are: embeddings, per-layer projections and norms, the head."""
+
+    def first_position(self, config: Any) -> int:
+        return 0
+
+    def layers(self, base: Any) -> Any:
+        return base.encoder.layer
+
+    def embed(self, base: Any, ids: torch.Tensor, types: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return base.embeddings(input_ids=ids, token_type_ids=types, position_ids=positions)
+
+    def projections(self, layer: Any) -> tuple[Any, Any, Any]:
+        attention = layer.attention.self
+        return attention.query, attention.key, attention.value
+
+    def heads(self, layer: Any) -> tuple[int, int]:
+        return layer.attention.self.num_attention_heads, layer.attention.self.attention_head_size
+
+    def after_attention(self, layer: Any, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return layer.attention.output(context, x)  # out-projection, residual, layer norm
+
+    def feed_forward(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        return layer.output(layer.intermediate(x), x)
+
+    def logits(self, model: Any, hidden: torch.Tensor) -> torch.Tensor:
+        # BERT's classifier reads the pooled first token; RoBERTa's head reads it from the sequence.
+        pooler = getattr(model.base_model, "pooler", None)
+        return model.classifier(pooler(hidden) if pooler is not None else hidden)
+
+    def knows(self, model: Any) -> bool:
+        layer = self.layers(model.base_model)[0]
+        parts = (*self.projections(layer), layer.attention.output, layer.intermediate, layer.output)
+        return all(isinstance(p, nn.Module) for p in parts)
+
+
+class _Roberta(_Bert):
+    """BERT's layout; positions count from padding_idx + 1."""
+
+    def first_position(self, config: Any) -> int:
+        return int(config.pad_token_id) + 1
+
+
+class _DistilBert(_Bert):
+    """DistilBERT: no token types, its own layer names, a pre-classifier on the first token."""
+
+    def layers(self, base: Any) -> Any:
+        return base.transformer.layer
+
+    def embed(self, base: Any, ids: torch.Tensor, types: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return base.embeddings(input_ids=ids, position_ids=positions)
+
+    def projections(self, layer: Any) -> tuple[Any, Any, Any]:
+        return layer.attention.q_lin, layer.attention.k_lin, layer.attention.v_lin
+
+    def heads(self, layer: Any) -> tuple[int, int]:
+        return layer.attention.n_heads, layer.attention.attention_head_size
+
+    def after_attention(self, layer: Any, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return layer.sa_layer_norm(layer.attention.out_lin(context) + x)
+
+    def feed_forward(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        return layer.output_layer_norm(layer.ffn(x.unsqueeze(0)).squeeze(0) + x)
+
+    def logits(self, model: Any, hidden: torch.Tensor) -> torch.Tensor:
+        return model.classifier(F.relu(model.pre_classifier(hidden[:, 0])))
+
+    def knows(self, model: Any) -> bool:
+        layer = self.layers(model.base_model)[0]
+        parts = (*self.projections(layer), layer.attention.out_lin, layer.sa_layer_norm, layer.ffn)
+        return all(isinstance(p, nn.Module) for p in (*parts, layer.output_layer_norm))
+
+
+# model_type -> where its parts are; anything else runs padded.
+PACKABLE: dict[str, _Bert] = {
+    "bert": _Bert(),
+    "roberta": _Roberta(),
+    "xlm-roberta": _Roberta(),
+    "distilbert": _DistilBert(),
+}
 
 
 def packable(model: Any, output: str) -> bool:
     """Whether ``PackedEncoder`` knows this model's layers and the output asked for."""
     config = model.config
-    if PACKABLE.get(config.model_type) is None or getattr(config, "is_decoder", False):
+    family = PACKABLE.get(config.model_type)
+    if family is None or getattr(config, "is_decoder", False):
         return False
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         return False
-    base = model.base_model
-    if output == "logits" and not isinstance(getattr(model, "classifier", None), nn.Module):
-        return False
     if output not in {"logits", "last_hidden_state"}:
         return False
+    if output == "logits" and not isinstance(getattr(model, "classifier", None), nn.Module):
+        return False
     try:
-        layer = base.encoder.layer[0]
-        parts = (layer.attention.self.query, layer.attention.output, layer.intermediate, layer.output)
+        return family.knows(model)
     except (AttributeError, IndexError, TypeError):
         return False
-    return all(isinstance(p, nn.Module) for p in parts)
 
 
 class PackedEncoder(nn.Module):
@@ -52,15 +129,14 @@ class PackedEncoder(nn.Module):
         super().__init__()
         self.model = model  # the only registered child: parameter names are the model's, under "model."
         self.output = output
-        attention = model.base_model.encoder.layer[0].attention.self
-        self.heads = attention.num_attention_heads
-        self.head_size = attention.attention_head_size
-        self.first_position = config_first_position(model.config)
+        self.family = PACKABLE[model.config.model_type]
+        self.heads, self.head_size = self.family.heads(self.family.layers(model.base_model)[0])
+        self.first_position = self.family.first_position(model.config)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        base = self.model.base_model
+        base, family = self.model.base_model, self.family
         real = attention_mask.reshape(-1).bool()
         index = real.nonzero().squeeze(1)  # padded slot of each real token
         # Padded slot -> a packed row (a padding slot takes its row's last real token; it is
@@ -72,32 +148,21 @@ class PackedEncoder(nn.Module):
             return t.reshape(-1).index_select(0, index).unsqueeze(0)
 
         types = packed(token_type_ids) if token_type_ids is not None else torch.zeros_like(packed(input_ids))
-        x = base.embeddings(input_ids=packed(input_ids), token_type_ids=types, position_ids=packed(positions))[0]
+        x = family.embed(base, packed(input_ids), types, packed(positions))[0]
         keys = attention_mask.bool()[:, None, None, :]
 
         def by_head(t: torch.Tensor) -> torch.Tensor:
             padded = t.index_select(0, slot_row).unflatten(0, attention_mask.shape)
             return padded.unflatten(2, (self.heads, self.head_size)).transpose(1, 2)
 
-        for layer in base.encoder.layer:
-            attention = layer.attention.self
-            q, k, v = by_head(attention.query(x)), by_head(attention.key(x)), by_head(attention.value(x))
+        for layer in family.layers(base):
+            q, k, v = (by_head(projection(x)) for projection in family.projections(layer))
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
             context = context.transpose(1, 2).flatten(2).flatten(0, 1).index_select(0, index)
-            x = layer.attention.output(context, x)
-            x = layer.output(layer.intermediate(x), x)
+            x = family.feed_forward(layer, family.after_attention(layer, context, x))
 
         hidden = x.index_select(0, slot_row).unflatten(0, attention_mask.shape)
         hidden = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
         if self.output == "last_hidden_state":
             return {"last_hidden_state": hidden}
-        pooler = getattr(base, "pooler", None)
-        # BERT's classifier reads the pooled first token; RoBERTa's head reads it from the sequence.
-        features = pooler(hidden) if pooler is not None else hidden
-        return {"logits": self.model.classifier(features)}
-
-
-def config_first_position(config: Any) -> int:
-    if PACKABLE.get(config.model_type) == "roberta":
-        return int(config.pad_token_id) + 1
-    return 0
+        return {"logits": family.logits(self.model, hidden)}
