@@ -40,18 +40,24 @@ def ragged_batch(vocab_size: int, lengths: tuple[int, ...], pairs: bool = True) 
     return pad_rows(rows, 0, types, torch.device("cpu"))
 
 
+# The size of the tiny models built in tests/tiny_models.py, for architectures built here.
+TINY = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
 def load(kind: Any, path: Path) -> Any:
     return kind.from_pretrained(str(path)).eval()
+
+
+def eager_and_packed(model: Any, batch: dict[str, torch.Tensor], output: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        return model(**batch)[output], PackedEncoder(model, output)(**batch)[output]
 
 
 @pytest.mark.parametrize(("name", "pairs"), [("bert-clf", True), ("distilbert-clf", False)])
 def test_packed_classifiers_give_the_models_logits(tiny_models: dict[str, Path], name: str, pairs: bool) -> None:
     model = load(AutoModelForSequenceClassification, tiny_models[name])
     assert packable(model, "logits")
-    batch = ragged_batch(model.config.vocab_size, RAGGED, pairs=pairs)
-    with torch.inference_mode():
-        want = model(**batch).logits
-        got = PackedEncoder(model, "logits")(**batch)["logits"]
+    want, got = eager_and_packed(model, ragged_batch(model.config.vocab_size, RAGGED, pairs=pairs), "logits")
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-5)
 
@@ -62,45 +68,24 @@ def test_packed_hidden_states_equal_the_model_on_real_tokens_and_are_zero_on_pad
     model = load(AutoModel, tiny_models["bert-embed"])
     batch = ragged_batch(model.config.vocab_size, RAGGED, pairs=False)
     real = batch["attention_mask"].unsqueeze(-1).bool()
-    with torch.inference_mode():
-        want = model(**batch).last_hidden_state
-        got = PackedEncoder(model, "last_hidden_state")(**batch)["last_hidden_state"]
+    want, got = eager_and_packed(model, batch, "last_hidden_state")
     assert torch.allclose(got.masked_select(real), want.masked_select(real), atol=1e-5)
     assert not got.masked_select(~real).any()
 
 
 def test_roberta_positions_count_from_after_the_padding_index() -> None:
-    config = RobertaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        pad_token_id=1,
-        num_labels=3,
-    )
+    config = RobertaConfig(**TINY, max_position_embeddings=40, pad_token_id=1, num_labels=3)
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(config).eval()
     assert packable(model, "logits")
     batch = ragged_batch(config.vocab_size, RAGGED, pairs=False)
     batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, config.pad_token_id)
-    with torch.inference_mode():
-        want = model(**batch).logits
-        got = PackedEncoder(model, "logits")(**batch)["logits"]
+    want, got = eager_and_packed(model, batch, "logits")
     assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_architectures_it_does_not_know_run_padded(tiny_models: dict[str, Path]) -> None:
-    config = ElectraConfig(
-        vocab_size=64,
-        embedding_size=32,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=2,
-    )
+    config = ElectraConfig(**TINY, embedding_size=32, num_labels=2)
     electra = ElectraForSequenceClassification(config).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert-clf"]))  # only its input names matter
     assert not packable(electra, "logits")

@@ -87,8 +87,14 @@ class _DistilBert(_Bert):
 
     def knows(self, model: Any) -> bool:
         layer = self.layers(model.base_model)[0]
-        parts = (*self.projections(layer), layer.attention.out_lin, layer.sa_layer_norm, layer.ffn)
-        return all(isinstance(p, nn.Module) for p in (*parts, layer.output_layer_norm))
+        parts = (
+            *self.projections(layer),
+            layer.attention.out_lin,
+            layer.sa_layer_norm,
+            layer.ffn,
+            layer.output_layer_norm,
+        )
+        return all(isinstance(p, nn.Module) for p in parts)
 
 
 # model_type -> where its parts are; anything else runs padded.
