@@ -17,7 +17,8 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+
+from app.api.json_route import JsonBodyRoute
 
 
 async def project_error_response(request: Request, exc: Exception) -> Response:
@@ -32,7 +33,7 @@ async def project_error_response(request: Request, exc: Exception) -> Response:
     return response
 
 
-class ReshapedErrorsRoute(APIRoute):
+class ReshapedErrorsRoute(JsonBodyRoute):
     """An APIRoute whose error answers pass through ``reshape`` (request validation included)."""
 
     def reshape(self, response: Response) -> Response:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 
 from app.api.errors import error_responses
+from app.api.json_route import JsonBodyRoute
 from app.api.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -36,7 +37,7 @@ from app.runners.classification import ClassifyInput, ZeroShotInput
 from app.runners.embedding import EmbedInput, ExtractInput
 from app.runners.seq2seq import Seq2SeqInput, Seq2SeqRunner
 
-router = APIRouter(tags=["tasks"])
+router = APIRouter(tags=["tasks"], route_class=JsonBodyRoute)
 T = TypeVar("T")
 
 TASK_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504)
