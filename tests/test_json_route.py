@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from app.api.json_route import _Plan
+from app.api.security import require_api_key
 from tests.conftest import serve
 
 JSON = "application/json"
@@ -95,15 +96,28 @@ async def test_invalid_requests_get_fastapis_answers(
     assert await answers(app_factory(), INVALID) == served
 
 
-@pytest.mark.parametrize("settings", [{"api_keys": "k"}, {"opentelemetry": True}])
-async def test_app_wide_hooks_keep_fastapis_handler(
-    app_factory: Callable[..., FastAPI], direct_answers: list[int], settings: dict[str, Any]
+async def test_the_api_key_check_runs_on_the_direct_path(
+    app_factory: Callable[..., FastAPI], direct_answers: list[int]
 ) -> None:
-    """An API-key dependency must run, and OpenTelemetry sees FastAPI's handler steps."""
-    async with serve(app_factory(**settings)) as client:
-        body = {"inputs": "I love this movie", "model": "bert-clf"}
-        response = await client.post("/classify", json=body, headers={"Authorization": "Bearer k"})
-        assert response.status_code == 200
-        if "api_keys" in settings:
-            assert (await client.post("/classify", json=body)).status_code == 401
+    body = {"inputs": "I love this movie", "model": "bert-clf"}
+    async with serve(app_factory(api_keys="k")) as client:
+        for refused in ({}, {"Authorization": "Bearer wrong"}):
+            response = await client.post("/classify", json=body, headers=refused)
+            assert response.status_code == 401 and response.json()["error"] == "unauthorized"
+            assert response.headers["www-authenticate"].startswith("Bearer")
+        assert (await client.post("/classify", json=body, headers={"Authorization": "Bearer k"})).status_code == 200
+    assert direct_answers == [1]
+
+
+async def test_opentelemetry_and_dependency_overrides_keep_fastapis_handler(
+    app_factory: Callable[..., FastAPI], direct_answers: list[int]
+) -> None:
+    """OpenTelemetry sees FastAPI's handler steps; an override must replace the dependency it names."""
+    body = {"inputs": "I love this movie", "model": "bert-clf"}
+    async with serve(app_factory(opentelemetry=True)) as client:
+        assert (await client.post("/classify", json=body)).status_code == 200
+    keyed = app_factory(api_keys="k")
+    keyed.dependency_overrides[require_api_key] = lambda: None
+    async with serve(keyed) as client:
+        assert (await client.post("/classify", json=body)).status_code == 200  # no key: overridden
     assert direct_answers == []

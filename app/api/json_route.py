@@ -3,12 +3,13 @@
 FastAPI's generic request handler costs about a third of the event loop's time per
 request under load (it parses the body with ``json``, solves the dependency graph and
 validates twice); ``JsonBodyRoute`` gives such routes a direct path for the common case:
-a JSON body that validates, no dependencies to solve, no OpenTelemetry hooks. The body
-is validated from its bytes by pydantic and the response validated and dumped as
-FastAPI does. Anything else (another content type, an invalid body, a dependency, an
-app with OpenTelemetry on) goes through FastAPI's own handler, so every error answer is
-FastAPI's, worded by our error handlers. Routes stay FastAPI routes: the same
-middleware, exception handlers and OpenAPI schema.
+a JSON body that validates. The body is validated from its bytes by pydantic, guards that
+read only the request (the API-key check) are awaited as FastAPI would, and the response
+is validated and dumped as FastAPI does. Anything else (another content type, an invalid
+body, any other dependency, dependency overrides, an app with OpenTelemetry on) goes
+through FastAPI's own handler, so every error answer is FastAPI's, worded by our error
+handlers. Routes stay FastAPI routes: the same middleware, exception handlers and
+OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+Guard = tuple[Callable[..., Coroutine[Any, Any, Any]], str]  # an async check, its Request parameter
 
 
 class JsonBodyRoute(APIRoute):
@@ -39,6 +41,8 @@ class JsonBodyRoute(APIRoute):
         async def handle(request: Request) -> Response:
             if not plan.applies(request):
                 return await standard(request)
+            for guard, name in plan.guards:
+                await guard(**{name: request})  # raises to refuse, as under FastAPI's handler
             try:
                 body = plan.body.validate_json(await request.body())
             except ValidationError:
@@ -54,8 +58,11 @@ class JsonBodyRoute(APIRoute):
 class _Plan:
     """What the direct path needs to know about one route, worked out once."""
 
-    def __init__(self, route: APIRoute, body_name: str, body: type[BaseModel], request_name: str) -> None:
+    def __init__(
+        self, route: APIRoute, body_name: str, body: type[BaseModel], request_name: str, guards: list[Guard]
+    ) -> None:
         self.endpoint = route.endpoint
+        self.guards = guards
         self.body_name, self.request_name = body_name, request_name
         self.body: TypeAdapter[Any] = TypeAdapter(body)
         self.response: TypeAdapter[Any] = TypeAdapter(route.response_model)
@@ -65,7 +72,8 @@ class _Plan:
     def of(cls, route: APIRoute) -> _Plan | None:
         """A plan when the route is ``(body: Model, request: Request)`` with a plain response
         model; None for any other shape (FastAPI's handler serves those)."""
-        if not inspect.iscoroutinefunction(route.endpoint) or _as_included(route).dependant.dependencies:
+        guards = [_guard(dependency) for dependency in _as_included(route).dependant.dependencies]
+        if not inspect.iscoroutinefunction(route.endpoint) or None in guards:
             return None
         if route.response_model is None or route.status_code not in (None, 200):
             return None
@@ -84,11 +92,11 @@ class _Plan:
         requests = [n for n, t in hints.items() if t is Request]
         if len(models) != 1 or len(requests) != 1:
             return None
-        return cls(route, models[0], hints[models[0]], requests[0])
+        return cls(route, models[0], hints[models[0]], requests[0], [g for g in guards if g is not None])
 
     def applies(self, request: Request) -> bool:
-        """A JSON body, and no OpenTelemetry hooks to run (create_app sets the flag)."""
-        if getattr(request.app.state, "opentelemetry", False):
+        """A JSON body; no dependency overrides, no OpenTelemetry hooks (create_app sets the flag)."""
+        if request.app.dependency_overrides or getattr(request.app.state, "opentelemetry", False):
             return False
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -110,3 +118,19 @@ def _as_included(route: APIRoute) -> Any:
     current = getattr(fastapi.routing, "_effective_route_context_var", None)
     context = current.get() if current is not None else None
     return context if context is not None and getattr(context, "original_route", None) is route else route
+
+
+def _guard(dependency: Any) -> Guard | None:
+    """An ``async def check(request: Request)`` dependency with nothing of its own to solve;
+    None for anything else."""
+    call = dependency.call
+    if not inspect.iscoroutinefunction(call) or dependency.dependencies or not dependency.request_param_name:
+        return None
+    try:
+        hints = typing.get_type_hints(call)
+    except (NameError, TypeError):
+        return None
+    hints.pop("return", None)
+    if list(hints.values()) != [Request] or len(inspect.signature(call).parameters) != 1:
+        return None
+    return call, dependency.request_param_name
