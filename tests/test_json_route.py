@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
+from app.api import json_route
 from app.api.json_route import _Plan
 from app.api.security import require_api_key
 from tests.conftest import serve
+
+pytestmark = pytest.mark.anyio
 
 JSON = "application/json"
 TEXT = "The quick brown fox jumps over the lazy dog. It was not amused. The dog slept on. Foxes ran."
@@ -44,8 +47,6 @@ INVALID: list[tuple[str, Any, str]] = [
     ("/translate", {"inputs": "x", "model": "marian-en-de", "parameters": {"max_new_tokens": 10**6}}, JSON),
     ("/v1/embeddings", {"input": 7, "model": "bert-embed"}, JSON),
 ]
-pytestmark = pytest.mark.anyio
-
 READ_HEADERS = ("content-type", "content-length", "retry-after", "www-authenticate", "x-error-message")
 
 
@@ -107,6 +108,17 @@ async def test_the_api_key_check_runs_on_the_direct_path(
             assert response.headers["www-authenticate"].startswith("Bearer")
         assert (await client.post("/classify", json=body, headers={"Authorization": "Bearer k"})).status_code == 200
     assert direct_answers == [1]
+
+
+async def test_the_api_key_check_runs_even_if_fastapi_hides_the_apps_dependencies(
+    app_factory: Callable[..., FastAPI], direct_answers: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(json_route, "_as_included", lambda route: route)  # sees the route's own only
+    body = {"inputs": "I love this movie", "model": "bert-clf"}
+    async with serve(app_factory(api_keys="k")) as client:
+        assert (await client.post("/classify", json=body)).status_code == 401
+        assert (await client.post("/classify", json=body, headers={"Authorization": "Bearer k"})).status_code == 200
+    assert direct_answers == []
 
 
 async def test_opentelemetry_and_dependency_overrides_keep_fastapis_handler(
