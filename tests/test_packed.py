@@ -21,7 +21,7 @@ from transformers import (
 )
 
 import app.runners.traced as traced_module
-from app.batching.batcher import PACKED_PADDING_SLACK
+from app.batching.forming import PACKED_PADDING_SLACK
 from app.config import TextClassificationEntry
 from app.runners.base import pad_rows
 from app.runners.classification import ClassificationRunner

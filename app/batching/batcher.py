@@ -4,7 +4,7 @@ Requests enqueue items and await futures. A free lane tokenizes new items (runne
 their tokenizer with a lock, so two lanes never use it at once), adds them to a shared
 pool, and forms a batch from the group of the oldest waiting item, sorted by token length
 so that padding stays small, within ``max_batch_size`` items and ``max_batch_tokens``
-padded tokens. No lane waits for a batch to fill: when idle, an item goes straight
+padded tokens (app/batching/forming.py). No lane waits for a batch to fill: when idle, an item goes straight
 through, and whatever arrives during a forward pass forms the next batch. A failing batch
 is split in halves until the failing input is alone, so one bad input never fails its
 neighbours.
@@ -27,9 +27,10 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from app.batching.forming import PADDING_SLACK, Encoded, PendingInput, Ticket, form_batch
 from app.batching.threads import ThreadShare
 from app.errors import (
     DeadlineExceeded,
@@ -42,28 +43,13 @@ from app.errors import (
 
 log = logging.getLogger(__name__)
 
-# Batch shaping: how far a batch may stretch in length, and how long (at most, and as a
-# fraction of the last forward pass) a lane waits for returning clients after a batch.
-PADDING_SLACK = 4
-# With a packed forward, padding costs only in attention; a wider slack lets short inputs
-# form larger batches (in-process at c=64, 12 tokens: 3 % more texts/s than 4; 24 or no
-# limit at all: less, as attention's padding grows).
-PACKED_PADDING_SLACK = 12
+# How long (at most, and as a fraction of the last forward pass) a lane waits for
+# returning clients after a batch.
 MAX_LINGER_S = 0.05
 LINGER_FRACTION = 0.05
 
 # Set by the HTTP layer per request; submit() records the largest batch its inputs ran in.
 request_stats: ContextVar[dict[str, Any] | None] = ContextVar("request_stats", default=None)
-
-
-class Encoded(Protocol):
-    """What a runner's ``encode`` returns per input: its token length and model rows."""
-
-    @property
-    def length(self) -> int: ...
-
-    @property
-    def rows(self) -> int: ...
 
 
 class BatchRunner(Protocol):
@@ -84,31 +70,6 @@ class BatchRecord:
     queue_wait_s: float
     infer_s: float
     queue_depth: int
-
-
-@dataclass(eq=False)
-class _Ticket:
-    """What the items of one request share: their token total, checked against the limit."""
-
-    tokens: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _Item:
-    ticket: _Ticket
-    payload: Any
-    group: Hashable
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
-    deadline: float
-    seq: int
-    enqueued: float = field(default_factory=time.monotonic)
-    encoded: Any = None
-
-    @property
-    def cost(self) -> int:
-        return int(self.encoded.rows) * int(self.encoded.length)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -148,8 +109,8 @@ class DynamicBatcher:
         # woken first: at low load, lane 0 alone does the work, on all of torch's threads.
         self._wakes = [threading.Condition(self._lock) for _ in range(lanes)]
         self._idle: set[int] = set()
-        self._incoming: list[_Item] = []
-        self._pool: list[_Item] = []  # encoded, waiting for a batch; guarded by _lock
+        self._incoming: list[PendingInput] = []
+        self._pool: list[PendingInput] = []  # encoded, waiting for a batch; guarded by _lock
         self._depth = 0  # items queued or pooled, guarded by _lock
         self._closed = False
         self._seq = itertools.count()
@@ -179,8 +140,10 @@ class DynamicBatcher:
         (a ``time.monotonic()`` instant). Cancelling the caller drops its queued items.
         """
         loop = asyncio.get_running_loop()
-        ticket = _Ticket()
-        items = [_Item(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq)) for p in payloads]
+        ticket = Ticket()
+        items = [
+            PendingInput(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq)) for p in payloads
+        ]
         with self._lock:
             if self._closed:
                 raise ModelUnavailable(f"model '{self.name}' is being unloaded; retry the request")
@@ -288,7 +251,7 @@ class DynamicBatcher:
         for item in leftover:
             self._fail(item, ModelUnavailable(f"model '{self.name}' was unloaded before this input ran"))
 
-    def _admit(self, new: list[_Item]) -> None:
+    def _admit(self, new: list[PendingInput]) -> None:
         live = [item for item in new if not self._drop_if_done(item)]
         if not live:
             return
@@ -320,7 +283,7 @@ class DynamicBatcher:
         with self._lock:
             self._pool.extend(pooled)
 
-    def _encode_one(self, item: _Item) -> Any:
+    def _encode_one(self, item: PendingInput) -> Any:
         try:
             return self._runner.encode([item.payload])[0]
         except Exception as exc:
@@ -328,7 +291,7 @@ class DynamicBatcher:
             self._fail(item, InferenceFailed(f"could not tokenize this input: {exc}"))
             return None
 
-    def _drop_if_done(self, item: _Item) -> bool:
+    def _drop_if_done(self, item: PendingInput) -> bool:
         if item.future.done():  # the client went away or its deadline passed
             self._release(1)
             return True
@@ -337,44 +300,21 @@ class DynamicBatcher:
             return True
         return False
 
-    def _next_batch(self) -> list[_Item]:
-        """The oldest waiting item plus its nearest neighbours by length, within the limits
-        (called holding ``_lock``).
-
-        A neighbour joins only while the batch stays within ``max_padding_ratio`` of its
-        shortest member (or ``padding_slack`` tokens): on a CPU, padded tokens cost as much
-        as real ones, so two well-sorted batches beat one ragged batch.
-        """
+    def _next_batch(self) -> list[PendingInput]:
+        """The next batch from the pool (app/batching/forming.py), called holding ``_lock``."""
         self._pool = [item for item in self._pool if not self._drop_if_done(item)]
-        if not self._pool:
-            return []
-        oldest = min(self._pool, key=lambda item: item.seq)
-        group = sorted((i for i in self._pool if i.group == oldest.group), key=lambda i: i.encoded.length)
-        lo = hi = group.index(oldest)
-        rows = oldest.encoded.rows
-        while hi - lo + 1 < self.max_batch_size:
-            fits = []
-            for j in (lo - 1, hi + 1):
-                if not 0 <= j < len(group):
-                    continue
-                shortest = min(group[lo].encoded.length, group[j].encoded.length)
-                width = max(group[hi].encoded.length, group[j].encoded.length)
-                within_padding = width <= max(shortest * self.max_padding_ratio, shortest + self.padding_slack)
-                within_budget = (rows + group[j].encoded.rows) * width <= self.max_batch_tokens
-                if within_padding and within_budget:
-                    fits.append(j)
-            if not fits:
-                break
-            # The neighbour closest in length to the oldest item keeps the batch tight.
-            j = min(fits, key=lambda k: abs(group[k].encoded.length - oldest.encoded.length))
-            lo, hi = min(lo, j), max(hi, j)
-            rows += group[j].encoded.rows
-        window = group[lo : hi + 1]
-        chosen = set(window)
+        batch = form_batch(
+            self._pool,
+            max_items=self.max_batch_size,
+            max_tokens=self.max_batch_tokens,
+            padding_ratio=self.max_padding_ratio,
+            padding_slack=self.padding_slack,
+        )
+        chosen = set(batch)
         self._pool = [item for item in self._pool if item not in chosen]
-        return window
+        return batch
 
-    def _execute(self, batch: list[_Item], lane: int) -> float:
+    def _execute(self, batch: list[PendingInput], lane: int) -> float:
         """Run ``batch`` on ``lane`` and resolve its futures; the seconds it took."""
         started = time.monotonic()
         try:
@@ -428,7 +368,7 @@ class DynamicBatcher:
         log.error("inference failed on model %s", self.name, exc_info=exc)
         return InferenceFailed(f"inference failed on model '{self.name}': {type(exc).__name__}: {exc}")
 
-    def _fail(self, item: _Item, error: ServiceError) -> None:
+    def _fail(self, item: PendingInput, error: ServiceError) -> None:
         _post(item, _reject, error)
         self._release(1)
 
@@ -437,7 +377,7 @@ class DynamicBatcher:
             self._depth -= count
 
 
-def _post(item: _Item, callback: Callable[[asyncio.Future[Any], Any], None], value: Any) -> None:
+def _post(item: PendingInput, callback: Callable[[asyncio.Future[Any], Any], None], value: Any) -> None:
     with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown); nobody waits any more
         item.loop.call_soon_threadsafe(callback, item.future, value)
 

@@ -23,13 +23,8 @@ from typing import Any
 
 import torch
 
-from app.batching.batcher import (
-    PACKED_PADDING_SLACK,
-    PADDING_SLACK,
-    BatchRecord,
-    DynamicBatcher,
-    request_stats,
-)
+from app.batching.batcher import BatchRecord, DynamicBatcher, request_stats
+from app.batching.forming import PACKED_PADDING_SLACK, PADDING_SLACK
 from app.batching.threads import ThreadShare
 from app.config import Catalog, Endpoint, Settings, can_serve
 from app.errors import ModelNotFound, ModelUnavailable, WrongTask
