@@ -25,7 +25,7 @@ from app.api.middleware import RequestContextMiddleware
 from app.api.security import BodySizeLimit, require_api_key
 from app.config import Settings, load_catalog
 from app.errors import ServiceError
-from app.heap import freeze_survivors
+from app.heap import freeze_survivors, young_collections_spaced_out
 from app.registry.registry import ModelRegistry
 from app.registry.sources import hf_offline_flag, probe_hub
 
@@ -93,7 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
         preloading = asyncio.create_task(_preload(registry))
         try:
-            yield
+            with young_collections_spaced_out():
+                yield
         finally:
             preloading.cancel()
             await registry.close()
