@@ -115,7 +115,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
-    app.state.opentelemetry = settings.opentelemetry  # task routes skip FastAPI's handler only without it
     app.state.catalog = catalog
     install_error_handlers(app)
     app.state.metrics = Metrics()

@@ -50,7 +50,7 @@ class JsonBodyRoute(APIRoute):
             result = await plan.endpoint(**{plan.body_name: body, plan.request_name: request})
             if isinstance(result, Response):
                 return result
-            return Response(plan.dump(result), status_code=self.status_code or 200, media_type="application/json")
+            return Response(plan.dump(result), media_type="application/json")  # the plan's routes answer 200
 
         return handle
 
@@ -73,8 +73,9 @@ class _Plan:
     def of(cls, route: APIRoute) -> _Plan | None:
         """A plan when the route is ``(body: Model, request: Request)`` with a plain response
         model; None for any other shape (FastAPI's handler serves those)."""
-        guards = [_guard(dependency) for dependency in _as_included(route).dependant.dependencies]
-        if not inspect.iscoroutinefunction(route.endpoint) or None in guards:
+        dependencies = _as_included(route).dependant.dependencies
+        guards = [guard for dependency in dependencies if (guard := _guard(dependency)) is not None]
+        if not inspect.iscoroutinefunction(route.endpoint) or len(guards) != len(dependencies):
             return None
         if route.response_model is None or route.status_code not in (None, 200):
             return None
@@ -93,14 +94,14 @@ class _Plan:
         requests = [n for n, t in hints.items() if t is Request]
         if len(models) != 1 or len(requests) != 1:
             return None
-        return cls(route, models[0], hints[models[0]], requests[0], [g for g in guards if g is not None])
+        return cls(route, models[0], hints[models[0]], requests[0], guards)
 
     def applies(self, request: Request) -> bool:
-        """A JSON body; no dependency overrides, no OpenTelemetry hooks (create_app sets the
-        flag), and every app-wide dependency among the guards: should a FastAPI release stop
-        showing them to ``_as_included``, the API-key check still runs, under FastAPI's handler."""
+        """A JSON body; no dependency overrides, no OpenTelemetry hooks (the app's settings),
+        and every app-wide dependency among the guards: should a FastAPI release stop showing
+        them to ``_as_included``, the API-key check still runs, under FastAPI's handler."""
         app = request.app
-        if app.dependency_overrides or getattr(app.state, "opentelemetry", False):
+        if app.dependency_overrides or app.state.settings.opentelemetry:
             return False
         if any(depends.dependency not in self.guard_calls for depends in app.router.dependencies):
             return False
