@@ -120,6 +120,16 @@ class _Check:
 
     def __init__(self, name: str, model: Any, output: str, uses_types: bool) -> None:
         self.name, self.model, self.output, self.uses_types = name, model, output, uses_types
+        self._expected: list[tuple[dict[str, torch.Tensor], torch.Tensor]] | None = None
+
+    def expected(self) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """The check batches and the eager model's output on each, computed once for every candidate."""
+        if self._expected is None:
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore")
+                batches = [_synthetic(self.model, lengths, self.uses_types) for lengths in CHECK_LENGTHS]
+                self._expected = [(batch, self.model(**batch)[self.output].float()) for batch in batches]
+        return self._expected
 
     def prepare(self, kind: str, module: Any, trace: bool = True) -> Any:
         """``module`` (the model, or a wrapper of it), traced if ``trace``; None unless it matches eager."""
@@ -176,9 +186,7 @@ class _Check:
         hidden state are compared only where a pooling reads them (real tokens)."""
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
-            for lengths in CHECK_LENGTHS:
-                batch = _synthetic(self.model, lengths, self.uses_types)
-                want = self.model(**batch)[self.output].float()
+            for batch, want in self.expected():
                 got = candidate(**batch)[self.output].float()
                 if want.shape != got.shape:
                     return False
