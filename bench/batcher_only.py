@@ -3,10 +3,10 @@
     .venv/bin/python bench/batcher_only.py [--concurrency 64] [--texts 1536]
 
 The served runner and ``DynamicBatcher`` (two lanes and the padding slack, as the server
-sets them on a CPU) are driven in this process by ``--concurrency`` asyncio tasks, one text per submit, over
-the classification scenario's texts; the offline limit runs the same texts as in
-``run.py``. The ratio separates the cost of batching only the texts in flight from the
-cost of HTTP, which ``run.py``'s served figure adds on top.
+sets them on a CPU) are driven in this process by ``--concurrency`` asyncio tasks, one
+text per submit, over the classification scenario's texts; the offline limit runs the
+same texts as in ``run.py``. The ratio separates the cost of batching only the texts in
+flight from the cost of HTTP, which ``run.py``'s served figure adds on top.
 """
 
 from __future__ import annotations

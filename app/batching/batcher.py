@@ -4,10 +4,10 @@ Requests enqueue items and await futures. A free lane tokenizes new items (runne
 their tokenizer with a lock, so two lanes never use it at once), adds them to a shared
 pool, and forms a batch from the group of the oldest waiting item, sorted by token length
 so that padding stays small, within ``max_batch_size`` items and ``max_batch_tokens``
-padded tokens (app/batching/forming.py). No lane waits for a batch to fill: when idle, an item goes straight
-through, and whatever arrives during a forward pass forms the next batch. A failing batch
-is split in halves until the failing input is alone, so one bad input never fails its
-neighbours.
+padded tokens (app/batching/forming.py). No lane waits for a batch to fill: when idle, an
+item goes straight through, and whatever arrives during a forward pass forms the next
+batch. A failing batch is split in halves until the failing input is alone, so one bad
+input never fails its neighbours.
 
 With several lanes, one lane tokenizes and forms the next batch while another runs its
 forward pass, and on a CPU each busy lane gets an equal share of torch's threads (a lane
