@@ -26,7 +26,7 @@ from app.config import TextClassificationEntry
 from app.runners.base import pad_rows
 from app.runners.classification import ClassificationRunner
 from app.runners.packed import PackedEncoder, packable
-from app.runners.traced import encoder_forward
+from app.runners.traced import attention_width, encoder_forward
 from tests.conftest import serve
 
 RAGGED = (12, 3, 7, 1)
@@ -111,6 +111,43 @@ def test_ragged_batches_run_packed_and_even_ones_padded(tiny_models: dict[str, P
             batch = ragged_batch(model.config.vocab_size, lengths)
             assert torch.allclose(forward(batch), model(**batch).logits, atol=1e-5)
     assert calls == [len(RAGGED)]  # only the ragged batch ran packed
+
+
+def test_packed_batches_widen_to_where_attention_is_fast() -> None:
+    # torch's CPU attention runs a multiple of 16 keys about twice as fast as one key fewer.
+    assert [attention_width(w) for w in (1, 9, 16, 17, 21, 22, 47, 48, 53, 54, 64)] == [
+        16, 16, 16, 17, 21, 32, 48, 48, 53, 64, 64,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kind", "output"), [
+    ("bert-clf", AutoModelForSequenceClassification, "logits"),
+    ("bert-embed", AutoModel, "last_hidden_state"),
+])  # fmt: skip
+def test_a_widened_packed_batch_gives_the_models_outputs_at_its_own_width(
+    tiny_models: dict[str, Path], name: str, kind: Any, output: str
+) -> None:
+    model = load(kind, tiny_models[name])
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models[name]))
+    forward = encoder_forward(model, output, tokenizer, f"test-{name}-widened", None)
+    assert forward.packed
+    widths: list[int] = []
+    packed = forward._packed
+
+    def recording(**batch: torch.Tensor) -> Any:
+        widths.append(batch["attention_mask"].shape[1])
+        return packed(**batch)
+
+    forward._packed = recording
+    batch = ragged_batch(model.config.vocab_size, (23, 4, 11))
+    with torch.inference_mode():
+        got, want = forward(batch), model(**batch)[output]
+    assert widths == [32]  # 23 tokens run as 32
+    assert got.shape == want.shape
+    if output == "last_hidden_state":
+        real = batch["attention_mask"].unsqueeze(-1).bool()
+        got, want = got.masked_select(real), want.masked_select(real)
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_a_packed_forward_that_disagrees_with_the_model_is_not_used(
