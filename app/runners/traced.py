@@ -43,7 +43,8 @@ PACK_ABOVE = 1.04
 
 # torch's CPU attention kernel runs a multiple of 16 keys fast and each key past it slowly:
 # 12 rows x 12 heads of 32 (MiniLM), 1 thread: 48 keys 0.87 ms, 53 keys 1.42 ms, 63 keys
-# 2.58 ms, 64 keys 1.32 ms (heads of 64, bert-base: 48 0.87, 53 1.29, 63 2.02, 64 1.42).
+# 2.58 ms, 64 keys 1.32 ms (heads of 64, bert-base: 48 0.87, 53 1.29, 63 2.02, 64 1.42;
+# bench/attention_width.py prints the whole range).
 # A packed batch, where only attention sees padding, is therefore widened to the next
 # multiple of 16 unless it is at most WIDEN_PAST tokens past one.
 WIDEN_PAST = 5
