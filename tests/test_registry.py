@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 import yaml
 from fastapi import FastAPI
 
@@ -181,19 +182,26 @@ async def test_pinned_or_busy_models_are_never_evicted(tmp_path: Path, tiny_mode
         }
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+def weights_of(app: FastAPI, name: str) -> list[weakref.ref[Any]]:
+    """Weak references to a loaded model's module and every one of its weight tensors."""
+    model = app.state.registry.slot(name).runner.model
+    return [weakref.ref(model), *(weakref.ref(t) for t in (*model.parameters(), *model.buffers()))]
 
 
-async def test_unloading_really_frees_memory(client: httpx.AsyncClient) -> None:
-    before = rss_bytes()
-    await client.post("/embed", json={"inputs": "touch every weight once"})
-    loaded = rss_bytes()
-    await client.post("/models/minilm/unload")
-    after = rss_bytes()
-    assert loaded - before > 40 * 1024**2  # ~90 MB of float32 weights
-    assert loaded - after > 0.75 * (loaded - before)
+def kept_traces(app: FastAPI, name: str) -> list[Any]:
+    forward = app.state.registry.slot(name).runner.encoder.forward
+    return [t for t in (forward._traced, forward._packed) if isinstance(t, torch.jit.ScriptModule)]
+
+
+async def test_unloading_drops_every_weight_of_the_model(app_factory: Callable[..., FastAPI]) -> None:
+    app = app_factory()
+    async with serve(app) as client:
+        await client.post("/embed", json={"inputs": "touch every weight once"})
+        weights = weights_of(app, "minilm")
+        assert len(weights) > 50  # MiniLM's module, its ~100 parameters and its buffers
+        await client.post("/models/minilm/unload")
+        gc.collect()
+        assert [w for w in weights if w() is not None] == []  # nothing holds a weight: its memory is free
 
 
 async def test_a_reloaded_model_reuses_its_trace_and_unloading_still_frees_it(
@@ -207,16 +215,19 @@ async def test_a_reloaded_model_reuses_its_trace_and_unloading_still_frees_it(
 async def _reload_cycles(app: FastAPI, client: httpx.AsyncClient) -> None:
     body = {"inputs": "the same text every time", "model": "minilm"}
     first = (await client.post("/embed", json=body)).json()["embeddings"][0]
-    assert app.state.registry.slot("minilm").runner.encoder.forward.traced  # CPU models run a trace
-    await client.post("/models/minilm/unload")
-    settled = rss_bytes()
+    traces = kept_traces(app, "minilm")
+    assert traces  # CPU models run a trace
     for _ in range(3):
-        again = (await client.post("/embed", json=body)).json()["embeddings"][0]
-        assert app.state.registry.slot("minilm").runner.encoder.forward.traced
-        assert again == pytest.approx(first, abs=1e-5)  # the kept trace runs the new weights
+        weights = weights_of(app, "minilm")
         await client.post("/models/minilm/unload")
-    # A fresh trace per load would keep ~20 MB each time; MiniLM's weights are ~90 MB.
-    assert rss_bytes() - settled < 12 * 1024**2
+        gc.collect()
+        # TorchScript never frees a trace's code, so each entry keeps its trace for the life of the
+        # process; unloading must leave it holding none of the weights, and drop them all.
+        assert all(t.numel() == 0 for trace in traces for t in (*trace.parameters(), *trace.buffers()))
+        assert [w for w in weights if w() is not None] == []
+        again = (await client.post("/embed", json=body)).json()["embeddings"][0]
+        assert [a is b for a, b in zip(kept_traces(app, "minilm"), traces, strict=True)] == [True] * len(traces)
+        assert again == pytest.approx(first, abs=1e-5)  # the kept trace runs the new weights
 
 
 async def test_a_model_that_cannot_be_traced_runs_eager_with_the_same_results(
