@@ -19,9 +19,11 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app.api import compat_hf, compat_openai, docs, health, metrics, models, tasks
+from app.api.compat_hf import hf_tasks
 from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.middleware import RequestContextMiddleware
+from app.api.openapi import build_openapi
 from app.api.security import BodySizeLimit, require_api_key
 from app.config import Settings, load_catalog
 from app.errors import ServiceError
@@ -116,6 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.catalog = catalog
+    app.state.hf_tasks = hf_tasks(catalog)
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.state.metrics = Metrics()
     if settings.cors_origins:

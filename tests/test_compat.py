@@ -130,8 +130,9 @@ def test_hf_parameters_without_meaning_here_are_refused_by_name(base_url: str, o
 
     with pytest.raises(HfHubHTTPError) as caught:
         hf(base_url, "marian-en-de").translation("Hello", src_lang="en", tgt_lang="fr")
-    assert caught.value.response.status_code == 400
-    assert "translates en->de, not en->fr" in str(caught.value)
+    # The path names the model, so its body names its languages: the schema refuses others.
+    assert caught.value.response.status_code == 422
+    assert "parameters.tgt_lang: Input should be 'de'" in str(caught.value)
 
     response = ours.post("/models/bert-clf", json={"inputs": "hi", "parameters": {"temperature": 2}})
     assert response.status_code == 422
@@ -181,7 +182,7 @@ def test_openai_token_ids_and_other_dimensions_are_refused(base_url: str) -> Non
     client = oa(base_url)
     with pytest.raises(openai.UnprocessableEntityError, match="token ids is not supported"):
         client.embeddings.create(model="minilm", input=[[101, 2023, 102]])
-    with pytest.raises(openai.UnprocessableEntityError, match="384-dimensional vectors, not 256"):
+    with pytest.raises(openai.BadRequestError, match="384-dimensional vectors, not 256"):
         client.embeddings.create(model="minilm", input="hello", dimensions=256)
     with pytest.raises(openai.BadRequestError, match="not /embed"):
         client.embeddings.create(model="bert-clf", input="hello")
@@ -209,11 +210,22 @@ def test_openai_client_needs_the_api_key(app_factory: Callable[..., FastAPI]) ->
 
 
 def test_compat_routes_document_their_errors_and_examples(base_url: str, ours: httpx.Client) -> None:
-    paths = ours.get("/openapi.json").json()["paths"]
-    hf_route = paths["/models/{name}"]["post"]
-    assert {"404", "422", "503"} <= set(hf_route["responses"])
-    assert "feature-extraction" in hf_route["requestBody"]["content"]["application/json"]["examples"]
-    assert "text-classification" in hf_route["responses"]["200"]["content"]["application/json"]["examples"]
+    document = ours.get("/openapi.json").json()
+    paths, schemas = document["paths"], document["components"]["schemas"]
+    # Each catalog model has its own path, with the body and answer of its HF task.
+    embed = paths["/models/minilm"]["post"]
+    assert {"404", "422", "503"} <= set(embed["responses"])
+    body = embed["requestBody"]["content"]["application/json"]
+    assert body["example"] == {"inputs": "A man is eating food.", "normalize": True}
+    assert schemas[body["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]["dimensions"]["anyOf"][0]["const"] == 384
+    classify = paths["/models/bert-clf"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert classify["example"][0][0]["label"] == "POSITIVE"
+    translate = paths["/models/marian-en-de"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    parameters = schemas[
+        schemas[translate["$ref"].rsplit("/", 1)[1]]["properties"]["parameters"]["$ref"].rsplit("/", 1)[1]
+    ]
+    assert parameters["properties"]["tgt_lang"]["anyOf"][0]["const"] == "de"
+    assert "get" in paths["/models/minilm"] and "/models/{name}" not in paths
     embeddings = paths["/v1/embeddings"]["post"]
     not_found = embeddings["responses"]["404"]["content"]["application/json"]["example"]
     assert not_found["error"]["type"] == "model_not_found"

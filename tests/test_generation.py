@@ -70,17 +70,20 @@ async def test_request_generation_settings_override_the_entry_defaults(
     ("body", "status", "fragment"),
     [
         ({"inputs": "x", "source_lang": "en", "target_lang": "ja"}, 404, "available pairs: en->de, en->fr"),
-        ({"inputs": "x", "source_lang": "en"}, 422, "give both source_lang and target_lang"),
+        ({"inputs": "x", "source_lang": "de"}, 404, "no catalog model translates de->*"),
         (
             {"inputs": "x", "model": "marian-en-de", "source_lang": "en", "target_lang": "fr"},
             400,
             "translates en->de",
         ),
+        ({"inputs": "x", "model": "marian-en-de", "target_lang": "fr"}, 400, "not *->fr"),
         ({"inputs": "x", "model": "bert-clf"}, 400, "not /translate"),
         ({"inputs": "x", "parameters": {"max_new_tokens": 100000}}, 422, "cap of 1024"),
         ({"inputs": "x", "parameters": {"num_beams": 64}}, 422, "num_beams 64"),
         ({"inputs": "x", "parameters": {"temperature": 0.7}}, 422, "do_sample"),
-        ({"inputs": "x", "parameters": {"min_length": 9, "max_length": 3}}, 422, "min_length"),
+        ({"inputs": "x", "parameters": {"do_sample": True, "temperature": 1e-308}}, 422, "temperature"),
+        ({"inputs": "x", "parameters": {"max_length": 1}}, 422, "max_length"),
+        ({"inputs": "x", "parameters": {"num_beams": 2, "length_penalty": 1e308}}, 422, "length_penalty"),
         ({"inputs": "x", "parameters": {"beams": 2}}, 422, "beams"),
     ],
 )
@@ -90,6 +93,19 @@ async def test_bad_translation_requests_get_a_clear_4xx(
     r = await client.post("/translate", json=body)
     assert r.status_code == status, r.text
     assert fragment in r.json()["message"]
+
+
+async def test_one_language_picks_the_pair_and_min_length_above_max_length_yields_to_it(
+    client: httpx.AsyncClient, tiny_models: dict[str, Path]
+) -> None:
+    r = await client.post("/translate", json={"inputs": "hello there", "target_lang": "fr"})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "t5-en-fr"
+    params = {"min_length": 9, "max_length": 3}
+    r = await client.post("/translate", json={"inputs": "hello there", "model": "marian-en-de", "parameters": params})
+    assert r.status_code == 200, r.text
+    expected = reference_generate(tiny_models["marian"], ["hello there"], **params)[0]
+    assert r.json()["results"][0]["translation_text"] == expected
 
 
 async def test_long_translation_input_is_truncated_not_an_index_error(client: httpx.AsyncClient) -> None:
@@ -201,6 +217,6 @@ async def test_unloading_a_model_mid_request_never_answers_500(client: httpx.Asy
         client.post("/summarize", json={"inputs": document, "model": "t5-sum", "parameters": {"long_input": "chunk"}})
     )
     await asyncio.sleep(0.05)
-    await client.delete("/models/t5-sum")
+    await client.post("/models/t5-sum/unload")
     r = await request
     assert r.status_code in (200, 503), r.text

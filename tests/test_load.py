@@ -87,7 +87,7 @@ async def test_deadline_answers_504_and_the_work_is_not_run(app_factory: Callabl
         await client.post("/models/bert-clf/load")
         with held(app, "bert-clf") as (gate, seen):
             blocker = await start_blocker(app, client)
-            late = await client.post("/classify", json={"inputs": "late", "model": "bert-clf", "timeout_s": 0.1})
+            late = await client.post("/classify", json={"inputs": "late", "model": "bert-clf", "timeout_s": 1})
             assert late.status_code == 504
             assert late.json()["error"] == "deadline_exceeded"
             gate.set()

@@ -117,8 +117,13 @@ async def test_models_lists_every_entry_with_state_and_defaults(client: httpx.As
 async def test_load_and_unload_through_the_api(client: httpx.AsyncClient) -> None:
     loaded = await client.post("/models/bert-clf/load")
     assert loaded.json() == {"name": "bert-clf", "state": "loaded"}
-    unloaded = await client.delete("/models/bert-clf")
+    unloaded = await client.post("/models/bert-clf/unload")
     assert unloaded.json() == {"name": "bert-clf", "state": "not_loaded"}
+    # The catalog entry stays (GET answers 200), so DELETE is not offered: 405 says what is.
+    refused = await client.delete("/models/bert-clf")
+    assert refused.status_code == 405
+    assert refused.headers["allow"] == "GET, POST"
+    assert "allowed: GET, POST" in refused.json()["message"]
     assert (await client.get("/models/bert-clf")).json()["memory_bytes"] == 0
     assert (await client.post("/models/nope/load")).status_code == 404
     # The next request loads it again.

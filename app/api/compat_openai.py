@@ -15,13 +15,14 @@ import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api.compat import ReshapedErrorsRoute, error_body, with_body
 from app.api.errors import error_responses
+from app.api.fields import Inputs, PositiveInt, as_list
 from app.api.tasks import check_inputs, registry_of, settings_of, timeout_of, until_disconnect
 from app.config import Endpoint
-from app.errors import InvalidInput
+from app.errors import WrongTask
 from app.runners.embedding import EmbedInput
 
 
@@ -77,6 +78,7 @@ STARTED = int(time.time())
 class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"model": "minilm", "input": ["A man is eating food.", "Someone is having a meal."]},
@@ -84,17 +86,24 @@ class EmbeddingsRequest(BaseModel):
             ]
         },
     )
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A text or a list of texts (token-id arrays are not accepted: send the text)."
-    )
+    input: Inputs = Field(description="A text or a list of texts (token-id arrays are not accepted: send the text).")
     model: str = Field(description="A catalog embedding model (see GET /v1/models), e.g. 'minilm'.")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: each vector as little-endian float32 bytes, base64-encoded."
     )
-    dimensions: int | None = Field(
-        None, ge=1, description="Accepted only when equal to the model's own size (no shortening)."
+    dimensions: PositiveInt | None = Field(
+        None, description="Accepted only when equal to the model's own size (no shortening)."
     )
     user: str | None = Field(None, description="Accepted and ignored.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts_not_token_ids(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(isinstance(v, int | list) and not isinstance(v, bool) for v in value):
+            raise ValueError(
+                "input as token ids is not supported: each model reads its own tokenizer's ids, so send the text"
+            )
+        return value
 
 
 class EmbeddingObject(BaseModel):
@@ -153,20 +162,6 @@ def as_base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
-def texts_of(value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
-    texts = [value] if isinstance(value, str) else value
-    if not texts:
-        raise InvalidInput("input is an empty list; send at least one text")
-    if not all(isinstance(t, str) for t in texts):
-        raise InvalidInput(
-            "input as token ids is not supported: each model reads its own tokenizer's ids, so send the text"
-        )
-    for i, text in enumerate(texts):
-        if not str(text).strip():
-            raise InvalidInput(f"input {i} is empty or blank; send text with at least one non-space character")
-    return [str(t) for t in texts]
-
-
 @router.post(
     "/embeddings",
     response_model=EmbeddingsResponse,
@@ -177,14 +172,14 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Embedd
     """OpenAI's embeddings endpoint over a catalog embedding model: the vectors `/embed` gives
     (unit length), as floats or base64. `usage` counts the tokens the model read."""
     registry, settings = registry_of(request), settings_of(request)
-    texts = texts_of(body.input)
+    texts = as_list(body.input)
     check_inputs(settings, texts)
     entry = registry.resolve(body.model, Endpoint.embed)
     work = registry.infer(entry.name, [EmbedInput(t) for t in texts], timeout_s=timeout_of(settings, None))
     results = await until_disconnect(request, work)
     size = len(results[0].vector)
     if body.dimensions is not None and body.dimensions != size:
-        raise InvalidInput(
+        raise WrongTask(
             f"model '{entry.name}' gives {size}-dimensional vectors, not {body.dimensions}; drop dimensions"
         )
     encode = as_base64 if body.encoding_format == "base64" else list

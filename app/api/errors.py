@@ -7,7 +7,9 @@ with an example, for each status a route can return.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.errors import (
     DeadlineExceeded,
@@ -114,14 +117,46 @@ def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON that survives whatever a client sent: a message may quote a client's string, and a
+    lone surrogate in it (valid in JSON, not in UTF-8) is written as the JSON escape it came as."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8", "backslashreplace")
+
+
 def error_response(
-    request: Request, status: int, code: str, message: str, *, retry_after: float | None = None, **extra: Any
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    retry_after: float | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
 ) -> JSONResponse:
     body = ErrorBody(error=code, message=message, request_id=request_id_of(request), **extra)
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else {}
+    sent = dict(headers or {})
+    if retry_after is not None:
+        sent["Retry-After"] = str(max(1, round(retry_after)))
     if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="tessera"'
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+        sent["WWW-Authenticate"] = 'Bearer realm="tessera"'
+    return ErrorJSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=sent)
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on this path (RFC 9110: a 405 lists them in Allow),
+    found by asking the app's routes whether they fully match the path with each method."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -148,8 +183,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "input_too_large"}.get(exc.status_code, "http_error")
-        return error_response(request, exc.status_code, code, str(exc.detail))
+        status, message, headers = exc.status_code, str(exc.detail), dict(exc.headers or {})
+        if status == 405:
+            allowed = allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+        elif status == 400 and exc.__cause__ is not None:
+            # FastAPI's "There was an error parsing the body": undecodable bytes, or nesting too deep.
+            cause = exc.__cause__
+            message = f"the body could not be parsed ({type(cause).__name__}); send UTF-8 JSON of ordinary depth"
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "input_too_large"}.get(
+            status, "http_error"
+        )
+        return error_response(request, status, code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

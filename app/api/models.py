@@ -179,9 +179,6 @@ async def load_model(name: str, request: Request) -> LoadState:
     responses=error_responses(401, 404),
     summary="Unload a model",
 )
-@router.delete(
-    "/models/{name}", response_model=LoadState, responses=error_responses(401, 404), summary="Unload a model"
-)
 async def unload_model(name: str, request: Request) -> LoadState:
     """Free a model's memory; its queued requests answer 503, and its next request loads it again."""
     registry = registry_of(request)

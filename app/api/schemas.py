@@ -4,65 +4,34 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-Text = Annotated[str, StringConstraints(min_length=1)]
+from app.api.fields import Inputs, Labels, NonNegativeInt, PositiveInt, Template, Timeout, integral, limit
 
-
-def _check_inputs(value: str | list[str]) -> str | list[str]:
-    texts = [value] if isinstance(value, str) else value
-    if not texts:
-        raise ValueError("inputs is an empty list; send at least one text")
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise ValueError(f"input {i} is empty or blank; send text with at least one non-space character")
-    return value
-
-
-Inputs = Annotated[
-    str | list[str],
-    AfterValidator(_check_inputs),
-    Field(description="One text, or a list of texts (answered in the same order)."),
-]
 ModelName = Annotated[
     str | None, Field(description="A catalog model name (see GET /models); omitted: the endpoint's default.")
 ]
-Timeout = Annotated[
-    float | None,
-    Field(gt=0, description="Seconds this request may wait and run, up to the server's cap; past it: 504."),
-]
-
-
-def as_list(inputs: str | list[str]) -> list[str]:
-    return [inputs] if isinstance(inputs, str) else list(inputs)
 
 
 class _Request(BaseModel):
     # NaN and Infinity parse as JSON here; no parameter of ours means anything with them.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: a number is not a boolean and a string is not a number, as the schema says.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 # -- classification -------------------------------------------------------------------
 
 
 class ClassifyParameters(_Request):
-    top_k: int | None = Field(1, ge=1, description="Labels to return per input; null returns all labels.")
+    top_k: PositiveInt | None = Field(1, description="Labels to return per input; null returns all labels.")
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
         None, description="How logits become scores, as in transformers (default: from the model config)."
     )
-    candidate_labels: list[Text] | None = Field(
-        None, min_length=1, max_length=100, description="Zero-shot: the labels to choose from."
-    )
-    hypothesis_template: str | None = Field(
-        None, description="Zero-shot: how a label becomes a hypothesis; must contain '{}'."
+    candidate_labels: Labels | None = Field(None, description="Zero-shot: the labels to choose from.")
+    hypothesis_template: Template | None = Field(
+        None, description="Zero-shot: how a label becomes a hypothesis; '{}' exactly once."
     )
     multi_label: bool = Field(False, description="Zero-shot: score each label independently.")
-
-    @model_validator(mode="after")
-    def _template_has_slot(self) -> ClassifyParameters:
-        if self.hypothesis_template is not None and self.hypothesis_template.count("{}") != 1:
-            raise ValueError("hypothesis_template must contain '{}' exactly once, e.g. 'This text is about {}.'")
-        return self
 
 
 class ClassifyRequest(_Request):
@@ -112,26 +81,56 @@ class ClassifyResponse(BaseModel):
 # -- generation (translate, summarize) --------------------------------------------------
 
 
+SAMPLING_ONLY = ("temperature", "top_k", "top_p")
+# The server's caps (x-limit: filled in from the settings in the OpenAPI document).
+NewTokens = Annotated[
+    int, Field(ge=1, json_schema_extra=limit(maximum="max_new_tokens_cap")), BeforeValidator(integral)
+]
+OutputLength = Annotated[
+    int, Field(ge=2, json_schema_extra=limit(maximum="max_new_tokens_cap")), BeforeValidator(integral)
+]
+Beams = Annotated[int, Field(ge=1, json_schema_extra=limit(maximum="max_num_beams")), BeforeValidator(integral)]
+Sentences = Annotated[int, Field(ge=1, le=100), BeforeValidator(integral)]
+
+
 class GenerationParameters(_Request):
-    max_new_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    min_length: int | None = Field(None, ge=0, description="Fewest tokens in the output.")
-    max_length: int | None = Field(None, ge=1, description="Most tokens in the output (max_new_tokens wins).")
-    num_beams: int | None = Field(None, ge=1, description="Beam search width; 1 is greedy.")
+    """Settings for ``generate``. Ranges keep the arithmetic finite (a temperature of 1e-308
+    turns every probability into NaN); caps are the server's (``x-limit``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            # temperature, top_k and top_p need do_sample: true (stated here as the validator checks it).
+            "allOf": [
+                {
+                    "if": {"required": [name], "properties": {name: {"not": {"type": "null"}}}},
+                    "then": {"required": ["do_sample"], "properties": {"do_sample": {"const": True}}},
+                }
+                for name in SAMPLING_ONLY
+            ]
+        },
+    )
+
+    max_new_tokens: NewTokens | None = Field(None, description="Most tokens to generate (at most the server's cap).")
+    min_length: NonNegativeInt | None = Field(None, description="Fewest tokens in the output; max_length wins.")
+    max_length: OutputLength | None = Field(
+        None, description="Most tokens in the output, the decoder's start token included (max_new_tokens wins)."
+    )
+    num_beams: Beams | None = Field(None, description="Beam search width; 1 is greedy.")
     do_sample: bool | None = Field(None, description="Sample instead of searching.")
-    temperature: float | None = Field(None, gt=0, description="Sampling temperature.")
-    top_k: int | None = Field(None, ge=1, description="Sampling: keep the k most likely tokens.")
+    temperature: float | None = Field(None, ge=0.01, le=100, description="Sampling temperature.")
+    top_k: PositiveInt | None = Field(None, description="Sampling: keep the k most likely tokens.")
     top_p: float | None = Field(None, gt=0, le=1, description="Sampling: nucleus probability mass.")
-    repetition_penalty: float | None = Field(None, gt=0)
-    no_repeat_ngram_size: int | None = Field(None, ge=0)
-    length_penalty: float | None = None
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
+    no_repeat_ngram_size: NonNegativeInt | None = None
+    length_penalty: float | None = Field(None, ge=-10, le=10, description="Beam search: exponent of the length.")
     early_stopping: bool | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationParameters:
-        if self.min_length is not None and self.max_length is not None and self.min_length > self.max_length:
-            raise ValueError("min_length must not exceed max_length")
-        sampling_only = [k for k in ("temperature", "top_k", "top_p") if getattr(self, k) is not None]
-        if sampling_only and not self.do_sample:
+        sampling_only = [k for k in SAMPLING_ONLY if getattr(self, k) is not None]
+        if sampling_only and self.do_sample is not True:
             raise ValueError(f"{', '.join(sampling_only)} only apply with do_sample: true")
         return self
 
@@ -156,16 +155,14 @@ class TranslateRequest(_Request):
     )
     inputs: Inputs
     model: ModelName = None
-    source_lang: str | None = Field(None, min_length=2, max_length=12, description="ISO code, e.g. 'en'.")
-    target_lang: str | None = Field(None, min_length=2, max_length=12, description="ISO code, e.g. 'de'.")
+    source_lang: str | None = Field(
+        None, min_length=2, max_length=12, description="ISO code of the input, e.g. 'en'; picks the model with model."
+    )
+    target_lang: str | None = Field(
+        None, min_length=2, max_length=12, description="ISO code of the output, e.g. 'de'; picks the model with model."
+    )
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
     timeout_s: Timeout = None
-
-    @model_validator(mode="after")
-    def _pair_complete(self) -> TranslateRequest:
-        if (self.source_lang is None) != (self.target_lang is None):
-            raise ValueError("give both source_lang and target_lang, or neither")
-        return self
 
 
 class Translation(BaseModel):
@@ -194,7 +191,7 @@ class SummarizeParameters(GenerationParameters):
         description="An input longer than the model's maximum: 'truncate' it (and say so), or 'chunk': "
         "summarize model-sized pieces, then summarize the joined summaries.",
     )
-    max_sentences: int | None = Field(None, ge=1, le=100, description="Extractive models: sentences to keep.")
+    max_sentences: Sentences | None = Field(None, description="Extractive models: sentences to keep.")
 
 
 class SummarizeRequest(_Request):

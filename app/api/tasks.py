@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 
 from app.api.errors import error_responses
+from app.api.fields import as_list
 from app.api.json_route import JsonBodyRoute
 from app.api.schemas import (
     ClassifyRequest,
@@ -28,11 +29,10 @@ from app.api.schemas import (
     TranslateRequest,
     TranslateResponse,
     Translation,
-    as_list,
 )
 from app.config import Endpoint, Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
-from app.registry.registry import ModelRegistry
+from app.registry.registry import ModelRegistry, translates
 from app.runners.classification import ClassifyInput, ZeroShotInput
 from app.runners.embedding import EmbedInput, ExtractInput
 from app.runners.seq2seq import Seq2SeqInput, Seq2SeqRunner
@@ -157,17 +157,16 @@ async def translate(body: TranslateRequest, request: Request) -> TranslateRespon
     texts = as_list(body.inputs)
     check_inputs(settings, texts)
     check_generation(settings, body.parameters)
-    if body.model is None and body.source_lang and body.target_lang:
-        entry = registry.find_translation(body.source_lang, body.target_lang)
+    languages = body.source_lang, body.target_lang
+    if body.model is None and languages != (None, None):
+        entry = registry.find_translation(*languages)
     else:
         entry = registry.resolve(body.model, Endpoint.translate)
-        if body.source_lang and (entry.source_lang, entry.target_lang) != (
-            body.source_lang,
-            body.target_lang,
-        ):
+        if not translates(entry, *languages):
+            asked = f"{body.source_lang or '*'}->{body.target_lang or '*'}"
             raise WrongTask(
                 f"model '{entry.name}' translates {entry.source_lang}->{entry.target_lang}, "
-                f"not {body.source_lang}->{body.target_lang}; drop model or the language pair"
+                f"not {asked}; drop model or the languages"
             )
     generation = body.parameters.generate_kwargs()
     payloads = [Seq2SeqInput(t, generation) for t in texts]
@@ -204,7 +203,10 @@ async def summarize(body: SummarizeRequest, request: Request) -> SummarizeRespon
     elif params.long_input == "chunk":
         deadline = time.monotonic() + timeout  # one deadline for every stage of every document
         summaries = await until_disconnect(
-            request, all_or_nothing(_summarize_chunked(registry, entry.name, t, generation, deadline) for t in texts)
+            request,
+            all_or_nothing(
+                _summarize_chunked(registry, entry.name, i, t, generation, deadline) for i, t in enumerate(texts)
+            ),
         )
     else:
         payloads = [Seq2SeqInput(t, generation) for t in texts]
@@ -231,7 +233,12 @@ async def all_or_nothing(works: Iterable[Awaitable[T]]) -> list[T]:
 
 
 async def _summarize_chunked(
-    registry: ModelRegistry, name: str, text: str, generation: tuple[tuple[str, Any], ...], deadline: float
+    registry: ModelRegistry,
+    name: str,
+    index: int,
+    text: str,
+    generation: tuple[tuple[str, Any], ...],
+    deadline: float,
 ) -> Summary:
     """Map-reduce: summarize model-sized chunks together (one batch), then their joined summaries,
     again while they are still too long for the model."""
@@ -243,16 +250,24 @@ async def _summarize_chunked(
         )
         return [r.text for r in results]
 
+    async def split(runner: Seq2SeqRunner, document: str) -> list[str]:
+        try:
+            return await asyncio.to_thread(runner.split_into_chunks, document)
+        except Exception as exc:  # the tokenizer could not read the client's text
+            raise InvalidInput(
+                f"input {index} could not be split into chunks ({type(exc).__name__}: {exc}); send plain UTF-8 text"
+            ) from exc
+
     async with registry.use(name) as slot:
         runner = slot.runner
         assert isinstance(runner, Seq2SeqRunner)
-        chunks = await asyncio.to_thread(runner.split_into_chunks, text)
+        chunks = await split(runner, text)
         pieces, joined = len(chunks), text
         for _ in range(MAX_REDUCE_ROUNDS):
             if len(chunks) <= 1:
                 break
             joined = " ".join(await summarize_all(chunks))
-            chunks = await asyncio.to_thread(runner.split_into_chunks, joined)
+            chunks = await split(runner, joined)
     left = max(0.001, deadline - time.monotonic())
     [final] = await registry.infer(name, [Seq2SeqInput(joined, generation)], group=generation, timeout_s=left)
     return Summary(summary_text=final.text, truncated=final.truncated, chunks=pieces)

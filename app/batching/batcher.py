@@ -36,6 +36,7 @@ from app.errors import (
     DeadlineExceeded,
     InferenceFailed,
     InputTooLarge,
+    InvalidInput,
     ModelUnavailable,
     Overloaded,
     ServiceError,
@@ -142,7 +143,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         ticket = Ticket()
         items = [
-            PendingInput(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq)) for p in payloads
+            PendingInput(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq), index)
+            for index, p in enumerate(payloads)
         ]
         with self._lock:
             if self._closed:
@@ -287,8 +289,15 @@ class DynamicBatcher:
         try:
             return self._runner.encode([item.payload])[0]
         except Exception as exc:
-            log.exception("encoding failed on model %s", self.name)
-            self._fail(item, InferenceFailed(f"could not tokenize this input: {exc}"))
+            # What a tokenizer cannot read is the client's text: a 422 that names it.
+            log.info("model %s could not tokenize input %d: %s: %s", self.name, item.index, type(exc).__name__, exc)
+            self._fail(
+                item,
+                InvalidInput(
+                    f"input {item.index} could not be tokenized by model '{self.name}' ({type(exc).__name__}: "
+                    f"{exc}); send plain UTF-8 text"
+                ),
+            )
             return None
 
     def _drop_if_done(self, item: PendingInput) -> bool:

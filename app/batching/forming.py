@@ -54,6 +54,7 @@ class PendingInput:
     loop: asyncio.AbstractEventLoop
     deadline: float
     seq: int
+    index: int = 0  # its position among the request's inputs, for error messages
     enqueued: float = field(default_factory=time.monotonic)
     encoded: Any = None  # an Encoded, once a lane has tokenized it
 

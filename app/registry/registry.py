@@ -129,12 +129,14 @@ class ModelRegistry:
             raise ModelNotFound(f"the catalog has no model for /{endpoint.value}; add one to the catalog")
         return self._first_servable(preferred)
 
-    def find_translation(self, source_lang: str, target_lang: str) -> Any:
+    def find_translation(self, source_lang: str | None, target_lang: str | None) -> Any:
+        """The translation entry for a language pair; either side may be left open."""
         pairs = [s.entry for s in self._slots.values() if s.entry.task == "translation"]
-        matching = [e.name for e in pairs if (e.source_lang, e.target_lang) == (source_lang, target_lang)]
+        matching = [e.name for e in pairs if translates(e, source_lang, target_lang)]
         if not matching:
             known = ", ".join(sorted({f"{e.source_lang}->{e.target_lang}" for e in pairs})) or "none"
-            raise ModelNotFound(f"no catalog model translates {source_lang}->{target_lang}; available pairs: {known}")
+            asked = f"{source_lang or '*'}->{target_lang or '*'}"
+            raise ModelNotFound(f"no catalog model translates {asked}; available pairs: {known}")
         preferred = [n for n in self.catalog.defaults.get(Endpoint.translate, []) if n in matching]
         return self.slot(self._first_servable(preferred + [n for n in matching if n not in preferred])).entry
 
@@ -317,6 +319,11 @@ class ModelRegistry:
     def _notify_load(self, name: str, seconds: float, *, ok: bool) -> None:
         if self.hooks.on_load:
             self.hooks.on_load(name, seconds, ok)
+
+
+def translates(entry: Any, source_lang: str | None, target_lang: str | None) -> bool:
+    """Whether a translation entry matches the languages given (None: any)."""
+    return source_lang in (None, entry.source_lang) and target_lang in (None, entry.target_lang)
 
 
 def _device_key(spec: str) -> str:

@@ -8,6 +8,7 @@ network, a hub model that is not cached answers with the three ways to provide i
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import urllib.request
@@ -54,6 +55,27 @@ def is_local(entry: Any) -> bool:
             return False
     cached = try_to_load_from_cache(source.hub, "config.json", revision=source.revision)
     return isinstance(cached, str)
+
+
+def declared_width(entry: Any) -> int | None:
+    """The hidden size an entry's config.json declares, where its files are on this machine
+    (an encoder's vectors have this many dimensions); None where they are not."""
+    source = entry.source
+    try:
+        if source.path is not None:
+            config = source.path / "config.json"
+        elif source.package is not None:
+            config = _package_model_dir(source.package) / "config.json"
+        else:
+            cached = try_to_load_from_cache(source.hub, "config.json", revision=source.revision)
+            if not isinstance(cached, str):
+                return None
+            config = Path(cached)
+        declared = json.loads(config.read_text())
+    except (ModelUnavailable, OSError, ValueError):
+        return None
+    width = next((declared[k] for k in ("hidden_size", "dim", "d_model") if isinstance(declared.get(k), int)), None)
+    return int(width) if width else None
 
 
 def locate(entry: Any, *, online: bool, timeout: float) -> Path:

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from app.config import SummarizationEntry, TranslationEntry
+from app.errors import InvalidInput
 from app.runners.base import (
     Encoded,
     Runner,
@@ -97,8 +98,12 @@ class Seq2SeqRunner(Runner):
         if "max_new_tokens" in settings and "max_length" in settings:
             settings.pop("max_length")  # max_new_tokens is the more precise of the two
         batch = pad_rows([e.rows_ids[0] for e in encoded], pad_id_of(self.tokenizer), None, self.device)
-        with torch.inference_mode():
-            output = self.model.generate(**batch, **settings)
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(**batch, **settings)
+        except ValueError as exc:
+            # transformers checks the settings it is given; a combination it refuses is the client's.
+            raise InvalidInput(f"model refused these generation settings: {exc}") from exc
         with self.tokenizer_lock:
             texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [Generation(t.strip(), e.truncated) for t, e in zip(texts, encoded, strict=True)]

@@ -1,0 +1,116 @@
+"""The OpenAPI document of one server: what its catalog and settings let a client send.
+
+FastAPI writes the document from the routes; this module then makes it this server's own:
+limits marked ``x-limit`` (app.api.fields) take the settings' values, each catalog model
+gets its own ``/models/<name>`` path with the Hugging Face body and answer of its task
+(app.api.compat_hf), model-name path parameters list the catalog, and with API keys the
+document declares them. What the document says is what the validators enforce; CI checks
+it with schemathesis (tests/test_schema_contract.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import TypeAdapter
+from pydantic.json_schema import models_json_schema
+
+from app.api.compat_hf import HfTask
+from app.api.fields import LIMIT_KEY
+from app.config import Settings
+
+REF = "#/components/schemas/{model}"
+HF_PATH = "/models/{name}"
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    """The app's document, built once."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            tags=app.openapi_tags,
+        )
+        settings: Settings = app.state.settings
+        _model_paths(document, app.state.hf_tasks)
+        _catalog_names(document, sorted(app.state.hf_tasks))
+        _fill_limits(document, settings)
+        _security(document, settings)
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
+def _model_paths(document: dict[str, Any], tasks: dict[str, HfTask]) -> None:
+    """``/models/{name}`` becomes one path per catalog model, each with its own HF body:
+    which body a request may carry depends on the model the path names."""
+    template = document["paths"].pop(HF_PATH)
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    # One generation for every body, so that no two models' schemas share a name.
+    refs, bodies = models_json_schema([(task.body, "validation") for task in tasks.values()], ref_template=REF)
+    schemas.update(bodies.get("$defs", {}))
+    for name, task in tasks.items():
+        body = refs[(task.body, "validation")]["$ref"]
+        answer = TypeAdapter(task.answer).json_schema(ref_template=REF)
+        schemas.update(answer.pop("$defs", {}))
+        describe = _without_name(template["get"], name)
+        describe["summary"] = f"Describe {name}"
+        infer = _without_name(template["post"], name)
+        infer["summary"] = f"{task.task}: {name}"
+        infer["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": body}, "example": task.example}},
+        }
+        infer["responses"]["200"] = {
+            "description": f"The HF Inference API answer of {task.task}.",
+            "content": {"application/json": {"schema": answer, "example": task.answer_example}},
+        }
+        document["paths"][f"/models/{name}"] = {"get": describe, "post": infer}
+
+
+def _without_name(operation: dict[str, Any], name: str) -> dict[str, Any]:
+    copied = copy.deepcopy(operation)
+    copied["parameters"] = [p for p in copied.get("parameters", []) if p.get("name") != "name"]
+    if not copied["parameters"]:
+        del copied["parameters"]
+    copied["operationId"] = f"{copied['operationId']}_{name}"
+    return copied
+
+
+def _catalog_names(document: dict[str, Any], names: list[str]) -> None:
+    """A ``{name}`` path parameter takes the catalog's names."""
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path" and parameter.get("name") == "name":
+                    parameter["schema"] = {"type": "string", "enum": names, "title": "Name"}
+
+
+def _fill_limits(node: Any, settings: Settings) -> None:
+    """Every ``x-limit`` marker becomes the keywords it names, valued from the settings."""
+    if isinstance(node, dict):
+        for keyword, setting in node.pop(LIMIT_KEY, {}).items():
+            node[keyword] = getattr(settings, setting)
+        for value in node.values():
+            _fill_limits(value, settings)
+    elif isinstance(node, list):
+        for value in node:
+            _fill_limits(value, settings)
+
+
+def _security(document: dict[str, Any], settings: Settings) -> None:
+    """With API keys, the document says that every operation but health needs one."""
+    if not settings.api_keys:
+        return
+    document["components"]["securitySchemes"] = {
+        "apiKey": {"type": "http", "scheme": "bearer", "description": "One of TESSERA_API_KEYS."}
+    }
+    document["security"] = [{"apiKey": []}]
+    for path, operations in document["paths"].items():
+        if path.startswith("/health/"):
+            for operation in operations.values():
+                operation["security"] = []
