@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+import app.batching.batcher as batcher_module
 from tests.conftest import running, serve
 
 pytestmark = pytest.mark.anyio
@@ -29,7 +30,8 @@ def held(app: FastAPI, name: str) -> Iterator[tuple[threading.Event, list[str]]]
     holding its forward pass holds the model and later requests queue.
     """
     slot = app.state.registry.slot(name)
-    real = slot.runner.infer
+    runner = slot.runner
+    real = runner.infer
     gate, seen = threading.Event(), []
     slot.entered = threading.Event()
 
@@ -41,12 +43,12 @@ def held(app: FastAPI, name: str) -> Iterator[tuple[threading.Event, list[str]]]
             raise RuntimeError("injected failure")
         return real(payloads, encoded)
 
-    slot.runner.infer = infer
+    runner.infer = infer
     try:
         yield gate, seen
     finally:
         gate.set()
-        slot.runner.infer = real
+        runner.infer = real
 
 
 async def start_blocker(app: FastAPI, client: httpx.AsyncClient) -> asyncio.Task[httpx.Response]:
@@ -141,6 +143,41 @@ async def test_an_injected_failure_fails_only_its_own_request(app_factory: Calla
             failed = await bad
         assert failed.status_code == 500
         assert failed.json()["error"] == "inference_failed" and "injected failure" in failed.json()["message"]
+
+
+async def test_a_lane_that_dies_fails_its_requests_with_503_and_the_model_reloads(
+    app_factory: Callable[..., FastAPI], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = app_factory(lanes_per_model=1)
+    async with serve(app) as client:
+        await client.post("/models/bert-clf/load")
+        expected = (await client.post("/classify", json={"inputs": "after", "model": "bert-clf"})).json()
+        first = app.state.registry.slot("bert-clf").batcher
+        with held(app, "bert-clf") as (gate, _):
+            blocker = await start_blocker(app, client)
+            queued = asyncio.create_task(client.post("/classify", json={"inputs": "queued", "model": "bert-clf"}))
+            await wait_for_queue(app, "bert-clf", 2)
+
+            def broken(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("a bug in batch formation")
+
+            # Not an input's failure (those are isolated): the lane's own code fails, as a bug would.
+            monkeypatch.setattr(batcher_module, "form_batch", broken)
+            gate.set()
+            answers = await asyncio.wait_for(asyncio.gather(blocker, queued), timeout=30)  # nobody hangs
+        monkeypatch.undo()
+        assert answers[0].status_code == 200  # its forward pass had finished
+        assert answers[1].status_code == 503, answers[1].text
+        assert "stopped serving (RuntimeError: a bug in batch formation)" in answers[1].json()["message"]
+        assert "Retry-After" in answers[1].headers
+        slot = app.state.registry.slot("bert-clf")
+        for _ in range(500):  # the model is reloaded in the background
+            if slot.state == "loaded" and slot.batcher is not first:
+                break
+            await asyncio.sleep(0.02)
+        assert slot.loads == 2 and slot.state == "loaded" and first.closed
+        again = await client.post("/classify", json={"inputs": "after", "model": "bert-clf"})
+        assert again.status_code == 200 and again.json() == expected
 
 
 async def test_a_thousand_concurrent_mixed_requests_are_all_answered_correctly(

@@ -95,6 +95,31 @@ async def test_failed_load_is_503_with_reason_then_recovers_once_fixed(
     assert count_loads == ["late"]  # the storm and the early retry never reached the loader
 
 
+async def test_a_truncated_weights_file_is_a_503_naming_it_then_recovers_once_replaced(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    model_dir = tmp_path / "clf"
+    shutil.copytree(tiny_models["bert-clf"], model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        yaml.safe_dump({"models": [{"name": "clf", "task": "text-classification", "source": {"path": str(model_dir)}}]})
+    )
+    async with serve(create_app(Settings(catalog=catalog, hub="offline", load_retry_after_s=0.5))) as client:
+        r = await client.post("/classify", json={"inputs": "x"})
+        assert r.status_code == 503
+        assert "weights file model.safetensors" in r.json()["message"]
+        assert "truncated or corrupt" in r.json()["message"]
+        assert "Retry-After" in r.headers
+        listed = (await client.get("/models/clf")).json()
+        assert listed["state"] == "failed" and "model.safetensors" in listed["error"]
+
+        shutil.copy(tiny_models["bert-clf"] / "model.safetensors", weights)  # the operator replaces it
+        await asyncio.sleep(0.6)
+        assert (await client.post("/classify", json={"inputs": "x"})).status_code == 200
+
+
 async def test_models_lists_every_entry_with_state_and_defaults(client: httpx.AsyncClient) -> None:
     await client.post("/embed", json={"inputs": "x"})
     body = (await client.get("/models")).json()

@@ -95,6 +95,7 @@ class DynamicBatcher:
         observer: Callable[[BatchRecord], None] | None = None,
         lanes: int = 1,
         threads: ThreadShare | None = None,
+        on_crash: Callable[[BaseException], object] | None = None,
     ) -> None:
         self.name = name
         self.max_batch_size = max_batch_size
@@ -117,6 +118,8 @@ class DynamicBatcher:
         self._seq = itertools.count()
         self._rate = 0.0  # items per second, smoothed; for Retry-After
         self._thread_share = threads
+        self._on_crash = on_crash
+        self._running: dict[int, list[PendingInput]] = {}  # per lane: the inputs it has taken
         self.batches = 0
         self.items = 0
         self._threads = [
@@ -212,6 +215,16 @@ class DynamicBatcher:
             self._idle.discard(lane)  # still there if the timeout, not _wake_one, woke it
 
     def _lane(self, lane: int) -> None:
+        try:
+            self._serve(lane)
+        except BaseException as exc:  # a bug, not an input: stop serving rather than leave requests hanging
+            log.critical("lane %d of model %s failed; the model stops serving", lane, self.name, exc_info=exc)
+            self._crash(exc)
+        finally:
+            if self._thread_share is not None:
+                self._thread_share.retire()
+
+    def _serve(self, lane: int) -> None:
         linger_until, linger_target = 0.0, 0
         while True:
             with self._lock:
@@ -232,10 +245,12 @@ class DynamicBatcher:
                     self._incoming, self._pool = [], []
                     break
                 new, self._incoming = self._incoming, []
+                self._running[lane] = new  # while it tokenizes them, they are this lane's
             if new:
                 self._admit(new)
             with self._lock:
                 batch = self._next_batch()
+                self._running[lane] = batch
                 if self._pool:
                     self._wake_one()  # another lane may take what this batch left
                 if not batch:
@@ -246,12 +261,29 @@ class DynamicBatcher:
             with share.running(lane == 0, backlog) if share else contextlib.nullcontext():
                 elapsed = self._execute(batch, lane)
             with self._lock:
+                self._running[lane] = []
                 linger_target = min(self.max_batch_size, len(self._pool) + len(self._incoming) + len(batch))
             linger_until = time.monotonic() + min(MAX_LINGER_S, LINGER_FRACTION * elapsed)
-        if self._thread_share is not None:
-            self._thread_share.retire()
         for item in leftover:
             self._fail(item, ModelUnavailable(f"model '{self.name}' was unloaded before this input ran"))
+
+    def _crash(self, exc: BaseException) -> None:
+        """A lane died: every input this batcher holds fails now (503, retry), the other lanes
+        stop, and ``on_crash`` tells the owner, which reloads the model."""
+        with self._lock:
+            self._closed = True
+            held = self._incoming + self._pool + [item for batch in self._running.values() for item in batch]
+            self._incoming, self._pool, self._running = [], [], {}
+            for wake in self._wakes:
+                wake.notify()
+        error = ModelUnavailable(
+            f"model '{self.name}' stopped serving ({type(exc).__name__}: {exc}) and is being reloaded; retry",
+            retry_after=5,
+        )
+        for item in held:
+            self._fail(item, error)
+        if self._on_crash is not None:
+            self._on_crash(exc)
 
     def _admit(self, new: list[PendingInput]) -> None:
         live = [item for item in new if not self._drop_if_done(item)]

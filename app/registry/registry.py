@@ -27,9 +27,9 @@ from app.batching.batcher import BatchRecord, DynamicBatcher, request_stats
 from app.batching.forming import PACKED_PADDING_SLACK, PADDING_SLACK
 from app.batching.threads import ThreadShare
 from app.config import Catalog, Endpoint, Settings, can_serve
-from app.errors import ModelNotFound, ModelUnavailable, WrongTask
+from app.errors import ModelNotFound, ModelUnavailable, ServiceError, WrongTask
 from app.heap import freeze_survivors
-from app.registry.sources import is_local, locate
+from app.registry.sources import is_local, locate, verify_weights
 from app.runners import Runner, build_runner, resolve_device
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class ModelRegistry:
     def __post_init__(self) -> None:
         self._slots = {entry.name: ModelSlot(entry) for entry in self.catalog.models}
         self._budget_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
         budget = self.settings.torch_threads or STARTUP_TORCH_THREADS
         self._cpu_threads = ThreadShare(budget, torch.set_num_threads)
 
@@ -203,9 +204,7 @@ class ModelRegistry:
         slot.state, slot.error = ModelState.loading, None
         started = time.monotonic()
         try:
-            path = await asyncio.to_thread(
-                locate, entry, online=self.hub_online, timeout=self.settings.download_timeout_s
-            )
+            path = await asyncio.to_thread(self._locate, entry)
             budgeted = _device_key(entry.device) in self.settings.memory_budget_gib
             # Under a budget, loads run one at a time: each sees the memory the last one took.
             async with self._budget_lock if budgeted else contextlib.nullcontext():
@@ -222,7 +221,8 @@ class ModelRegistry:
             slot.loading = None
         slot.runner = runner
         on_cpu = runner.device.type == "cpu"
-        slot.batcher = DynamicBatcher(
+        loop = asyncio.get_running_loop()
+        slot.batcher = batcher = DynamicBatcher(
             runner,
             name=entry.name,
             max_batch_size=self.settings.max_batch_size,
@@ -234,6 +234,7 @@ class ModelRegistry:
             observer=self._batch_observer(entry.name),
             lanes=self.settings.lanes_per_model or (min(runner.cpu_lanes, self._cpu_threads.budget) if on_cpu else 1),
             threads=self._cpu_threads if on_cpu else None,
+            on_crash=lambda exc: loop.call_soon_threadsafe(self._crashed, slot, batcher, exc),
         )
         slot.memory_bytes = runner.memory_bytes()
         slot.device = str(runner.device)
@@ -242,6 +243,11 @@ class ModelRegistry:
         log.info("model %s loaded on %s in %.1fs", entry.name, slot.device, slot.load_seconds)
         self._notify_load(entry.name, slot.load_seconds, ok=True)
 
+    def _locate(self, entry: Any) -> Path:
+        path = locate(entry, online=self.hub_online, timeout=self.settings.download_timeout_s)
+        verify_weights(entry, path)
+        return path
+
     def _build_on_one_thread(self, entry: Any, path: Path) -> Runner:
         # A load (and its trace) on several threads would leave this thread an OpenMP pool
         # of its own, which slows the lanes' forward passes (see ThreadShare).
@@ -249,6 +255,27 @@ class ModelRegistry:
             runner = build_runner(entry, path)
         freeze_survivors()  # the model's objects live until unload: out of the collector's way
         return runner
+
+    def _crashed(self, slot: ModelSlot, batcher: DynamicBatcher, exc: BaseException) -> None:
+        """A lane of this model died (its requests have failed with 503): mark it failed and
+        load it again at once, since a load did not fail, so no retry window applies."""
+        if slot.batcher is not batcher:
+            return
+        runner = slot.runner
+        slot.state, slot.runner, slot.batcher, slot.memory_bytes = ModelState.failed, None, None, 0
+        slot.error = f"a worker failed ({type(exc).__name__}: {exc}); reloading"
+        slot.failed_at = 0.0
+
+        async def reload() -> None:
+            await asyncio.to_thread(batcher.close)
+            if runner is not None:
+                await asyncio.to_thread(runner.close)
+            with contextlib.suppress(ServiceError):  # a failed reload is reported by its state
+                await self.get_or_load(slot.entry.name)
+
+        task = asyncio.get_running_loop().create_task(reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def unload(self, name: str) -> bool:
         """Unload a model; its queued requests fail with 503. False if it was not loaded."""
@@ -271,6 +298,8 @@ class ModelRegistry:
         return True
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         for slot in self._slots.values():
             if slot.loading is not None:
                 await asyncio.shield(slot.loading)

@@ -18,6 +18,7 @@ from typing import Any
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError, safe_open
 
 from app.errors import ModelUnavailable
 
@@ -91,6 +92,20 @@ def locate(entry: Any, *, online: bool, timeout: float) -> Path:
     if source.package is not None:
         return _package_model_dir(source.package)
     return _hub_snapshot(entry, online=online, timeout=timeout)
+
+
+def verify_weights(entry: Any, path: Path) -> None:
+    """Read every safetensors file's header (cheap: the weights themselves are not read), so
+    that a truncated or corrupt file answers with its name rather than a loader's stack."""
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelUnavailable(
+                f"model '{entry.name}': weights file {file.name} in {path} is truncated or corrupt ({exc}); "
+                "replace it: the next load attempt reads it again, no restart needed"
+            ) from exc
 
 
 def how_to_provide(entry: Any) -> str:
