@@ -108,6 +108,21 @@ async def test_one_language_picks_the_pair_and_min_length_above_max_length_yield
     assert r.json()["results"][0]["translation_text"] == expected
 
 
+async def test_an_output_longer_than_the_decoders_positions_is_cut_there_not_a_500(client: httpx.AsyncClient) -> None:
+    # The tiny Marian's decoder has 512 learned positions (as opus-mt's), BART's 128; the cap is 1024.
+    for route, model in (("/translate", "marian-en-de"), ("/summarize", "bart-sum")):
+        params = {"max_new_tokens": 1024, "min_length": 1024}
+        r = await client.post(route, json={"inputs": "hello there", "model": model, "parameters": params})
+        assert r.status_code == 200, r.text
+        r = await client.post(route, json={"inputs": "hi", "model": model, "parameters": {"max_length": 1024}})
+        assert r.status_code == 200, r.text
+    # T5's positions are relative: nothing to cut.
+    r = await client.post(
+        "/translate", json={"inputs": "hi", "model": "t5-en-fr", "parameters": {"max_new_tokens": 600}}
+    )
+    assert r.status_code == 200, r.text
+
+
 async def test_long_translation_input_is_truncated_not_an_index_error(client: httpx.AsyncClient) -> None:
     r = await client.post("/translate", json={"inputs": "hello world " * 600, "model": "marian-en-de"})
     assert r.status_code == 200, r.text

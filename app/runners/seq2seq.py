@@ -75,6 +75,8 @@ class Seq2SeqRunner(Runner):
                     raise RuntimeError(f"forced_bos_token '{entry.forced_bos_token}' is not in the vocabulary")
                 self.defaults["forced_bos_token_id"] = token_id
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
+        # The decoder's positions (its start token included); None where they are relative (T5).
+        self.max_output_tokens: int | None = getattr(self.model.config, "max_position_embeddings", None)
         # Chunking runs on request threads, so it gets its own tokenizer and lock: the
         # lanes' tokenizer is never used by them.
         self._chunk_tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
@@ -97,6 +99,7 @@ class Seq2SeqRunner(Runner):
         settings = {**defaults, **requested}
         if "max_new_tokens" in settings and "max_length" in settings:
             settings.pop("max_length")  # max_new_tokens is the more precise of the two
+        self._within_positions(settings)
         batch = pad_rows([e.rows_ids[0] for e in encoded], pad_id_of(self.tokenizer), None, self.device)
         try:
             with torch.inference_mode():
@@ -107,6 +110,17 @@ class Seq2SeqRunner(Runner):
         with self.tokenizer_lock:
             texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [Generation(t.strip(), e.truncated) for t, e in zip(texts, encoded, strict=True)]
+
+    def _within_positions(self, settings: dict[str, Any]) -> None:
+        """A decoder with learned positions (Marian 512, BART 1024) cannot go past its last one:
+        a longer output fails inside generate. The lengths asked for are upper bounds, so the
+        model's own limit stands in for a larger one (and a min_length yields to it)."""
+        limit = self.max_output_tokens
+        if limit is None:
+            return
+        for key, most in (("max_length", limit), ("min_length", limit), ("max_new_tokens", limit - 1)):
+            if key in settings:
+                settings[key] = min(settings[key], most)
 
     def split_into_chunks(self, text: str) -> list[str]:
         """Sentence-aligned pieces that each fit the model's input; long sentences are cut by tokens."""
