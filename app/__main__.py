@@ -15,6 +15,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
+    from app.serving import DrainingServer
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
@@ -25,7 +26,8 @@ def serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     # One worker per process: the batcher owns the device. Scale out with replicas.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    DrainingServer(config, app.state.drain, settings.drain_timeout_s).run()
     return 0
 
 

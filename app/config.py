@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         description="FastAPI's OpenTelemetry spans, metrics and logs, exported by the providers the "
         "process configures (opentelemetry-sdk, OTEL_* variables); off, they cost nothing per request.",
     )
+    drain_timeout_s: float = Field(
+        25.0,
+        ge=0,
+        description="On SIGTERM, how long requests in flight may take to finish while new ones are refused "
+        "(503, Retry-After) before the server stops anyway; keep it under the orchestrator's grace "
+        "period (Kubernetes: 30 s).",
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 

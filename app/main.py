@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app.api import compat_hf, compat_openai, docs, health, metrics, models, tasks
 from app.api.compat_hf import hf_tasks
+from app.api.drain import Drain
 from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.middleware import RequestContextMiddleware
@@ -132,7 +133,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     # Outermost, so that every answer (413s included) carries a request id and is counted.
-    app.add_middleware(RequestContextMiddleware, observe=app.state.metrics.observe_request)
+    app.state.drain = Drain()
+    app.add_middleware(RequestContextMiddleware, observe=app.state.metrics.observe_request, drain=app.state.drain)
     app.include_router(tasks.router)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -31,7 +31,7 @@ async def live() -> Health:
     responses={
         503: {
             "model": Health,
-            "description": "Preload models still loading (or failed).",
+            "description": "Preload models still loading (or failed), or the server is draining.",
             "content": {
                 "application/json": {"example": {"status": "loading", "waiting_for": ["distilbert-sst2"], "failed": []}}
             },
@@ -40,7 +40,10 @@ async def live() -> Health:
     summary="Readiness",
 )
 async def ready(request: Request) -> Health | JSONResponse:
-    """200 once every catalog entry marked `preload` is loaded; 503 naming the missing ones."""
+    """200 once every catalog entry marked `preload` is loaded; 503 naming the missing ones, or
+    while the server drains before it stops (status `draining`)."""
+    if request.app.state.drain.draining:
+        return JSONResponse(Health(status="draining").model_dump(), status_code=503)
     preload = [s for s in registry_of(request).slots() if s.entry.preload]
     waiting = [s.entry.name for s in preload if s.state is not ModelState.loaded]
     failed = [s.entry.name for s in preload if s.state is ModelState.failed]

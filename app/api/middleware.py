@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -12,6 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.drain import RETRY_AFTER_S, Drain
 from app.batching.batcher import request_stats
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
@@ -29,12 +31,25 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class RequestContextMiddleware:
-    """Pure ASGI, so that it costs microseconds and never buffers a body."""
+async def send_json_error(
+    send: Send, status: int, code: str, message: str, request_id: str | None, headers: dict[str, str] | None = None
+) -> None:
+    """An error answer written straight to ASGI, for the checks that run before any route."""
+    body = json.dumps({"error": code, "message": message, "request_id": request_id}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
-    def __init__(self, app: ASGIApp, observe: Observer | None = None) -> None:
+
+class RequestContextMiddleware:
+    """Pure ASGI, so that it costs microseconds and never buffers a body. It also keeps the
+    drain's count of requests in flight, and refuses new ones while the server drains."""
+
+    def __init__(self, app: ASGIApp, observe: Observer | None = None, drain: Drain | None = None) -> None:
         self.app = app
         self.observe = observe
+        self.drain = drain or Drain()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,29 +71,36 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        drain = self.drain
         try:
-            await self.app(scope, receive, send_with_id)
+            if drain.refuses(scope["path"]):
+                headers = {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
+                message = "this server is shutting down; retry the request (another replica will answer it)"
+                await send_json_error(send_with_id, 503, "draining", message, request_id, headers)
+                return
+            drain.began()
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                drain.ended()
         finally:
-            seconds = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", "unmatched")
-            model = stats.get("model", "")
-            if self.observe is not None:
-                self.observe(route, model, status, seconds)
-            access_log.info(
-                "%s %s %d %.1fms model=%s inputs=%d batch=%d",
-                scope["method"],
-                scope["path"],
-                status,
-                seconds * 1000,
-                model or "-",
-                stats.get("inputs", 0),
-                stats.get("batch_size", 0),
-                extra={
-                    "route": route,
-                    "status": status,
-                    "model": model,
-                    "latency_ms": round(seconds * 1000, 2),
-                },
-            )
+            self._record(scope, status, time.perf_counter() - started, stats)
             request_stats.reset(tokens[1])
             request_id_var.reset(tokens[0])
+
+    def _record(self, scope: Scope, status: int, seconds: float, stats: dict[str, Any]) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        model = stats.get("model", "")
+        if self.observe is not None:
+            self.observe(route, model, status, seconds)
+        access_log.info(
+            "%s %s %d %.1fms model=%s inputs=%d batch=%d",
+            scope["method"],
+            scope["path"],
+            status,
+            seconds * 1000,
+            model or "-",
+            stats.get("inputs", 0),
+            stats.get("batch_size", 0),
+            extra={"route": route, "status": status, "model": model, "latency_ms": round(seconds * 1000, 2)},
+        )

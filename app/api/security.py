@@ -8,11 +8,11 @@ client may omit or misstate.
 from __future__ import annotations
 
 import hmac
-import json
 
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.middleware import send_json_error
 from app.config import Settings
 from app.errors import Unauthorized
 
@@ -85,14 +85,8 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": "input_too_large",
-                "message": f"the request body is over {self.limit} bytes (TESSERA_MAX_BODY_BYTES); "
-                "send fewer or shorter inputs per request",
-                "request_id": scope.get("state", {}).get("request_id"),
-            }
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        message = (
+            f"the request body is over {self.limit} bytes (TESSERA_MAX_BODY_BYTES); "
+            "send fewer or shorter inputs per request"
+        )
+        await send_json_error(send, 413, "input_too_large", message, scope.get("state", {}).get("request_id"))

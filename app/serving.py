@@ -1,0 +1,71 @@
+"""The uvicorn server ``python -m app serve`` runs: it drains on SIGTERM and exits 0.
+
+uvicorn, told to stop, closes its listening socket at once and, once done, re-raises the
+signal, so the process ends with SIGTERM's status. A rolling update wants better: on
+SIGTERM (or Ctrl-C) the app's ``Drain`` starts (readiness answers 503, new requests are
+refused with 503 + Retry-After), requests in flight finish within ``drain_timeout_s``,
+then uvicorn shuts down as usual (models unloaded) and the process exits 0. A second
+signal stops at once. This is the entry point's business, not the app's: the signal
+handlers are the process's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from types import FrameType
+
+import uvicorn
+
+from app.api.drain import Drain
+
+log = logging.getLogger(__name__)
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+# Once drained, how long uvicorn waits for idle keep-alive connections to close.
+CLOSE_CONNECTIONS_S = 5
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float) -> None:
+        config.timeout_graceful_shutdown = CLOSE_CONNECTIONS_S
+        super().__init__(config)
+        self.drain = drain
+        self.drain_timeout_s = drain_timeout_s
+        self._draining: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, without re-raising the signal at the end: a drained server exits 0."""
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain.draining or not self.started:
+            log.warning("second stop signal (or one during start-up): stopping now")
+            self.force_exit = self.should_exit
+            self.should_exit = True
+            return
+        self.drain.start()
+        loop = asyncio.get_event_loop()
+        self._draining = loop.create_task(self._drain(signal.Signals(sig).name))
+
+    async def _drain(self, name: str) -> None:
+        log.info(
+            "%s: draining (%d requests in flight; new ones answer 503) for up to %.0f s",
+            name,
+            self.drain.in_flight,
+            self.drain_timeout_s,
+        )
+        if await self.drain.wait_idle(self.drain_timeout_s):
+            log.info("drained: every request in flight finished")
+        else:
+            log.warning("drain timed out with %d requests in flight; stopping anyway", self.drain.in_flight)
+        self.should_exit = True
