@@ -97,6 +97,23 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Accepted API keys (comma-separated in TESSERA_API_KEYS). Empty: no authentication.",
     )
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Keys that may also load and unload models (comma-separated in TESSERA_ADMIN_KEYS). "
+        "With API keys and no admin keys, model management over HTTP is off.",
+    )
+    rate_limit_inputs_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Per tenant (API key, or client address without keys), inputs per second on average; "
+        "past it: 429 with Retry-After. Unset: no rate limit.",
+    )
+    rate_limit_burst: int | None = Field(
+        None,
+        ge=1,
+        description="Inputs a tenant may send at once above the rate (default: one second's worth, "
+        "and at least max_inputs_per_request).",
+    )
     docs_public: bool = Field(True, description="Serve /docs, /redoc and /openapi.json without a key.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (comma-separated); '*' for any."
@@ -122,7 +139,7 @@ class Settings(BaseSettings):
 
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):

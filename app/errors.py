@@ -56,3 +56,9 @@ class InferenceFailed(ServiceError):
 
 class Unauthorized(ServiceError):
     code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """A valid key without the scope this needs (an inference key asking to load a model)."""
+
+    code = "forbidden"

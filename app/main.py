@@ -25,7 +25,7 @@ from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import build_openapi
-from app.api.security import BodySizeLimit, require_api_key
+from app.api.security import BodySizeLimit, Keys, rate_limit_of, require_api_key
 from app.config import Settings, load_catalog
 from app.errors import ServiceError
 from app.heap import freeze_survivors, young_collections_spaced_out
@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # /docs and /redoc come from app.api.docs, without a CDN
         redoc_url=None,
         # Without keys there is nothing to check: no dependency to solve on every request.
-        dependencies=[Depends(require_api_key)] if settings.api_keys else [],
+        dependencies=[Depends(require_api_key)] if settings.api_keys or settings.admin_keys else [],
         # FastAPI's OpenTelemetry hooks ask the global providers on every request (5 % of the
         # event loop's time under load, measured); they are on only when asked for.
         telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
@@ -120,6 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.catalog = catalog
     app.state.hf_tasks = hf_tasks(catalog)
+    app.state.keys = Keys(settings)
+    app.state.rate_limit = rate_limit_of(settings)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.state.metrics = Metrics()

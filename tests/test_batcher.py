@@ -359,3 +359,43 @@ def test_only_the_lead_lane_runs_multithreaded_and_only_when_it_runs_alone() -> 
         "a load alone": 1,
         "the next lane, after the lead retired": 4,
     }
+
+
+async def test_a_light_tenant_is_served_ahead_of_a_flooders_backlog() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner, max_batch_size=4)
+    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon(), tenant="flood"))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    flood = [asyncio.create_task(batcher.submit([f"f{i}"], deadline=soon(), tenant="flood")) for i in range(12)]
+    await wait_until(lambda: batcher.queue_depth == 13)
+    light = asyncio.create_task(batcher.submit(["light"], deadline=soon(), tenant="light"))
+    await wait_until(lambda: batcher.queue_depth == 14)
+    runner.gate.set()
+    await asyncio.gather(blocker, light, *flood)
+    # Arrival order would run it fourth, after three batches of the flooder's backlog.
+    assert "light" in runner.batches[1]
+    flooded = [p for b in runner.batches for p in b if p.startswith("f")]
+    assert flooded == [f"f{i}" for i in range(12)]  # equal lengths: the first in fair order go first
+    batcher.close()
+
+
+async def test_a_full_queue_still_admits_a_tenant_below_an_equal_share_of_it() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = make(runner, max_queue_items=8)
+    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon(), tenant="a"))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    filling = asyncio.create_task(batcher.submit(["a"] * 7, deadline=soon(), tenant="a"))
+    await wait_until(lambda: batcher.queue_depth == 8)
+    with pytest.raises(Overloaded, match="8 of them yours"):
+        await batcher.submit(["a again"], deadline=soon(), tenant="a")
+    admitted = asyncio.create_task(batcher.submit(["b"] * 3, deadline=soon(), tenant="b"))  # 3 <= 8 / 2
+    await wait_until(lambda: batcher.queue_depth == 11)
+    with pytest.raises(Overloaded, match="3 of them yours"):
+        await batcher.submit(["b"] * 2, deadline=soon(), tenant="b")  # 5 > 8 / 2
+    runner.gate.set()
+    assert await admitted == ["B"] * 3
+    await asyncio.gather(blocker, filling)
+    assert batcher.queue_depth == 0
+    batcher.close()

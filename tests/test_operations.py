@@ -7,8 +7,10 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -107,6 +109,94 @@ async def test_api_keys_guard_every_route_but_health_and_docs(app_factory: Calla
             assert (await client.get(path)).status_code == 401
         for path in ("/health/live", "/health/ready", "/docs", "/openapi.json"):
             assert (await client.get(path)).status_code == 200
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_loading_and_unloading_need_an_admin_key_and_say_which_key_kind(
+    app_factory: Callable[..., FastAPI],
+) -> None:
+    async with serve(app_factory(api_keys="infer-key", admin_keys="admin-key")) as client:
+        body = {"inputs": "I love this movie", "model": "bert-clf"}
+        for key in ("infer-key", "admin-key"):  # an admin key is an inference key too
+            assert (await client.post("/classify", json=body, headers=bearer(key))).status_code == 200
+        for action in ("load", "unload"):
+            refused = await client.post(f"/models/bert-clf/{action}", headers=bearer("infer-key"))
+            assert refused.status_code == 403
+            assert refused.json()["error"] == "forbidden"
+            assert "needs an admin key (TESSERA_ADMIN_KEYS); this key is an inference key" in refused.json()["message"]
+            assert (await client.post(f"/models/bert-clf/{action}")).status_code == 401
+            assert (await client.post(f"/models/bert-clf/{action}", headers=bearer("wrong"))).status_code == 401
+            done = await client.post(f"/models/bert-clf/{action}", headers=bearer("admin-key"))
+            assert done.status_code == 200, done.text
+
+
+async def test_with_api_keys_and_no_admin_key_model_management_is_off_not_open(
+    app_factory: Callable[..., FastAPI],
+) -> None:
+    async with serve(app_factory(api_keys="infer-key")) as client:
+        refused = await client.post("/models/bert-clf/load", headers=bearer("infer-key"))
+        assert refused.status_code == 403
+        assert "model management is off on this server" in refused.json()["message"]
+        assert "TESSERA_ADMIN_KEYS" in refused.json()["message"]
+
+
+async def test_admin_keys_alone_guard_management_and_leave_inference_open(
+    app_factory: Callable[..., FastAPI],
+) -> None:
+    async with serve(app_factory(admin_keys="admin-key")) as client:
+        assert (await client.post("/classify", json={"inputs": "hi", "model": "bert-clf"})).status_code == 200
+        assert (await client.post("/models/bert-clf/unload")).status_code == 401
+        assert (await client.post("/models/bert-clf/unload", headers=bearer("admin-key"))).status_code == 200
+
+
+async def test_the_rate_limit_answers_429_with_retry_after_per_key(app_factory: Callable[..., FastAPI]) -> None:
+    app = app_factory(api_keys="k1,k2", rate_limit_inputs_per_s=0.5, rate_limit_burst=4)
+    async with serve(app) as client:
+        body = {"inputs": ["one", "two", "three"], "model": "bert-clf"}
+        assert (await client.post("/classify", json=body, headers=bearer("k1"))).status_code == 200
+        limited = await client.post("/classify", json=body, headers=bearer("k1"))  # 1 left of 4, 3 asked
+        assert limited.status_code == 429
+        assert "rate limit: 0.5 inputs per second for 'inference-key-1'" in limited.json()["message"]
+        assert int(limited.headers["retry-after"]) == 4  # (3 - 1) / 0.5 s, give or take the refill meanwhile
+        assert (await client.post("/classify", json=body, headers=bearer("k2"))).status_code == 200  # its own
+
+
+async def queued(slot: Any, depth: int) -> None:
+    for _ in range(500):
+        if slot.batcher.queue_depth >= depth:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the queue never reached {depth}")
+
+
+async def test_a_key_that_fills_a_models_queue_does_not_lock_another_key_out(
+    app_factory: Callable[..., FastAPI],
+) -> None:
+    app = app_factory(api_keys="flooder,light", max_queue_items=4, lanes_per_model=1)
+    async with serve(app) as client:
+        await client.post("/classify", json={"inputs": "warm", "model": "bert-clf"}, headers=bearer("flooder"))
+        slot = app.state.registry.slot("bert-clf")
+        gate, real = threading.Event(), slot.runner.infer
+        slot.runner.infer = lambda payloads, encoded: gate.wait(30) and real(payloads, encoded)
+        try:
+            body = {"inputs": ["a", "b", "c", "d"], "model": "bert-clf"}
+            flood = asyncio.create_task(client.post("/classify", json=body, headers=bearer("flooder")))
+            await queued(slot, 4)
+            more = await client.post("/classify", json={**body, "inputs": "e"}, headers=bearer("flooder"))
+            assert more.status_code == 429 and "4 of them yours" in more.json()["message"]
+            light = asyncio.create_task(
+                client.post("/classify", json={"inputs": "f", "model": "bert-clf"}, headers=bearer("light"))
+            )
+            await queued(slot, 5)
+            gate.set()
+            assert (await light).status_code == 200
+            assert (await flood).status_code == 200
+        finally:
+            gate.set()
+            slot.runner.infer = real
 
 
 async def test_docs_can_require_a_key_too(app_factory: Callable[..., FastAPI]) -> None:

@@ -26,10 +26,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from app.api.compat import ReshapedErrorsRoute, error_body
 from app.api.fields import Inputs, Labels, PositiveInt, Template, as_list, integral
 from app.api.schemas import GenerationParameters
+from app.api.security import tenant_of
 from app.api.tasks import (
     TASK_ERRORS,
+    admit,
     check_generation,
-    check_inputs,
     registry_of,
     settings_of,
     timeout_of,
@@ -189,7 +190,9 @@ class Call:
         return isinstance(self.body.inputs, str)
 
     async def infer(self, payloads: Sequence[Any], group: Hashable = None) -> list[Any]:
-        work = self.registry.infer(self.entry.name, payloads, group=group, timeout_s=timeout_of(self.settings, None))
+        timeout = timeout_of(self.settings, None)
+        tenant = tenant_of(self.request)
+        work = self.registry.infer(self.entry.name, payloads, group=group, timeout_s=timeout, tenant=tenant)
         return await until_disconnect(self.request, work)
 
 
@@ -407,5 +410,5 @@ async def hf_inference(name: str, request: Request) -> JSONResponse:
     task: HfTask = request.app.state.hf_tasks[name]
     body = parse_body(task.body, await request.body())
     texts = as_list(body.inputs)
-    check_inputs(settings, texts)
+    admit(request, texts)
     return JSONResponse(await task.run(Call(request, registry, settings, entry, body, texts)))

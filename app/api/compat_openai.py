@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.api.compat import ReshapedErrorsRoute, error_body, with_body
 from app.api.errors import error_responses
 from app.api.fields import Inputs, PositiveInt, as_list
-from app.api.tasks import check_inputs, registry_of, settings_of, timeout_of, until_disconnect
+from app.api.security import tenant_of
+from app.api.tasks import admit, registry_of, settings_of, timeout_of, until_disconnect
 from app.config import Endpoint
 from app.errors import WrongTask
 from app.runners.embedding import EmbedInput
@@ -173,9 +174,10 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Embedd
     (unit length), as floats or base64. `usage` counts the tokens the model read."""
     registry, settings = registry_of(request), settings_of(request)
     texts = as_list(body.input)
-    check_inputs(settings, texts)
+    admit(request, texts)
     entry = registry.resolve(body.model, Endpoint.embed)
-    work = registry.infer(entry.name, [EmbedInput(t) for t in texts], timeout_s=timeout_of(settings, None))
+    payloads = [EmbedInput(t) for t in texts]
+    work = registry.infer(entry.name, payloads, timeout_s=timeout_of(settings, None), tenant=tenant_of(request))
     results = await until_disconnect(request, work)
     size = len(results[0].vector)
     if body.dimensions is not None and body.dimensions != size:

@@ -21,6 +21,7 @@ from starlette.routing import Match
 
 from app.errors import (
     DeadlineExceeded,
+    Forbidden,
     InferenceFailed,
     InputTooLarge,
     InvalidInput,
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[ServiceError], int] = {
     WrongTask: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     ModelNotFound: 404,
     InputTooLarge: 413,
     InvalidInput: 422,
@@ -64,6 +66,11 @@ _EXAMPLES: dict[int, tuple[str, str, str]] = {
         "Missing or wrong API key",
         "unauthorized",
         "missing or invalid API key; send 'Authorization: Bearer <key>'",
+    ),
+    403: (
+        "Key without the scope this needs",
+        "forbidden",
+        "loading and unloading models needs an admin key (TESSERA_ADMIN_KEYS); this key is an inference key",
     ),
     404: (
         "Unknown model",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.errors import error_responses
+from app.api.security import require_admin
 from app.api.tasks import registry_of
 from app.config import Endpoint
 from app.errors import ModelNotFound
@@ -164,11 +165,13 @@ async def get_model(name: str, request: Request) -> ModelInfo:
 @router.post(
     "/models/{name}/load",
     response_model=LoadState,
-    responses=error_responses(401, 404, 422, 503),
+    responses=error_responses(401, 403, 404, 422, 503),
     summary="Load a model now",
+    dependencies=[Depends(require_admin)],
 )
 async def load_model(name: str, request: Request) -> LoadState:
-    """Load a catalog model ahead of its first request (waits until it is loaded)."""
+    """Load a catalog model ahead of its first request (waits until it is loaded). With any keys
+    configured, this needs an admin key (TESSERA_ADMIN_KEYS)."""
     slot = await registry_of(request).get_or_load(name)
     return LoadState(name=name, state=slot.state)
 
@@ -176,11 +179,13 @@ async def load_model(name: str, request: Request) -> LoadState:
 @router.post(
     "/models/{name}/unload",
     response_model=LoadState,
-    responses=error_responses(401, 404),
+    responses=error_responses(401, 403, 404),
     summary="Unload a model",
+    dependencies=[Depends(require_admin)],
 )
 async def unload_model(name: str, request: Request) -> LoadState:
-    """Free a model's memory; its queued requests answer 503, and its next request loads it again."""
+    """Free a model's memory; its queued requests answer 503, and its next request loads it again.
+    With any keys configured, this needs an admin key (TESSERA_ADMIN_KEYS)."""
     registry = registry_of(request)
     await registry.unload(name)
     return LoadState(name=name, state=registry.slot(name).state)

@@ -3,8 +3,8 @@
 FastAPI writes the document from the routes; this module then makes it this server's own:
 limits marked ``x-limit`` (app.api.fields) take the settings' values, each catalog model
 gets its own ``/models/<name>`` path with the Hugging Face body and answer of its task
-(app.api.compat_hf), model-name path parameters list the catalog, and with API keys the
-document declares them. What the document says is what the validators enforce; CI checks
+(app.api.compat_hf), model-name path parameters list the catalog, and with keys the
+document says which operations need which kind. What the document says is what the validators enforce; CI checks
 it with schemathesis (tests/test_schema_contract.py).
 """
 
@@ -102,15 +102,24 @@ def _fill_limits(node: Any, settings: Settings) -> None:
             _fill_limits(value, settings)
 
 
+MANAGEMENT = ("/models/{name}/load", "/models/{name}/unload")
+
+
 def _security(document: dict[str, Any], settings: Settings) -> None:
-    """With API keys, the document says that every operation but health needs one."""
-    if not settings.api_keys:
+    """With keys, the document says which operations need which: every one but health an
+    inference (or admin) key where TESSERA_API_KEYS is set, loading and unloading an admin key."""
+    schemes: dict[str, Any] = {}
+    if settings.api_keys:
+        schemes["apiKey"] = {"type": "http", "scheme": "bearer", "description": "One of TESSERA_API_KEYS (or admin)."}
+        document["security"] = [{"apiKey": []}]
+    if settings.admin_keys:
+        schemes["adminKey"] = {"type": "http", "scheme": "bearer", "description": "One of TESSERA_ADMIN_KEYS."}
+    if not schemes:
         return
-    document["components"]["securitySchemes"] = {
-        "apiKey": {"type": "http", "scheme": "bearer", "description": "One of TESSERA_API_KEYS."}
-    }
-    document["security"] = [{"apiKey": []}]
+    document["components"]["securitySchemes"] = schemes
     for path, operations in document["paths"].items():
-        if path.startswith("/health/"):
-            for operation in operations.values():
+        for operation in operations.values():
+            if path.startswith("/health/"):
                 operation["security"] = []
+            elif path in MANAGEMENT and settings.admin_keys:
+                operation["security"] = [{"adminKey": []}]

@@ -1,4 +1,5 @@
-"""API keys and request-size limits: the checks every request passes before a route runs.
+"""API keys with their scopes, tenants, the rate limit and the body-size limit: the checks a
+request passes before (or as) a route runs.
 
 Keys are compared in constant time and never logged (they are SecretStr in Settings).
 The body limit is enforced on the bytes actually received, not on a Content-Length a
@@ -8,38 +9,141 @@ client may omit or misstate.
 from __future__ import annotations
 
 import hmac
+import math
+import time
+from dataclasses import dataclass
+from enum import StrEnum
 
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.middleware import send_json_error
 from app.config import Settings
-from app.errors import Unauthorized
+from app.errors import Forbidden, Overloaded, Unauthorized
 
 # Reachable without a key: probes must work for orchestrators that hold no secret.
 OPEN_PREFIXES = ("/health/",)
 DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
 
 
+class KeyScope(StrEnum):
+    inference = "inference"  # TESSERA_API_KEYS: the task and compatibility routes, reading the catalog
+    admin = "admin"  # TESSERA_ADMIN_KEYS: all of that, and loading or unloading models
+
+
+@dataclass(frozen=True)
+class Key:
+    """Who a request is, once its key matched: the key's scope and its tenant (the name
+    fair batching and the rate limit know it by; never the secret itself)."""
+
+    scope: KeyScope
+    tenant: str
+
+
+class Keys:
+    """The server's keys, matched in constant time whichever of them a token equals."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._keys = [
+            (secret.get_secret_value().encode(), Key(scope, f"{scope.value}-key-{i + 1}"))
+            for scope, secrets in ((KeyScope.inference, settings.api_keys), (KeyScope.admin, settings.admin_keys))
+            for i, secret in enumerate(secrets)
+        ]
+        self.inference_needs_key = bool(settings.api_keys)
+        self.management_open = not settings.api_keys and not settings.admin_keys
+        self.has_admin = bool(settings.admin_keys)
+
+    def match(self, token: str) -> Key | None:
+        # Compare against every key, so the time taken does not reveal which (or whether one) matched.
+        found = None
+        presented = token.encode()
+        for secret, key in self._keys:
+            if hmac.compare_digest(secret, presented):
+                found = key
+        return found
+
+
+def bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 async def require_api_key(request: Request) -> None:
-    """App-wide dependency: with keys configured, every route but health (and docs) needs one."""
+    """App-wide dependency with keys configured: every route but health (and docs) needs a
+    key when TESSERA_API_KEYS is set; whatever key a request carries is recorded on it."""
     settings: Settings = request.app.state.settings
-    if not settings.api_keys:
-        return
+    keys: Keys = request.app.state.keys
     path = request.url.path
     if path.startswith(OPEN_PREFIXES) or (settings.docs_public and path.startswith(DOCS_PATHS)):
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token or not key_matches(settings, token.strip()):
+    token = bearer_token(request)
+    key = keys.match(token) if token else None
+    if key is None and keys.inference_needs_key:
         raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
+    request.state.key = key
 
 
-def key_matches(settings: Settings, token: str) -> bool:
-    # Compare against every key, so the time taken does not reveal which (or whether one) matched.
-    matched = False
-    for key in settings.api_keys:
-        matched |= hmac.compare_digest(key.get_secret_value().encode(), token.encode())
-    return matched
+async def require_admin(request: Request) -> None:
+    """Loading and unloading models: an admin key where any keys are configured; refused
+    outright on a server with API keys but no admin keys, rather than open to every client."""
+    keys: Keys = request.app.state.keys
+    if keys.management_open:
+        return
+    if not keys.has_admin:
+        raise Forbidden(
+            "model management is off on this server: it has API keys (TESSERA_API_KEYS) but no admin keys; "
+            "set TESSERA_ADMIN_KEYS to load and unload models over HTTP"
+        )
+    key: Key | None = getattr(request.state, "key", None)
+    if key is None:
+        raise Unauthorized("loading and unloading models needs an admin key; send 'Authorization: Bearer <key>'")
+    if key.scope is not KeyScope.admin:
+        raise Forbidden(
+            "loading and unloading models needs an admin key (TESSERA_ADMIN_KEYS); this key is an inference key"
+        )
+
+
+def tenant_of(request: Request) -> str:
+    """Whom a request counts against for fair batching and the rate limit: its key's tenant,
+    or without keys the client's address."""
+    key: Key | None = getattr(request.state, "key", None)
+    if key is not None:
+        return key.tenant
+    client = request.client
+    return f"client-{client.host}" if client else "client"
+
+
+class RateLimit:
+    """Per tenant, a bucket of inputs refilled at ``rate`` per second up to ``burst``: a request
+    takes one per input, or is refused with 429 and the seconds until it would fit."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (inputs left, when)
+
+    def take(self, tenant: str, inputs: int) -> None:
+        now = time.monotonic()
+        left, then = self._buckets.get(tenant, (self.burst, now))
+        left = min(self.burst, left + (now - then) * self.rate)
+        if inputs > left:
+            wait = (inputs - left) / self.rate
+            raise Overloaded(
+                f"rate limit: {self.rate:g} inputs per second for '{tenant}' (TESSERA_RATE_LIMIT_INPUTS_PER_S); "
+                f"this request of {inputs} fits in {wait:.1f} s",
+                retry_after=math.ceil(wait),
+            )
+        self._buckets[tenant] = (left - inputs, now)
+        if len(self._buckets) > 10_000:  # forget tenants whose buckets have refilled
+            full = [t for t, (n, at) in self._buckets.items() if n + (now - at) * self.rate >= self.burst]
+            for t in full:
+                del self._buckets[t]
+
+
+def rate_limit_of(settings: Settings) -> RateLimit | None:
+    rate = settings.rate_limit_inputs_per_s
+    if rate is None:
+        return None
+    return RateLimit(rate, settings.rate_limit_burst or max(rate, settings.max_inputs_per_request))
 
 
 class BodySizeLimit:

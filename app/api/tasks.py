@@ -30,6 +30,7 @@ from app.api.schemas import (
     TranslateResponse,
     Translation,
 )
+from app.api.security import RateLimit, tenant_of
 from app.config import Endpoint, Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
 from app.registry.registry import ModelRegistry, translates
@@ -63,6 +64,14 @@ def check_inputs(settings: Settings, texts: list[str]) -> None:
                 f"input {i} has {len(text)} characters; the limit is {settings.max_chars_per_input} "
                 "(TESSERA_MAX_CHARS_PER_INPUT)"
             )
+
+
+def admit(request: Request, texts: list[str]) -> None:
+    """A request's inputs within the server's limits, and within its tenant's rate limit."""
+    check_inputs(settings_of(request), texts)
+    rate_limit: RateLimit | None = request.app.state.rate_limit
+    if rate_limit is not None:
+        rate_limit.take(tenant_of(request), len(texts))
 
 
 def timeout_of(settings: Settings, requested: float | None) -> float:
@@ -120,7 +129,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     `candidate_labels`. Scores are sorted best first; `top_k: null` returns every label."""
     registry, settings = registry_of(request), settings_of(request)
     texts = as_list(body.inputs)
-    check_inputs(settings, texts)
+    admit(request, texts)
     params = body.parameters
     labels = params.candidate_labels
     if body.model is None and labels:
@@ -139,7 +148,8 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         payloads = [ClassifyInput(t, params.top_k, params.function_to_apply) for t in texts]
 
     results = await until_disconnect(
-        request, registry.infer(entry.name, payloads, timeout_s=timeout_of(settings, body.timeout_s))
+        request,
+        registry.infer(entry.name, payloads, timeout_s=timeout_of(settings, body.timeout_s), tenant=tenant_of(request)),
     )
     top_k = params.top_k
     return ClassifyResponse(
@@ -155,7 +165,7 @@ async def translate(body: TranslateRequest, request: Request) -> TranslateRespon
     `source_lang`/`target_lang` pair. Inputs over the model's maximum are truncated (and flagged)."""
     registry, settings = registry_of(request), settings_of(request)
     texts = as_list(body.inputs)
-    check_inputs(settings, texts)
+    admit(request, texts)
     check_generation(settings, body.parameters)
     languages = body.source_lang, body.target_lang
     if body.model is None and languages != (None, None):
@@ -172,7 +182,13 @@ async def translate(body: TranslateRequest, request: Request) -> TranslateRespon
     payloads = [Seq2SeqInput(t, generation) for t in texts]
     results = await until_disconnect(
         request,
-        registry.infer(entry.name, payloads, group=generation, timeout_s=timeout_of(settings, body.timeout_s)),
+        registry.infer(
+            entry.name,
+            payloads,
+            group=generation,
+            timeout_s=timeout_of(settings, body.timeout_s),
+            tenant=tenant_of(request),
+        ),
     )
     return TranslateResponse(
         model=entry.name,
@@ -187,7 +203,7 @@ async def summarize(body: SummarizeRequest, request: Request) -> SummarizeRespon
     model's maximum is summarized piece by piece, then the joined summaries are summarized."""
     registry, settings = registry_of(request), settings_of(request)
     texts = as_list(body.inputs)
-    check_inputs(settings, texts)
+    admit(request, texts)
     params = body.parameters
     check_generation(settings, params)
     entry = registry.resolve(body.model, Endpoint.summarize)
@@ -198,20 +214,23 @@ async def summarize(body: SummarizeRequest, request: Request) -> SummarizeRespon
     if entry.engine == "extractive":
         sentences = params.max_sentences or entry.max_sentences
         extracts = [ExtractInput(t, sentences) for t in texts]
-        results = await until_disconnect(request, registry.infer(entry.name, extracts, timeout_s=timeout))
+        work = registry.infer(entry.name, extracts, timeout_s=timeout, tenant=tenant_of(request))
+        results = await until_disconnect(request, work)
         summaries = [Summary(summary_text=r.text, truncated=r.truncated) for r in results]
     elif params.long_input == "chunk":
         deadline = time.monotonic() + timeout  # one deadline for every stage of every document
         summaries = await until_disconnect(
             request,
             all_or_nothing(
-                _summarize_chunked(registry, entry.name, i, t, generation, deadline) for i, t in enumerate(texts)
+                _summarize_chunked(registry, entry.name, i, t, generation, deadline, tenant_of(request))
+                for i, t in enumerate(texts)
             ),
         )
     else:
         payloads = [Seq2SeqInput(t, generation) for t in texts]
         results = await until_disconnect(
-            request, registry.infer(entry.name, payloads, group=generation, timeout_s=timeout)
+            request,
+            registry.infer(entry.name, payloads, group=generation, timeout_s=timeout, tenant=tenant_of(request)),
         )
         summaries = [Summary(summary_text=r.text, truncated=r.truncated) for r in results]
     return SummarizeResponse(model=entry.name, results=summaries)
@@ -239,15 +258,15 @@ async def _summarize_chunked(
     text: str,
     generation: tuple[tuple[str, Any], ...],
     deadline: float,
+    tenant: str,
 ) -> Summary:
     """Map-reduce: summarize model-sized chunks together (one batch), then their joined summaries,
     again while they are still too long for the model."""
 
     async def summarize_all(texts: list[str]) -> list[str]:
         left = max(0.001, deadline - time.monotonic())
-        results = await registry.infer(
-            name, [Seq2SeqInput(t, generation) for t in texts], group=generation, timeout_s=left
-        )
+        payloads = [Seq2SeqInput(t, generation) for t in texts]
+        results = await registry.infer(name, payloads, group=generation, timeout_s=left, tenant=tenant)
         return [r.text for r in results]
 
     async def split(runner: Seq2SeqRunner, document: str) -> list[str]:
@@ -269,7 +288,8 @@ async def _summarize_chunked(
             joined = " ".join(await summarize_all(chunks))
             chunks = await split(runner, joined)
     left = max(0.001, deadline - time.monotonic())
-    [final] = await registry.infer(name, [Seq2SeqInput(joined, generation)], group=generation, timeout_s=left)
+    last = [Seq2SeqInput(joined, generation)]
+    [final] = await registry.infer(name, last, group=generation, timeout_s=left, tenant=tenant)
     return Summary(summary_text=final.text, truncated=final.truncated, chunks=pieces)
 
 
@@ -279,11 +299,12 @@ async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
     unless `normalize` is false, scaled to unit length."""
     registry, settings = registry_of(request), settings_of(request)
     texts = as_list(body.inputs)
-    check_inputs(settings, texts)
+    admit(request, texts)
     entry = registry.resolve(body.model, Endpoint.embed)
     payloads = [EmbedInput(t, body.normalize) for t in texts]
     results = await until_disconnect(
-        request, registry.infer(entry.name, payloads, timeout_s=timeout_of(settings, body.timeout_s))
+        request,
+        registry.infer(entry.name, payloads, timeout_s=timeout_of(settings, body.timeout_s), tenant=tenant_of(request)),
     )
     return EmbedResponse(
         model=entry.name,

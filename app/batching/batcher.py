@@ -30,6 +30,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from app.batching.fairness import FairShares
 from app.batching.forming import PADDING_SLACK, Encoded, PendingInput, Ticket, form_batch
 from app.batching.threads import ThreadShare
 from app.errors import (
@@ -118,6 +119,7 @@ class DynamicBatcher:
         self._seq = itertools.count()
         self._rate = 0.0  # items per second, smoothed; for Retry-After
         self._thread_share = threads
+        self._shares = FairShares()  # guarded by _lock
         self._on_crash = on_crash
         self._running: dict[int, list[PendingInput]] = {}  # per lane: the inputs it has taken
         self.batches = 0
@@ -137,16 +139,19 @@ class DynamicBatcher:
     def closed(self) -> bool:
         return self._closed
 
-    async def submit(self, payloads: Sequence[Any], *, group: Hashable = None, deadline: float) -> list[Any]:
+    async def submit(
+        self, payloads: Sequence[Any], *, group: Hashable = None, deadline: float, tenant: Hashable = None
+    ) -> list[Any]:
         """Run ``payloads`` (one request's inputs) and return their results in order.
 
-        Raises Overloaded when the queue is full, DeadlineExceeded past ``deadline``
-        (a ``time.monotonic()`` instant). Cancelling the caller drops its queued items.
+        Raises Overloaded when the queue is full (for ``tenant``: app/batching/fairness.py),
+        DeadlineExceeded past ``deadline`` (a ``time.monotonic()`` instant). Cancelling the
+        caller drops its queued items.
         """
         loop = asyncio.get_running_loop()
         ticket = Ticket()
         items = [
-            PendingInput(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq), index)
+            PendingInput(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq), index, tenant)
             for index, p in enumerate(payloads)
         ]
         with self._lock:
@@ -157,14 +162,15 @@ class DynamicBatcher:
                     f"this request needs {len(items)} inputs on model '{self.name}' but at most "
                     f"{self.max_queue_items} can queue (TESSERA_MAX_QUEUE_ITEMS): send fewer or shorter inputs"
                 )
-            if self._depth + len(items) > self.max_queue_items:
+            if not self._shares.admits(tenant, len(items), self._depth, self.max_queue_items):
                 raise Overloaded(
-                    f"model '{self.name}' has {self._depth} inputs queued (limit {self.max_queue_items}); "
-                    "retry later or send fewer inputs at once",
+                    f"model '{self.name}' has {self._depth} inputs queued (limit {self.max_queue_items}), "
+                    f"{self._shares.depth[tenant]} of them yours; retry later or send fewer inputs at once",
                     retry_after=self._retry_after(),
                 )
             self._incoming.extend(items)
             self._depth += len(items)
+            self._shares.queued(tenant, len(items))
             self._wake_one()
         futures = [item.future for item in items]
         try:
@@ -315,6 +321,8 @@ class DynamicBatcher:
             else:
                 pooled.append(item)
         with self._lock:
+            for item in pooled:
+                self._shares.tag(item)
             self._pool.extend(pooled)
 
     def _encode_one(self, item: PendingInput) -> Any:
@@ -334,7 +342,7 @@ class DynamicBatcher:
 
     def _drop_if_done(self, item: PendingInput) -> bool:
         if item.future.done():  # the client went away or its deadline passed
-            self._release(1)
+            self._release(item)
             return True
         if item.deadline <= time.monotonic():
             self._fail(item, DeadlineExceeded("the request's deadline passed while it was queued"))
@@ -351,6 +359,8 @@ class DynamicBatcher:
             padding_ratio=self.max_padding_ratio,
             padding_slack=self.padding_slack,
         )
+        if batch:
+            self._shares.served(batch)
         chosen = set(batch)
         self._pool = [item for item in self._pool if item not in chosen]
         return batch
@@ -377,7 +387,8 @@ class DynamicBatcher:
             # Its clients answer at once; their next inputs should find this lane, which is
             # about to look for work, rather than wake another one.
             self._idle.add(lane)
-            self._depth -= len(batch)
+            for item in batch:
+                self._release_locked(item)
             self.batches += 1
             self.items += len(batch)
         for loop, outcomes in by_loop.items():  # one wake-up per event loop, not one per item
@@ -411,11 +422,15 @@ class DynamicBatcher:
 
     def _fail(self, item: PendingInput, error: ServiceError) -> None:
         _post(item, _reject, error)
-        self._release(1)
+        self._release(item)
 
-    def _release(self, count: int) -> None:
+    def _release(self, item: PendingInput) -> None:
         with self._lock:
-            self._depth -= count
+            self._release_locked(item)
+
+    def _release_locked(self, item: PendingInput) -> None:
+        self._depth -= 1
+        self._shares.left(item.tenant)
 
 
 def _post(item: PendingInput, callback: Callable[[asyncio.Future[Any], Any], None], value: Any) -> None:

@@ -1,7 +1,8 @@
 """Batch formation: the inputs waiting for a model, and which of them run together next.
 
 The batcher (app/batching/batcher.py) keeps a pool of tokenized inputs; ``form_batch``
-picks the next batch from it: the oldest input, plus its nearest neighbours by token
+picks the next batch from it: the first input in fair order (app/batching/fairness.py;
+for a lone tenant, the oldest), plus its nearest neighbours by token
 length within the same group (generation settings), as long as the batch stays within a
 padding ratio of its shortest member (or a slack of a few tokens), a number of inputs and
 a budget of padded tokens. On a CPU padded tokens cost as much as real ones, so two
@@ -55,8 +56,10 @@ class PendingInput:
     deadline: float
     seq: int
     index: int = 0  # its position among the request's inputs, for error messages
+    tenant: Hashable = None  # whom it counts against (app/batching/fairness.py)
     enqueued: float = field(default_factory=time.monotonic)
     encoded: Any = None  # an Encoded, once a lane has tokenized it
+    start: float = 0.0  # its fair-queueing start tag, once tokenized
 
     @property
     def cost(self) -> int:
@@ -71,7 +74,8 @@ def form_batch(
     padding_ratio: float,
     padding_slack: int,
 ) -> list[PendingInput]:
-    """The oldest input of ``pool`` and its nearest neighbours by length, sorted by length.
+    """The first input of ``pool`` in fair order (smallest start tag, then arrival; for one
+    tenant, simply the oldest) and its nearest neighbours by length, sorted by length.
 
     A neighbour joins only while the batch's longest input stays within ``padding_ratio``
     of its shortest (or ``padding_slack`` tokens past it) and its rows x longest length
@@ -79,8 +83,9 @@ def form_batch(
     """
     if not pool:
         return []
-    oldest = min(pool, key=lambda item: item.seq)
-    group = sorted((i for i in pool if i.group == oldest.group), key=lambda i: i.encoded.length)
+    oldest = min(pool, key=lambda item: (item.start, item.seq))
+    # By length for padding; among equal lengths, in fair order, so that ties go to the first.
+    group = sorted((i for i in pool if i.group == oldest.group), key=lambda i: (i.encoded.length, i.start, i.seq))
     lo = hi = group.index(oldest)
     rows = oldest.encoded.rows
     while hi - lo + 1 < max_items:

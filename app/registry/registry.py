@@ -188,8 +188,11 @@ class ModelRegistry:
             slot.in_flight -= 1
             slot.last_used = time.monotonic()
 
-    async def infer(self, name: str, payloads: Sequence[Any], *, timeout_s: float, group: Hashable = None) -> list[Any]:
-        """Run one request's inputs on a model; the deadline starts once the model is loaded."""
+    async def infer(
+        self, name: str, payloads: Sequence[Any], *, timeout_s: float, group: Hashable = None, tenant: Hashable = None
+    ) -> list[Any]:
+        """Run one request's inputs on a model; the deadline starts once the model is loaded.
+        ``tenant``: whom the inputs count against for fair queueing (app/batching/fairness.py)."""
         stats = request_stats.get()
         if stats is not None:
             stats["model"] = name
@@ -197,7 +200,7 @@ class ModelRegistry:
         async with self.use(name) as slot:
             assert slot.batcher is not None
             deadline = time.monotonic() + timeout_s
-            return await slot.batcher.submit(payloads, group=group, deadline=deadline)
+            return await slot.batcher.submit(payloads, group=group, deadline=deadline, tenant=tenant)
 
     async def _load(self, slot: ModelSlot) -> None:
         entry = slot.entry
