@@ -97,12 +97,14 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
         self.buffer = bytearray()
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.waiter: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(ConnectionError(f"the server closed the connection: {exc}"))
 
@@ -112,8 +114,8 @@ class _Connection(asyncio.Protocol):
         if head_end < 0 or self.waiter is None:
             return
         head = bytes(self.buffer[:head_end]).decode("latin-1").split("\r\n")
-        headers = dict(line.split(":", 1) for line in head[1:])
-        length = {k.strip().lower(): v for k, v in headers.items()}.get("content-length")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])}
+        length = headers.get("content-length")
         if length is None:
             self.waiter.set_exception(ConnectionError(f"a response without Content-Length: {head[0]}"))
             return
@@ -122,9 +124,12 @@ class _Connection(asyncio.Protocol):
             return
         body = bytes(self.buffer[head_end + 4 : end])
         del self.buffer[:end]
-        self.waiter.set_result((int(head[0].split()[1]), body))
+        self.waiter.set_result((int(head[0].split()[1]), headers, body))
 
-    async def request(self, raw: bytes) -> tuple[int, bytes]:
+    async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Send one request; its status, headers (lower-case names) and body."""
+        if self.closed:  # a write on a closed transport is dropped silently: nothing would answer
+            raise ConnectionError("the server closed this connection")
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(raw)
         try:
@@ -133,10 +138,11 @@ class _Connection(asyncio.Protocol):
             self.waiter = None
 
 
-def _raw_post(host: str, path: str, body: dict[str, Any]) -> bytes:
+def _raw_post(host: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
     payload = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
         f"Content-Length: {len(payload)}\r\n\r\n"
     )
     return head.encode() + payload
@@ -164,7 +170,7 @@ async def _drive(
         nonlocal errors, first_error
         for i in queue:
             started = time.perf_counter()
-            status, body = await connection.request(raw[i])
+            status, _, body = await connection.request(raw[i])
             elapsed = time.perf_counter() - started
             if status != 200:
                 errors += 1
@@ -253,3 +259,74 @@ class LoadClient:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+
+
+@dataclass
+class Storm:
+    """What a burst of requests got back: the count of each status, the 429 and 503 answers
+    that lacked Retry-After, and the connections the server dropped."""
+
+    statuses: dict[int, int]
+    without_retry_after: int
+    connection_errors: int
+    seconds: float
+    latencies_s: list[float] = field(default_factory=list, repr=False)
+
+    def percentile_ms(self, q: float) -> float:
+        ordered = sorted(self.latencies_s)
+        return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))] * 1000
+
+
+async def _storm(
+    base_url: str, path: str, body: dict[str, Any], requests: int, concurrency: int, headers: dict[str, str] | None
+) -> Storm:
+    url = httpx.URL(base_url)
+    host, port = url.host, url.port or 80
+    raw = _raw_post(f"{host}:{port}", path, body, headers)
+    loop = asyncio.get_running_loop()
+    statuses: dict[int, int] = {}
+    latencies: list[float] = []
+    missing = dropped = 0
+    left = iter(range(requests))
+
+    async def worker() -> None:
+        nonlocal missing, dropped
+        connection: _Connection | None = None
+        for _ in left:
+            try:
+                if connection is None:
+                    connection = (await loop.create_connection(_Connection, host, port))[1]
+                started = time.perf_counter()
+                async with asyncio.timeout(120):  # an answer that never comes counts as a dropped connection
+                    status, answer_headers, _ = await connection.request(raw)
+            except OSError:  # ConnectionError and TimeoutError included: refused, reset, closed, silent
+                dropped += 1
+                connection = None
+                continue
+            latencies.append(time.perf_counter() - started)
+            statuses[status] = statuses.get(status, 0) + 1
+            if status in (429, 503) and "retry-after" not in answer_headers:
+                missing += 1
+            if answer_headers.get("connection", "").lower() == "close":
+                connection.transport.close()
+                connection = None
+        if connection is not None:
+            connection.transport.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Storm(statuses, missing, dropped, time.perf_counter() - started, latencies)
+
+
+def storm(
+    base_url: str,
+    path: str,
+    body: dict[str, Any],
+    *,
+    requests: int,
+    concurrency: int,
+    headers: dict[str, str] | None = None,
+) -> Storm:
+    """``requests`` POSTs of one body, ``concurrency`` at a time over keep-alive connections,
+    counting every answer by status (a connection the server drops is counted and replaced)."""
+    return uvloop.run(_storm(base_url, path, body, requests, concurrency, headers))

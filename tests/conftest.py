@@ -7,10 +7,15 @@ all-MiniLM-L6-v2 (packaged) backs the quality tests. Nothing here reaches a netw
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +130,33 @@ def catalog_path(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPath
     return path
 
 
+# The catalog's entries that load on any machine: no hub entry, nothing broken (their 503s
+# are documented and tested on their own).
+LOCAL = [
+    "bert-clf",
+    "distilbert-clf",
+    "nli",
+    "marian-en-de",
+    "t5-en-fr",
+    "bart-sum",
+    "t5-sum",
+    "bert-embed",
+    "minilm",
+    "minilm-sentiment",
+    "minilm-extractive",
+]
+
+
+@pytest.fixture(scope="session")
+def local_catalog(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    catalog = catalog_dict(tiny_models, tmp_path_factory.mktemp("unused"))
+    catalog["models"] = [m for m in catalog["models"] if m["name"] in LOCAL]
+    catalog["defaults"]["classify"] = ["minilm-sentiment"]
+    path = tmp_path_factory.mktemp("local-catalog") / "catalog.yaml"
+    path.write_text(yaml.safe_dump(catalog))
+    return path
+
+
 @pytest.fixture
 def make_settings(catalog_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
@@ -151,6 +183,50 @@ async def client(make_settings: Callable[..., Settings]) -> AsyncIterator[httpx.
 @pytest.fixture
 def app_factory(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., FastAPI]]:
     yield lambda **overrides: create_app(make_settings(**overrides))
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path  # its output: a file, since a pipe nobody reads stops a busy server
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def server_process(env: dict[str, str]) -> Iterator[ServerProcess]:
+    """`python -m app serve` in a process of its own (settings: ``env``, over this one's), on a
+    free port; killed at the end if still running."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    with tempfile.TemporaryDirectory() as logs:
+        log = Path(logs) / "server.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "app", "serve", "--port", str(port)],
+                env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{server.url}/health/live", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            else:
+                pytest.fail(f"server did not come up within 60 s:\n{server.output()[-3000:]}")
+            yield server
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @contextmanager

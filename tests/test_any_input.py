@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -22,32 +21,7 @@ from hypothesis import strategies as st
 from app.api.fields import text_problem
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import catalog_dict, running
-
-# Names the local catalog serves (no hub entry, nothing broken: their 503s are documented).
-LOCAL = [
-    "bert-clf",
-    "distilbert-clf",
-    "nli",
-    "marian-en-de",
-    "t5-en-fr",
-    "bart-sum",
-    "t5-sum",
-    "bert-embed",
-    "minilm",
-    "minilm-sentiment",
-    "minilm-extractive",
-]
-
-
-@pytest.fixture(scope="module")
-def local_catalog(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    catalog = catalog_dict(tiny_models, tmp_path_factory.mktemp("unused"))
-    catalog["models"] = [m for m in catalog["models"] if m["name"] in LOCAL]
-    catalog["defaults"]["classify"] = ["minilm-sentiment"]
-    path = tmp_path_factory.mktemp("local-catalog") / "catalog.yaml"
-    path.write_text(yaml.safe_dump(catalog))
-    return path
+from tests.conftest import LOCAL, running
 
 
 def small_settings(catalog: Path) -> Settings:

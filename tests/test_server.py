@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,44 +11,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import ServerProcess, server_process
 
 
 @pytest.fixture
-def server(catalog_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    port = free_port()
-    env = {**os.environ, "TESSERA_CATALOG": str(catalog_path), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health/live", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("server did not come up within 60 s")
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def server(catalog_path: Path) -> Iterator[ServerProcess]:
+    with server_process({"TESSERA_CATALOG": str(catalog_path)}) as running:
+        yield running
 
 
-def test_uvicorn_process_serves_and_shuts_down_cleanly(server: tuple[str, subprocess.Popen[str]]) -> None:
-    base, proc = server
+def test_uvicorn_process_serves_and_shuts_down_cleanly(server: ServerProcess) -> None:
+    base, proc = server.url, server.process
     r = httpx.post(f"{base}/classify", json={"inputs": "I love this movie"}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["results"][0][0]["label"] == "positive"
@@ -61,17 +30,15 @@ def test_uvicorn_process_serves_and_shuts_down_cleanly(server: tuple[str, subpro
     assert echoed.headers["x-request-id"] == "trace-123"
 
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0  # drained: a rolling update reads a clean stop
+    assert proc.wait(timeout=30) == 0
+    output = server.output()  # drained: a rolling update reads a clean stop
     assert "drained: every request in flight finished" in output
     assert "model minilm-sentiment unloaded" in output
     assert "Traceback" not in output
 
 
-def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(
-    server: tuple[str, subprocess.Popen[str]],
-) -> None:
-    base, proc = server
+def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(server: ServerProcess) -> None:
+    base, proc = server.url, server.process
     assert httpx.post(f"{base}/models/marian-en-de/load", timeout=60).status_code == 200
     # Long generations (the tiny Marian's 511 steps, beams of 2): in flight for seconds.
     slow = {
@@ -98,6 +65,6 @@ def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(
 
         answers = [future.result() for future in in_flight]
     assert [a.status_code for a in answers] == [200, 200, 200]
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0
+    assert proc.wait(timeout=60) == 0
+    output = server.output()
     assert "SIGTERM: draining (" in output and "drained: every request in flight finished" in output
