@@ -225,6 +225,7 @@ async def test_a_chunked_request_larger_than_the_queue_is_a_413_not_a_429(
         assert "TESSERA_MAX_QUEUE_ITEMS" in r.json()["message"]
 
 
+@pytest.mark.faults
 async def test_unloading_a_model_mid_request_never_answers_500(client: httpx.AsyncClient) -> None:
     document = "The council met on Tuesday to discuss the new transit plan for the city. " * 150
     await client.post("/models/t5-sum/load")

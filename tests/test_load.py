@@ -97,6 +97,7 @@ async def test_deadline_answers_504_and_the_work_is_not_run(app_factory: Callabl
         assert "late" not in seen
 
 
+@pytest.mark.faults
 async def test_a_disconnecting_client_does_not_disturb_its_neighbours(
     app_factory: Callable[..., FastAPI],
 ) -> None:
@@ -145,6 +146,7 @@ async def test_an_injected_failure_fails_only_its_own_request(app_factory: Calla
         assert failed.json()["error"] == "inference_failed" and "injected failure" in failed.json()["message"]
 
 
+@pytest.mark.faults
 async def test_a_lane_that_dies_fails_its_requests_with_503_and_the_model_reloads(
     app_factory: Callable[..., FastAPI], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,6 +216,7 @@ async def test_a_thousand_concurrent_mixed_requests_are_all_answered_correctly(
             assert got == expected
 
 
+@pytest.mark.faults
 def test_a_client_that_hangs_up_over_a_real_socket_has_its_queued_work_dropped(
     app_factory: Callable[..., FastAPI],
 ) -> None:

@@ -95,6 +95,7 @@ async def test_failed_load_is_503_with_reason_then_recovers_once_fixed(
     assert count_loads == ["late"]  # the storm and the early retry never reached the loader
 
 
+@pytest.mark.faults
 async def test_a_truncated_weights_file_is_a_503_naming_it_then_recovers_once_replaced(
     tmp_path: Path, tiny_models: dict[str, Path]
 ) -> None:
