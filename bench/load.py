@@ -156,13 +156,14 @@ async def _drive(
     warmup: int,
     stats_path: str | None,
     timeout_s: float,
+    headers: dict[str, str] | None = None,
 ) -> tuple[float, float, list[float], int, str | None, list[Any]]:
     latencies = [0.0] * len(bodies)
     errors = 0
     first_error: str | None = None
     url = httpx.URL(base_url)
     host, port = url.host, url.port or 80
-    raw = [_raw_post(f"{host}:{port}", path, body) for body in bodies]
+    raw = [_raw_post(f"{host}:{port}", path, body, headers) for body in bodies]
     loop = asyncio.get_running_loop()
     connections = [(await loop.create_connection(_Connection, host, port))[1] for _ in range(concurrency)]
 
@@ -209,13 +210,14 @@ def drive(
     warmup: int | None = None,
     stats_path: str | None = None,
     timeout_s: float = 600.0,
+    headers: dict[str, str] | None = None,
 ) -> Measurement:
     """POST one body per request with ``concurrency`` in flight, after ``warmup`` untimed
     requests (default: one per connection). With ``stats_path``, the server's stats just
     before and after the timed requests come back in ``extra["server_stats"]``."""
     warm = min(len(bodies), concurrency) if warmup is None else warmup
     seconds, cpu, latencies, errors, first_error, stats = uvloop.run(
-        _drive(base_url, path, bodies, concurrency, warm, stats_path, timeout_s)
+        _drive(base_url, path, bodies, concurrency, warm, stats_path, timeout_s, headers)
     )
     # Where the client shares the server's cores, its CPU is part of the picture.
     extra: dict[str, Any] = {"concurrency": concurrency, "client_cpu_ms_per_text": ms_per(cpu, len(bodies))}

@@ -364,7 +364,7 @@ def test_only_the_lead_lane_runs_multithreaded_and_only_when_it_runs_alone() -> 
 async def test_a_light_tenant_is_served_ahead_of_a_flooders_backlog() -> None:
     runner = FakeRunner()
     runner.gate.clear()
-    batcher = make(runner, max_batch_size=4)
+    batcher = make(runner, max_batch_size=4, express_lane=False)  # the order of the regular lanes alone
     blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon(), tenant="flood"))
     await asyncio.to_thread(runner.entered.wait, 5)
     flood = [asyncio.create_task(batcher.submit([f"f{i}"], deadline=soon(), tenant="flood")) for i in range(12)]
@@ -398,4 +398,46 @@ async def test_a_full_queue_still_admits_a_tenant_below_an_equal_share_of_it() -
     assert await admitted == ["B"] * 3
     await asyncio.gather(blocker, filling)
     assert batcher.queue_depth == 0
+    batcher.close()
+
+
+class HoldingRunner(FakeRunner):
+    """Holds only the batches holding "hold"; every other batch runs at once."""
+
+    def infer(self, payloads: Sequence[str], encoded: Sequence[Any]) -> list[str]:
+        if "hold" in payloads:
+            return super().infer(payloads, encoded)
+        self.batches.append(list(payloads))
+        return [p.upper() for p in payloads]
+
+
+async def test_a_light_tenant_runs_on_the_express_lane_while_a_flood_holds_every_lane() -> None:
+    runner = HoldingRunner()
+    runner.gate.clear()
+    batcher = make(runner, lanes=1)
+    hold = asyncio.create_task(batcher.submit(["hold", "f0"], deadline=soon(), tenant="flood"))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    backlog = asyncio.create_task(batcher.submit(["f1", "f2", "f3"], deadline=soon(), tenant="flood"))
+    await wait_until(lambda: batcher.queue_depth == 5)
+    # The flood's batch is still running: the light request does not wait for it, nor run inside one.
+    assert await asyncio.wait_for(batcher.submit(["light"], deadline=soon(), tenant="light"), 5) == ["LIGHT"]
+    assert runner.batches == [["light"]]
+    assert not hold.done() and not backlog.done()
+    runner.gate.set()
+    assert await hold == ["HOLD", "F0"] and await backlog == ["F1", "F2", "F3"]
+    batcher.close()
+
+
+async def test_a_lone_tenant_never_uses_the_express_lane() -> None:
+    runner = HoldingRunner()
+    runner.gate.clear()
+    batcher = make(runner, lanes=1)
+    hold = asyncio.create_task(batcher.submit(["hold"], deadline=soon(), tenant="only"))
+    await asyncio.to_thread(runner.entered.wait, 5)
+    more = asyncio.create_task(batcher.submit(["more"], deadline=soon(), tenant="only"))
+    await wait_until(lambda: batcher.queue_depth == 2)
+    await asyncio.sleep(0.1)
+    assert runner.batches == [] and not more.done()  # it waits for the lane, as it always did
+    runner.gate.set()
+    assert await hold == ["HOLD"] and await more == ["MORE"]
     batcher.close()

@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 # returning clients after a batch.
 MAX_LINGER_S = 0.05
 LINGER_FRACTION = 0.05
+
+# Inputs in one batch of the express lane (see DynamicBatcher._serve_express).
+EXPRESS_BATCH = 4
 
 # Set by the HTTP layer per request; submit() records the largest batch its inputs ran in.
 request_stats: ContextVar[dict[str, Any] | None] = ContextVar("request_stats", default=None)
@@ -97,6 +101,7 @@ class DynamicBatcher:
         lanes: int = 1,
         threads: ThreadShare | None = None,
         on_crash: Callable[[BaseException], object] | None = None,
+        express_lane: bool = True,
     ) -> None:
         self.name = name
         self.max_batch_size = max_batch_size
@@ -110,8 +115,13 @@ class DynamicBatcher:
         self._lock = threading.RLock()
         # Each lane sleeps on its own condition, and the idle lane with the lowest index is
         # woken first: at low load, lane 0 alone does the work, on all of torch's threads.
-        self._wakes = [threading.Condition(self._lock) for _ in range(lanes)]
-        self._idle: set[int] = set()
+        # One more lane, the express lane, serves only tenants none of whose inputs is
+        # running (see _serve_express).
+        self._express = lanes
+        self._wakes = [threading.Condition(self._lock) for _ in range(lanes + 1)]
+        self._idle: set[int] = set()  # regular lanes only
+        self._express_idle = False
+        self._running_tenants: Counter[Hashable] = Counter()  # tenants in batches on regular lanes
         self._incoming: list[PendingInput] = []
         self._pool: list[PendingInput] = []  # encoded, waiting for a batch; guarded by _lock
         self._depth = 0  # items queued or pooled, guarded by _lock
@@ -126,7 +136,7 @@ class DynamicBatcher:
         self.items = 0
         self._threads = [
             threading.Thread(target=self._lane, args=(n,), name=f"batcher-{name}-{n}", daemon=True)
-            for n in range(lanes)
+            for n in range(lanes + (1 if express_lane else 0))
         ]
         for thread in self._threads:
             thread.start()
@@ -171,7 +181,8 @@ class DynamicBatcher:
             self._incoming.extend(items)
             self._depth += len(items)
             self._shares.queued(tenant, len(items))
-            self._wake_one()
+            if not self._wake_one() and tenant not in self._running_tenants:
+                self._wake_express()
         futures = [item.future for item in items]
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -206,12 +217,19 @@ class DynamicBatcher:
     def _retry_after(self) -> float:
         return float(max(1, math.ceil(self._depth / self._rate))) if self._rate > 0 else 1.0
 
-    def _wake_one(self) -> None:
+    def _wake_one(self) -> bool:
         """Wake the idle lane with the lowest index, if any lane is idle (called holding ``_lock``)."""
         if self._idle:
             lane = min(self._idle)
             self._idle.discard(lane)
             self._wakes[lane].notify()
+            return True
+        return False
+
+    def _wake_express(self) -> None:
+        if self._express_idle:  # False without an express lane: nothing sleeps there
+            self._express_idle = False
+            self._wakes[self._express].notify()
 
     def _sleep(self, lane: int, timeout: float | None = None) -> None:
         self._idle.add(lane)
@@ -222,7 +240,7 @@ class DynamicBatcher:
 
     def _lane(self, lane: int) -> None:
         try:
-            self._serve(lane)
+            self._serve_express() if lane == self._express else self._serve(lane)
         except BaseException as exc:  # a bug, not an input: stop serving rather than leave requests hanging
             log.critical("lane %d of model %s failed; the model stops serving", lane, self.name, exc_info=exc)
             self._crash(exc)
@@ -261,17 +279,63 @@ class DynamicBatcher:
                     self._wake_one()  # another lane may take what this batch left
                 if not batch:
                     continue
-                backlog = len(self._threads) > 1 and bool(self._pool or self._incoming)
+                tenants = {item.tenant for item in batch}
+                self._running_tenants.update(tenants)
+                backlog = len(self._threads) > 2 and bool(self._pool or self._incoming)
             # Lane 0 is the one woken at low load, so it is the one that may lead.
             share = self._thread_share
             with share.running(lane == 0, backlog) if share else contextlib.nullcontext():
                 elapsed = self._execute(batch, lane)
             with self._lock:
                 self._running[lane] = []
+                self._running_tenants.subtract(tenants)
+                self._running_tenants = +self._running_tenants  # drop the zeros
                 linger_target = min(self.max_batch_size, len(self._pool) + len(self._incoming) + len(batch))
             linger_until = time.monotonic() + min(MAX_LINGER_S, LINGER_FRACTION * elapsed)
         for item in leftover:
             self._fail(item, ModelUnavailable(f"model '{self.name}' was unloaded before this input ran"))
+
+    def _serve_express(self) -> None:
+        """The express lane: while every regular lane is busy, a tenant none of whose inputs
+        is running (one request at a time beside another tenant's flood, say) would wait for
+        a lane behind a full batch, then run in one; here it runs at once, in a batch of
+        such tenants' inputs only (at most ``EXPRESS_BATCH``), on one torch thread. A lone
+        tenant never comes here: its inputs are always the ones running."""
+        lane = self._express
+        while True:
+            with self._lock:
+                while not self._closed and not self._express_work():
+                    self._express_idle = True
+                    self._wakes[lane].wait()
+                    self._express_idle = False
+                if self._closed:
+                    return
+                # Only the waiting tenants' inputs: tokenizing a flood's would delay theirs.
+                new = [item for item in self._incoming if item.tenant not in self._running_tenants]
+                self._incoming = [item for item in self._incoming if item.tenant in self._running_tenants]
+                self._running[lane] = new
+            if new:
+                self._admit(new)
+            with self._lock:
+                batch = self._next_batch(express=True)
+                self._running[lane] = batch
+                if self._pool:
+                    self._wake_one()
+            if not batch:
+                continue
+            share = self._thread_share
+            with share.running(may_lead=False, backlog=True) if share else contextlib.nullcontext():
+                self._execute(batch, lane)
+            with self._lock:
+                self._running[lane] = []
+
+    def _express_work(self) -> bool:
+        """Whether the express lane has something to do (called holding ``_lock``): every
+        regular lane busy, and an input waiting whose tenant has none running."""
+        if self._idle or not self._running_tenants:
+            return False
+        waiting = [*self._incoming, *self._pool]
+        return any(item.tenant not in self._running_tenants for item in waiting)
 
     def _crash(self, exc: BaseException) -> None:
         """A lane died: every input this batcher holds fails now (503, retry), the other lanes
@@ -349,12 +413,26 @@ class DynamicBatcher:
             return True
         return False
 
-    def _next_batch(self) -> list[PendingInput]:
-        """The next batch from the pool (app/batching/forming.py), called holding ``_lock``."""
+    def _next_batch(self, express: bool = False) -> list[PendingInput]:
+        """The next batch from the pool (app/batching/forming.py), called holding ``_lock``.
+
+        A batch whose first input (in fair order) belongs to a tenant with nothing running,
+        while other tenants' inputs run, holds such tenants' inputs only: a light tenant's
+        request runs in a batch of its own size, not inside a flooder's full one. The express
+        lane takes only such batches.
+        """
         self._pool = [item for item in self._pool if not self._drop_if_done(item)]
+        candidates = self._pool
+        if self._running_tenants and self._pool:
+            idle_tenants = [i for i in self._pool if i.tenant not in self._running_tenants]
+            first = min(self._pool, key=lambda item: (item.start, item.seq))
+            if express or first.tenant not in self._running_tenants:
+                candidates = idle_tenants
+        elif express:
+            candidates = []
         batch = form_batch(
-            self._pool,
-            max_items=self.max_batch_size,
+            candidates,
+            max_items=EXPRESS_BATCH if express else self.max_batch_size,
             max_tokens=self.max_batch_tokens,
             padding_ratio=self.max_padding_ratio,
             padding_slack=self.padding_slack,
@@ -386,7 +464,8 @@ class DynamicBatcher:
         with self._lock:
             # Its clients answer at once; their next inputs should find this lane, which is
             # about to look for work, rather than wake another one.
-            self._idle.add(lane)
+            if lane != self._express:
+                self._idle.add(lane)
             for item in batch:
                 self._release_locked(item)
             self.batches += 1
