@@ -310,3 +310,14 @@ def test_replicas_behind_nginx_share_the_traffic(stack: Stack, context: tuple[Pa
         assert len(answering) == 2, f"replicas that answered: {answering}\n{served[-3000:]}"
     finally:
         replicas.down()
+
+
+@pytest.mark.faults
+def test_docker_stop_drains_the_server_and_it_exits_0(stack: Stack) -> None:
+    # The last test of the module: it stops the shared stack's server.
+    container = stack.compose_run("ps", "-q", "tessera").strip()
+    stack.compose_run("stop", "-t", "30", "tessera", timeout=90)
+    state = json.loads(run(["docker", "inspect", "--format", "{{json .State}}", container]))
+    assert state["ExitCode"] == 0, stack.logs()
+    logs = stack.compose_run("logs", "--no-color", "tessera")
+    assert "SIGTERM: draining" in logs and "drained: every request in flight finished" in logs
