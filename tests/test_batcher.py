@@ -361,12 +361,18 @@ def test_only_the_lead_lane_runs_multithreaded_and_only_when_it_runs_alone() -> 
     }
 
 
+async def holding(batcher: DynamicBatcher, runner: FakeRunner, texts: list[str], tenant: str) -> asyncio.Task[Any]:
+    """A request of ``tenant`` inside its (held) forward pass when this returns."""
+    task = asyncio.create_task(batcher.submit(texts, deadline=soon(), tenant=tenant))
+    assert await asyncio.to_thread(runner.entered.wait, 5)
+    return task
+
+
 async def test_a_light_tenant_is_served_ahead_of_a_flooders_backlog() -> None:
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner, max_batch_size=4, express_lane=False)  # the order of the regular lanes alone
-    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon(), tenant="flood"))
-    await asyncio.to_thread(runner.entered.wait, 5)
+    blocker = await holding(batcher, runner, ["hold"], "flood")
     flood = [asyncio.create_task(batcher.submit([f"f{i}"], deadline=soon(), tenant="flood")) for i in range(12)]
     await wait_until(lambda: batcher.queue_depth == 13)
     light = asyncio.create_task(batcher.submit(["light"], deadline=soon(), tenant="light"))
@@ -384,8 +390,7 @@ async def test_a_full_queue_still_admits_a_tenant_below_an_equal_share_of_it() -
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner, max_queue_items=8)
-    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon(), tenant="a"))
-    await asyncio.to_thread(runner.entered.wait, 5)
+    blocker = await holding(batcher, runner, ["hold"], "a")
     filling = asyncio.create_task(batcher.submit(["a"] * 7, deadline=soon(), tenant="a"))
     await wait_until(lambda: batcher.queue_depth == 8)
     with pytest.raises(Overloaded, match="8 of them yours"):
@@ -415,8 +420,7 @@ async def test_a_light_tenant_runs_on_the_express_lane_while_a_flood_holds_every
     runner = HoldingRunner()
     runner.gate.clear()
     batcher = make(runner, lanes=1)
-    hold = asyncio.create_task(batcher.submit(["hold", "f0"], deadline=soon(), tenant="flood"))
-    await asyncio.to_thread(runner.entered.wait, 5)
+    hold = await holding(batcher, runner, ["hold", "f0"], "flood")
     backlog = asyncio.create_task(batcher.submit(["f1", "f2", "f3"], deadline=soon(), tenant="flood"))
     await wait_until(lambda: batcher.queue_depth == 5)
     # The flood's batch is still running: the light request does not wait for it, nor run inside one.
@@ -432,8 +436,7 @@ async def test_a_lone_tenant_never_uses_the_express_lane() -> None:
     runner = HoldingRunner()
     runner.gate.clear()
     batcher = make(runner, lanes=1)
-    hold = asyncio.create_task(batcher.submit(["hold"], deadline=soon(), tenant="only"))
-    await asyncio.to_thread(runner.entered.wait, 5)
+    hold = await holding(batcher, runner, ["hold"], "only")
     more = asyncio.create_task(batcher.submit(["more"], deadline=soon(), tenant="only"))
     await wait_until(lambda: batcher.queue_depth == 2)
     await asyncio.sleep(0.1)
