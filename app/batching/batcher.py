@@ -14,6 +14,11 @@ forward pass, and on a CPU each busy lane gets an equal share of torch's threads
 alone gets them all, so a lone request is as fast as with one lane). Independent lanes
 keep the cores busy when the event loop takes a core for a moment: threads of one
 forward pass wait on each other at every operation, lanes do not.
+
+Between tenants (API keys), the first input in fair order seeds each batch
+(app/batching/fairness.py), and an express lane runs a tenant with nothing running at once
+while the regular lanes are all busy with others. A lane that fails (a bug, not an input)
+fails every input the batcher holds with 503 and tells its owner, which reloads the model.
 """
 
 from __future__ import annotations
@@ -117,6 +122,7 @@ class DynamicBatcher:
         # woken first: at low load, lane 0 alone does the work, on all of torch's threads.
         # One more lane, the express lane, serves only tenants none of whose inputs is
         # running (see _serve_express).
+        self._lanes = lanes
         self._express = lanes
         self._wakes = [threading.Condition(self._lock) for _ in range(lanes + 1)]
         self._idle: set[int] = set()  # regular lanes only
@@ -281,7 +287,7 @@ class DynamicBatcher:
                     continue
                 tenants = {item.tenant for item in batch}
                 self._running_tenants.update(tenants)
-                backlog = len(self._threads) > 2 and bool(self._pool or self._incoming)
+                backlog = self._lanes > 1 and bool(self._pool or self._incoming)
             # Lane 0 is the one woken at low load, so it is the one that may lead.
             share = self._thread_share
             with share.running(lane == 0, backlog) if share else contextlib.nullcontext():
