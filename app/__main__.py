@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 
-from app.config import CatalogError, Settings, load_catalog
+from app.config import Settings
 from app.errors import ModelUnavailable
 from app.logs import configure_logging
+from app.registry.catalog import CatalogError, load_catalog
 
 
 def serve(args: argparse.Namespace) -> int:

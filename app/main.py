@@ -26,9 +26,10 @@ from app.api.metrics import Metrics
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import build_openapi
 from app.api.security import BodySizeLimit, Keys, rate_limit_of, require_api_key
-from app.config import Settings, load_catalog
+from app.config import Settings
 from app.errors import ServiceError
 from app.heap import freeze_survivors, young_collections_spaced_out
+from app.registry.catalog import load_catalog
 from app.registry.registry import ModelRegistry
 from app.registry.sources import hf_offline_flag, probe_hub
 

@@ -30,7 +30,7 @@ from workloads import build_minilm_classifier, make_texts
 from app.batching.batcher import BatchRecord, DynamicBatcher
 from app.batching.forming import PACKED_PADDING_SLACK, PADDING_SLACK
 from app.batching.threads import ThreadShare
-from app.config import TextClassificationEntry
+from app.registry.catalog import TextClassificationEntry
 from app.runners.classification import ClassificationRunner, ClassifyInput
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from app.config import DEFAULT_CATALOG, CatalogError, Endpoint, Settings, load_catalog
+from app.config import DEFAULT_CATALOG, Settings
 from app.main import create_app
+from app.registry.catalog import CatalogError, load_catalog
+from app.tasks import Endpoint
 
 
 def write(tmp_path: Path, text: str, suffix: str = ".yaml") -> Path:

@@ -22,7 +22,7 @@ from transformers import (
 
 import app.runners.traced as traced_module
 from app.batching.forming import PACKED_PADDING_SLACK
-from app.config import TextClassificationEntry
+from app.registry.catalog import TextClassificationEntry
 from app.runners.base import pad_rows
 from app.runners.classification import ClassificationRunner
 from app.runners.packed import PackedEncoder, packable

@@ -37,8 +37,9 @@ from app.api.tasks import (
     until_disconnect,
     zero_shot_payloads,
 )
-from app.config import Catalog, Settings
+from app.config import Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
+from app.registry.catalog import Catalog
 from app.registry.registry import ModelRegistry
 from app.registry.sources import declared_width
 from app.runners.classification import ClassifyInput

@@ -22,9 +22,9 @@ from app.api.errors import error_responses
 from app.api.fields import Inputs, PositiveInt, as_list
 from app.api.security import tenant_of
 from app.api.tasks import admit, registry_of, settings_of, timeout_of, until_disconnect
-from app.config import Endpoint
 from app.errors import WrongTask
 from app.runners.embedding import EmbedInput
+from app.tasks import Endpoint
 
 
 def openai_error(code: str, message: str, param: str | None, request_id: str | None) -> dict[str, Any]:

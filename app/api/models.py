@@ -10,9 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.errors import error_responses
 from app.api.security import require_admin
 from app.api.tasks import registry_of
-from app.config import Endpoint
 from app.errors import ModelNotFound
 from app.registry.registry import ModelSlot, ModelState
+from app.tasks import Endpoint
 
 router = APIRouter(tags=["models"])
 

@@ -31,12 +31,13 @@ from app.api.schemas import (
     Translation,
 )
 from app.api.security import RateLimit, tenant_of
-from app.config import Endpoint, Settings
+from app.config import Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
 from app.registry.registry import ModelRegistry, translates
 from app.runners.classification import ClassifyInput, ZeroShotInput
 from app.runners.embedding import EmbedInput, ExtractInput
 from app.runners.seq2seq import Seq2SeqInput, Seq2SeqRunner
+from app.tasks import Endpoint
 
 router = APIRouter(tags=["tasks"], route_class=JsonBodyRoute)
 T = TypeVar("T")

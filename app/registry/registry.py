@@ -26,11 +26,13 @@ import torch
 from app.batching.batcher import BatchRecord, DynamicBatcher, request_stats
 from app.batching.forming import PACKED_PADDING_SLACK, PADDING_SLACK
 from app.batching.threads import ThreadShare
-from app.config import Catalog, Endpoint, Settings, can_serve
+from app.config import Settings
 from app.errors import ModelNotFound, ModelUnavailable, ServiceError, WrongTask
 from app.heap import freeze_survivors
+from app.registry.catalog import Catalog
 from app.registry.sources import is_local, locate, verify_weights
 from app.runners import Runner, build_runner, resolve_device
+from app.tasks import Endpoint, can_serve
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import pipeline
 
-from app.config import TextClassificationEntry, ZeroShotEntry
+from app.registry.catalog import TextClassificationEntry, ZeroShotEntry
 from app.runners.base import (
     Encoded,
     Runner,

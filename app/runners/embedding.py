@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from app.config import EmbeddingEntry, SummarizationEntry, ZeroShotEntry
+from app.registry.catalog import EmbeddingEntry, SummarizationEntry, ZeroShotEntry
 from app.runners.base import (
     Encoded,
     Runner,

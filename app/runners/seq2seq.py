@@ -18,8 +18,8 @@ import pysbd
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from app.config import SummarizationEntry, TranslationEntry
 from app.errors import InvalidInput
+from app.registry.catalog import SummarizationEntry, TranslationEntry
 from app.runners.base import (
     Encoded,
     Runner,

@@ -1,0 +1,82 @@
+"""The tasks Tessera serves, in one table: for each catalog task (and engine), the runner
+that loads it, the routes it answers and the Hugging Face Inference API task it speaks.
+
+Adding a task is a row here, a runner (app/runners), a catalog entry type
+(app/registry/catalog.py), a service method (app/service/service.py) and its routes; the
+README's development section lists the steps. Runners are named, not imported: this table
+is read by the API layer, which never imports torch through it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Endpoint(StrEnum):
+    """The task routes; catalog defaults are chosen per endpoint."""
+
+    classify = "classify"
+    zero_shot = "zero-shot"
+    translate = "translate"  # type: ignore[assignment]  # shadows str.translate, harmlessly
+    summarize = "summarize"
+    embed = "embed"
+
+
+@dataclass(frozen=True)
+class Task:
+    task: str  # the catalog entry's `task`
+    engine: str | None  # its `engine`, for tasks with several
+    runner: str  # "module:Class" in app.runners, imported when a model of this kind loads
+    endpoints: tuple[Endpoint, ...]
+    hf_task: str  # the HF Inference API task that POST /models/<name> speaks
+
+
+TASKS: tuple[Task, ...] = (
+    Task(
+        "text-classification", None, "classification:ClassificationRunner", (Endpoint.classify,), "text-classification"
+    ),
+    # /classify takes a zero-shot model only with labels of its own (can_serve).
+    Task(
+        "zero-shot-classification",
+        "nli",
+        "classification:NliZeroShotRunner",
+        (Endpoint.zero_shot, Endpoint.classify),
+        "zero-shot-classification",
+    ),
+    Task(
+        "zero-shot-classification",
+        "similarity",
+        "embedding:SimilarityZeroShotRunner",
+        (Endpoint.zero_shot, Endpoint.classify),
+        "zero-shot-classification",
+    ),
+    Task("translation", None, "seq2seq:Seq2SeqRunner", (Endpoint.translate,), "translation"),
+    Task("summarization", "abstractive", "seq2seq:Seq2SeqRunner", (Endpoint.summarize,), "summarization"),
+    Task("summarization", "extractive", "embedding:ExtractiveSummaryRunner", (Endpoint.summarize,), "summarization"),
+    Task("embedding", None, "embedding:EmbeddingRunner", (Endpoint.embed,), "feature-extraction"),
+)
+_BY_KIND = {(t.task, t.engine): t for t in TASKS}
+
+
+def task_of(entry: Any) -> Task:
+    """The row of a catalog entry (by its task and engine)."""
+    return _BY_KIND[(entry.task, getattr(entry, "engine", None))]
+
+
+def can_serve(entry: Any, endpoint: Endpoint) -> bool:
+    """Whether an entry answers an endpoint; /classify takes zero-shot entries with fixed labels."""
+    if endpoint not in task_of(entry).endpoints:
+        return False
+    if endpoint is Endpoint.classify and entry.task == "zero-shot-classification":
+        return bool(entry.labels)
+    return True
+
+
+def runner_class(entry: Any) -> type[Any]:
+    """The runner class of a catalog entry, imported now (this imports torch)."""
+    module, name = task_of(entry).runner.split(":")
+    runner: type[Any] = getattr(importlib.import_module(f"app.runners.{module}"), name)
+    return runner
