@@ -31,7 +31,8 @@ from app.batching.batcher import BatchRecord, DynamicBatcher
 from app.batching.forming import PACKED_PADDING_SLACK, PADDING_SLACK
 from app.batching.threads import ThreadShare
 from app.registry.catalog import TextClassificationEntry
-from app.runners.classification import ClassificationRunner, ClassifyInput
+from app.runners.classification import ClassificationRunner
+from app.service.types import ClassifyInput
 
 
 async def drive(batcher: DynamicBatcher, texts: list[str], concurrency: int) -> tuple[float, float]:

@@ -42,9 +42,7 @@ from app.errors import InputTooLarge, InvalidInput, WrongTask
 from app.registry.catalog import Catalog
 from app.registry.registry import ModelRegistry
 from app.registry.sources import declared_width
-from app.runners.classification import ClassifyInput
-from app.runners.embedding import EmbedInput, ExtractInput
-from app.runners.seq2seq import Seq2SeqInput
+from app.service.types import ClassifyInput, EmbedInput, ExtractInput, Seq2SeqInput
 
 
 class HfErrorsRoute(ReshapedErrorsRoute):

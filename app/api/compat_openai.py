@@ -23,7 +23,7 @@ from app.api.fields import Inputs, PositiveInt, as_list
 from app.api.security import tenant_of
 from app.api.tasks import admit, registry_of, settings_of, timeout_of, until_disconnect
 from app.errors import WrongTask
-from app.runners.embedding import EmbedInput
+from app.service.types import EmbedInput
 from app.tasks import Endpoint
 
 

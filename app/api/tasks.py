@@ -34,9 +34,8 @@ from app.api.security import RateLimit, tenant_of
 from app.config import Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
 from app.registry.registry import ModelRegistry, translates
-from app.runners.classification import ClassifyInput, ZeroShotInput
-from app.runners.embedding import EmbedInput, ExtractInput
-from app.runners.seq2seq import Seq2SeqInput, Seq2SeqRunner
+from app.runners.seq2seq import Seq2SeqRunner
+from app.service.types import ClassifyInput, EmbedInput, ExtractInput, Seq2SeqInput, ZeroShotInput
 from app.tasks import Endpoint
 
 router = APIRouter(tags=["tasks"], route_class=JsonBodyRoute)

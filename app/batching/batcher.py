@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.batching.fairness import FairShares
-from app.batching.forming import PADDING_SLACK, Encoded, PendingInput, Ticket, form_batch
+from app.batching.forming import PADDING_SLACK, PendingInput, Ticket, Tokenized, form_batch
 from app.batching.threads import ThreadShare
 from app.errors import (
     DeadlineExceeded,
@@ -66,7 +66,7 @@ request_stats: ContextVar[dict[str, Any] | None] = ContextVar("request_stats", d
 class BatchRunner(Protocol):
     """The two steps a runner exposes to the batcher; both run on its lanes."""
 
-    def encode(self, payloads: Sequence[Any]) -> Sequence[Encoded]: ...
+    def encode(self, payloads: Sequence[Any]) -> Sequence[Tokenized]: ...
 
     def infer(self, payloads: Sequence[Any], encoded: Sequence[Any]) -> list[Any]: ...
 

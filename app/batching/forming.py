@@ -25,7 +25,7 @@ PADDING_SLACK = 4
 PACKED_PADDING_SLACK = 12
 
 
-class Encoded(Protocol):
+class Tokenized(Protocol):
     """What a runner's ``encode`` returns per input: its token length and model rows."""
 
     @property
@@ -58,7 +58,7 @@ class PendingInput:
     index: int = 0  # its position among the request's inputs, for error messages
     tenant: Hashable = None  # whom it counts against (app/batching/fairness.py)
     enqueued: float = field(default_factory=time.monotonic)
-    encoded: Any = None  # an Encoded, once a lane has tokenized it
+    encoded: Any = None  # a Tokenized, once a lane has tokenized it
     start: float = 0.0  # its fair-queueing start tag, once tokenized
 
     @property

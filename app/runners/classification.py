@@ -8,7 +8,6 @@ ours, so that the batcher's length-sorted batches reach the model unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +25,7 @@ from app.runners.base import (
     weights_kwargs,
 )
 from app.runners.traced import encoder_forward
-
-
-@dataclass(frozen=True)
-class ClassifyInput:
-    text: str
-    top_k: int | None = 1
-    function_to_apply: str | None = None
-
-
-@dataclass(frozen=True)
-class ZeroShotInput:
-    text: str
-    labels: tuple[str, ...]
-    hypotheses: tuple[str, ...]  # one per label: what the NLI model or the embedder reads
-    multi_label: bool = False
-
-
-@dataclass
-class Classification:
-    labels: list[dict[str, Any]]  # [{label, score}], best first
-    truncated: bool = False
+from app.service.types import Classification, ClassifyInput, ZeroShotInput
 
 
 def _load_pipeline(task: str, entry: Any, path: Path, device: torch.device, dtype: torch.dtype) -> Any:

@@ -11,7 +11,6 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,8 @@ from app.runners.base import (
     pad_rows,
     weights_kwargs,
 )
-from app.runners.classification import Classification, ZeroShotInput
-from app.runners.seq2seq import Generation
 from app.runners.traced import encoder_forward
+from app.service.types import Classification, Embedding, EmbedInput, ExtractInput, Generation, ZeroShotInput
 
 _POOLING_KEYS = {
     "mean": "pooling_mode_mean_tokens",
@@ -90,19 +88,6 @@ class SentenceEncoder:
         if normalize:
             pooled = F.normalize(pooled, p=2, dim=1)
         return pooled.cpu()
-
-
-@dataclass(frozen=True)
-class EmbedInput:
-    text: str
-    normalize: bool = True
-
-
-@dataclass
-class Embedding:
-    vector: list[float]
-    tokens: int
-    truncated: bool = False
 
 
 class EmbeddingRunner(Runner):
@@ -170,12 +155,6 @@ class SimilarityZeroShotRunner(Runner):
             while len(self._label_vectors) > self._CACHE_SIZE:
                 self._label_vectors.popitem(last=False)
         return vectors
-
-
-@dataclass(frozen=True)
-class ExtractInput:
-    text: str
-    max_sentences: int
 
 
 class ExtractiveSummaryRunner(Runner):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +28,10 @@ from app.runners.base import (
     pad_rows,
     weights_kwargs,
 )
+from app.service.types import Generation, Seq2SeqInput
 
 # Room left for special tokens when packing chunks.
 _CHUNK_MARGIN = 4
-
-
-@dataclass(frozen=True)
-class Seq2SeqInput:
-    text: str
-    # (name, value) pairs for generate(); hashable, so it doubles as the batching group.
-    generation: tuple[tuple[str, Any], ...] = ()
-
-
-@dataclass
-class Generation:
-    text: str
-    truncated: bool = False
 
 
 class Seq2SeqRunner(Runner):

@@ -1,0 +1,63 @@
+"""What runners take and give, per input: the typed contract between the service and the
+runners (app/runners), so that neither imports the other's modules for a dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# (name, value) pairs for generate(); hashable, so they double as a batching group.
+GenerationSettings = tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class ClassifyInput:
+    text: str
+    top_k: int | None = 1
+    function_to_apply: str | None = None
+
+
+@dataclass(frozen=True)
+class ZeroShotInput:
+    text: str
+    labels: tuple[str, ...]
+    hypotheses: tuple[str, ...]  # one per label: what the NLI model or the embedder reads
+    multi_label: bool = False
+
+
+@dataclass(frozen=True)
+class EmbedInput:
+    text: str
+    normalize: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractInput:
+    text: str
+    max_sentences: int
+
+
+@dataclass(frozen=True)
+class Seq2SeqInput:
+    text: str
+    generation: GenerationSettings = ()
+
+
+@dataclass
+class Classification:
+    labels: list[dict[str, Any]]  # [{label, score}], best first
+    truncated: bool = False
+
+
+@dataclass
+class Embedding:
+    vector: list[float]
+    tokens: int
+    truncated: bool = False
+
+
+@dataclass
+class Generation:
+    text: str
+    truncated: bool = False
