@@ -18,20 +18,22 @@ import torch
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.api import compat_hf, compat_openai, docs, health, metrics, models, tasks
+from app.api import compat_hf, compat_openai, docs, health, metrics, models, native
 from app.api.compat_hf import hf_tasks
 from app.api.drain import Drain
 from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import build_openapi
-from app.api.security import BodySizeLimit, Keys, rate_limit_of, require_api_key
+from app.api.security import BodySizeLimit, Keys, require_api_key
 from app.config import Settings
 from app.errors import ServiceError
 from app.heap import freeze_survivors, young_collections_spaced_out
 from app.registry.catalog import load_catalog
 from app.registry.registry import ModelRegistry
 from app.registry.sources import hf_offline_flag, probe_hub
+from app.service.checks import rate_limit_of
+from app.service.service import InferenceService
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         online = await decide_hub_online(settings)
         registry = ModelRegistry(settings, catalog, hub_online=online, hooks=app.state.metrics.hooks())
         app.state.registry = registry
+        app.state.service = InferenceService(settings, registry, rate_limit_of(settings))
         app.state.metrics.watch(registry)
         freeze_survivors()  # what start-up built lives as long as the process (app/heap.py)
         log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
@@ -122,7 +125,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.hf_tasks = hf_tasks(catalog)
     app.state.keys = Keys(settings)
-    app.state.rate_limit = rate_limit_of(settings)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.state.metrics = Metrics()
@@ -138,7 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost, so that every answer (413s included) carries a request id and is counted.
     app.state.drain = Drain()
     app.add_middleware(RequestContextMiddleware, observe=app.state.metrics.observe_request, drain=app.state.drain)
-    app.include_router(tasks.router)
+    app.include_router(native.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -17,14 +17,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.api.calls import call, registry_of, service_of, tenant
 from app.api.compat import ReshapedErrorsRoute, error_body, with_body
 from app.api.errors import error_responses
 from app.api.fields import Inputs, PositiveInt, as_list
-from app.api.security import tenant_of
-from app.api.tasks import admit, registry_of, settings_of, timeout_of, until_disconnect
-from app.errors import WrongTask
-from app.service.types import EmbedInput
-from app.tasks import Endpoint
+from app.service.requests import Embed
 
 
 def openai_error(code: str, message: str, param: str | None, request_id: str | None) -> dict[str, Any]:
@@ -172,23 +169,13 @@ def as_base64(vector: list[float]) -> str:
 async def create_embeddings(body: EmbeddingsRequest, request: Request) -> EmbeddingsResponse:
     """OpenAI's embeddings endpoint over a catalog embedding model: the vectors `/embed` gives
     (unit length), as floats or base64. `usage` counts the tokens the model read."""
-    registry, settings = registry_of(request), settings_of(request)
-    texts = as_list(body.input)
-    admit(request, texts)
-    entry = registry.resolve(body.model, Endpoint.embed)
-    payloads = [EmbedInput(t) for t in texts]
-    work = registry.infer(entry.name, payloads, timeout_s=timeout_of(settings, None), tenant=tenant_of(request))
-    results = await until_disconnect(request, work)
-    size = len(results[0].vector)
-    if body.dimensions is not None and body.dimensions != size:
-        raise WrongTask(
-            f"model '{entry.name}' gives {size}-dimensional vectors, not {body.dimensions}; drop dimensions"
-        )
+    asked = Embed(as_list(body.input), body.model, dimensions=body.dimensions)
+    answer = await call(request, service_of(request).embed(asked, tenant(request)))
     encode = as_base64 if body.encoding_format == "base64" else list
-    tokens = sum(r.tokens for r in results)
+    tokens = sum(r.tokens for r in answer.results)
     return EmbeddingsResponse(
-        data=[EmbeddingObject(index=i, embedding=encode(r.vector)) for i, r in enumerate(results)],
-        model=entry.name,
+        data=[EmbeddingObject(index=i, embedding=encode(r.vector)) for i, r in enumerate(answer.results)],
+        model=answer.model,
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
     )
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.tasks import registry_of
+from app.api.calls import registry_of
 from app.registry.registry import ModelState
 
 router = APIRouter(tags=["health"])

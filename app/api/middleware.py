@@ -1,4 +1,5 @@
-"""Per-request context: an id (the client's X-Request-ID or a new one), metrics and the access log."""
+"""Per-request context: an id (the client's X-Request-ID or a new one), metrics and the access
+log (from the accounting routes leave on the request's state), and the drain's count."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.drain import RETRY_AFTER_S, Drain
-from app.batching.batcher import request_stats
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 access_log = logging.getLogger("tessera.access")
@@ -58,9 +58,10 @@ class RequestContextMiddleware:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         # random, not os.urandom: an id needs no secrecy, and getrandom() is a syscall per request.
         request_id = given if _SAFE_ID.match(given) else f"{random.getrandbits(64):016x}"
-        scope.setdefault("state", {})["request_id"] = request_id
-        stats: dict[str, Any] = {}
-        tokens = request_id_var.set(request_id), request_stats.set(stats)
+        # Routes put their accounting (model, inputs, batch_size: app.api.native.account) here.
+        stats: dict[str, Any] = scope.setdefault("state", {})
+        stats["request_id"] = request_id
+        token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
 
@@ -85,8 +86,7 @@ class RequestContextMiddleware:
                 drain.ended()
         finally:
             self._record(scope, status, time.perf_counter() - started, stats)
-            request_stats.reset(tokens[1])
-            request_id_var.reset(tokens[0])
+            request_id_var.reset(token)
 
     def _record(self, scope: Scope, status: int, seconds: float, stats: dict[str, Any]) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.calls import registry_of
 from app.api.errors import error_responses
 from app.api.security import require_admin
-from app.api.tasks import registry_of
 from app.errors import ModelNotFound
 from app.registry.registry import ModelSlot, ModelState
 from app.tasks import Endpoint

@@ -55,7 +55,7 @@ def _model_paths(document: dict[str, Any], tasks: dict[str, HfTask]) -> None:
     schemas.update(bodies.get("$defs", {}))
     for name, task in tasks.items():
         body = refs[(task.body, "validation")]["$ref"]
-        answer = TypeAdapter(task.answer).json_schema(ref_template=REF)
+        answer = TypeAdapter(task.adapter.answer).json_schema(ref_template=REF)
         schemas.update(answer.pop("$defs", {}))
         describe = _without_name(template["get"], name)
         describe["summary"] = f"Describe {name}"
@@ -63,11 +63,11 @@ def _model_paths(document: dict[str, Any], tasks: dict[str, HfTask]) -> None:
         infer["summary"] = f"{task.task}: {name}"
         infer["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": body}, "example": task.example}},
+            "content": {"application/json": {"schema": {"$ref": body}, "example": task.adapter.example}},
         }
         infer["responses"]["200"] = {
             "description": f"The HF Inference API answer of {task.task}.",
-            "content": {"application/json": {"schema": answer, "example": task.answer_example}},
+            "content": {"application/json": {"schema": answer, "example": task.adapter.answer_example}},
         }
         document["paths"][f"/models/{name}"] = {"get": describe, "post": infer}
 

@@ -1,5 +1,5 @@
-"""API keys with their scopes, tenants, the rate limit and the body-size limit: the checks a
-request passes before (or as) a route runs.
+"""API keys with their scopes and tenants, and the body-size limit: the checks a request
+passes before a route runs.
 
 Keys are compared in constant time and never logged (they are SecretStr in Settings).
 The body limit is enforced on the bytes actually received, not on a Content-Length a
@@ -9,8 +9,6 @@ client may omit or misstate.
 from __future__ import annotations
 
 import hmac
-import math
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -19,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.middleware import send_json_error
 from app.config import Settings
-from app.errors import Forbidden, Overloaded, Unauthorized
+from app.errors import Forbidden, Unauthorized
 
 # Reachable without a key: probes must work for orchestrators that hold no secret.
 OPEN_PREFIXES = ("/health/",)
@@ -111,39 +109,6 @@ def tenant_of(request: Request) -> str:
         return key.tenant
     client = request.client
     return f"client-{client.host}" if client else "client"
-
-
-class RateLimit:
-    """Per tenant, a bucket of inputs refilled at ``rate`` per second up to ``burst``: a request
-    takes one per input, or is refused with 429 and the seconds until it would fit."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (inputs left, when)
-
-    def take(self, tenant: str, inputs: int) -> None:
-        now = time.monotonic()
-        left, then = self._buckets.get(tenant, (self.burst, now))
-        left = min(self.burst, left + (now - then) * self.rate)
-        if inputs > left:
-            wait = (inputs - left) / self.rate
-            raise Overloaded(
-                f"rate limit: {self.rate:g} inputs per second for '{tenant}' (TESSERA_RATE_LIMIT_INPUTS_PER_S); "
-                f"this request of {inputs} fits in {wait:.1f} s",
-                retry_after=math.ceil(wait),
-            )
-        self._buckets[tenant] = (left - inputs, now)
-        if len(self._buckets) > 10_000:  # forget tenants whose buckets have refilled
-            full = [t for t, (n, at) in self._buckets.items() if n + (now - at) * self.rate >= self.burst]
-            for t in full:
-                del self._buckets[t]
-
-
-def rate_limit_of(settings: Settings) -> RateLimit | None:
-    rate = settings.rate_limit_inputs_per_s
-    if rate is None:
-        return None
-    return RateLimit(rate, settings.rate_limit_burst or max(rate, settings.max_inputs_per_request))
 
 
 class BodySizeLimit:

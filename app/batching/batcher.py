@@ -32,7 +32,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,9 +57,6 @@ LINGER_FRACTION = 0.05
 
 # Inputs in one batch of the express lane (see DynamicBatcher._serve_express).
 EXPRESS_BATCH = 4
-
-# Set by the HTTP layer per request; submit() records the largest batch its inputs ran in.
-request_stats: ContextVar[dict[str, Any] | None] = ContextVar("request_stats", default=None)
 
 
 class BatchRunner(Protocol):
@@ -156,9 +152,16 @@ class DynamicBatcher:
         return self._closed
 
     async def submit(
-        self, payloads: Sequence[Any], *, group: Hashable = None, deadline: float, tenant: Hashable = None
+        self,
+        payloads: Sequence[Any],
+        *,
+        group: Hashable = None,
+        deadline: float,
+        tenant: Hashable = None,
+        sizes: list[int] | None = None,
     ) -> list[Any]:
-        """Run ``payloads`` (one request's inputs) and return their results in order.
+        """Run ``payloads`` (one request's inputs) and return their results in order; ``sizes``
+        gets the sizes of the batches they ran in.
 
         Raises Overloaded when the queue is full (for ``tenant``: app/batching/fairness.py),
         DeadlineExceeded past ``deadline`` (a ``time.monotonic()`` instant). Cancelling the
@@ -193,9 +196,8 @@ class DynamicBatcher:
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 results = [await futures[0]] if len(futures) == 1 else list(await asyncio.gather(*futures))
-            stats = request_stats.get()
-            if stats is not None:
-                stats["batch_size"] = max([stats.get("batch_size", 0), *ticket.batch_sizes])
+            if sizes is not None:
+                sizes.extend(ticket.batch_sizes)
             return results
         except TimeoutError:
             raise DeadlineExceeded(

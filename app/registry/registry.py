@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from app.batching.batcher import BatchRecord, DynamicBatcher, request_stats
+from app.batching.batcher import BatchRecord, DynamicBatcher
 from app.batching.forming import PACKED_PADDING_SLACK, PADDING_SLACK
 from app.batching.threads import ThreadShare
 from app.config import Settings
@@ -191,18 +191,22 @@ class ModelRegistry:
             slot.last_used = time.monotonic()
 
     async def infer(
-        self, name: str, payloads: Sequence[Any], *, timeout_s: float, group: Hashable = None, tenant: Hashable = None
+        self,
+        name: str,
+        payloads: Sequence[Any],
+        *,
+        timeout_s: float,
+        group: Hashable = None,
+        tenant: Hashable = None,
+        sizes: list[int] | None = None,
     ) -> list[Any]:
         """Run one request's inputs on a model; the deadline starts once the model is loaded.
-        ``tenant``: whom the inputs count against for fair queueing (app/batching/fairness.py)."""
-        stats = request_stats.get()
-        if stats is not None:
-            stats["model"] = name
-            stats["inputs"] = stats.get("inputs", 0) + len(payloads)
+        ``tenant``: whom the inputs count against for fair queueing (app/batching/fairness.py);
+        ``sizes`` gets the sizes of the batches they ran in."""
         async with self.use(name) as slot:
             assert slot.batcher is not None
             deadline = time.monotonic() + timeout_s
-            return await slot.batcher.submit(payloads, group=group, deadline=deadline, tenant=tenant)
+            return await slot.batcher.submit(payloads, group=group, deadline=deadline, tenant=tenant, sizes=sizes)
 
     async def _load(self, slot: ModelSlot) -> None:
         entry = slot.entry

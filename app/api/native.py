@@ -1,0 +1,102 @@
+"""The task routes: /classify, /translate, /summarize, /embed.
+
+Each parses its body (app/api/schemas.py), asks the service (app/service/service.py,
+where every rule lives) and shapes the answer; it never touches torch or a runner. A
+client that disconnects has its work cancelled, which drops its queued inputs.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from app.api.calls import TASK_ERRORS, call, service_of, tenant
+from app.api.fields import as_list
+from app.api.json_route import JsonBodyRoute
+from app.api.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    EmbedRequest,
+    EmbedResponse,
+    SummarizeRequest,
+    SummarizeResponse,
+    Summary,
+    TranslateRequest,
+    TranslateResponse,
+    Translation,
+)
+from app.service.requests import Classify, Embed, Summarize, Translate
+
+router = APIRouter(tags=["tasks"], route_class=JsonBodyRoute)
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=TASK_ERRORS, summary="Classify texts")
+async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+    """Label each input with a text-classification model, or with a zero-shot model and your
+    `candidate_labels`. Scores are sorted best first; `top_k: null` returns every label."""
+    params = body.parameters
+    asked = Classify(
+        as_list(body.inputs),
+        body.model,
+        params.top_k,
+        params.function_to_apply,
+        params.candidate_labels,
+        params.hypothesis_template,
+        params.multi_label,
+        body.timeout_s,
+    )
+    answer = await call(request, service_of(request).classify(asked, tenant(request)))
+    return ClassifyResponse(
+        model=answer.model,
+        results=[r.labels for r in answer.results],
+        truncated=[r.truncated for r in answer.results],
+    )
+
+
+@router.post("/translate", response_model=TranslateResponse, responses=TASK_ERRORS, summary="Translate texts")
+async def translate(body: TranslateRequest, request: Request) -> TranslateResponse:
+    """Translate each input with a catalog model, named by `model` or picked by the
+    `source_lang`/`target_lang` pair. Inputs over the model's maximum are truncated (and flagged)."""
+    asked = Translate(
+        as_list(body.inputs),
+        body.model,
+        body.source_lang,
+        body.target_lang,
+        body.parameters.generate_kwargs(),
+        body.timeout_s,
+    )
+    answer = await call(request, service_of(request).translate(asked, tenant(request)))
+    results = [Translation(translation_text=r.text, truncated=r.truncated) for r in answer.results]
+    return TranslateResponse(model=answer.model, results=results)
+
+
+@router.post("/summarize", response_model=SummarizeResponse, responses=TASK_ERRORS, summary="Summarize texts")
+async def summarize(body: SummarizeRequest, request: Request) -> SummarizeResponse:
+    """Summarize each input, abstractively (a seq2seq model) or extractively (the sentences
+    that best cover the document). With `long_input: chunk`, a document longer than the
+    model's maximum is summarized piece by piece, then the joined summaries are summarized."""
+    params = body.parameters
+    asked = Summarize(
+        as_list(body.inputs),
+        body.model,
+        params.generate_kwargs(),
+        params.long_input,
+        params.max_sentences,
+        body.timeout_s,
+    )
+    answer = await call(request, service_of(request).summarize(asked, tenant(request)))
+    results = [Summary(summary_text=r.text, truncated=r.truncated, chunks=r.chunks) for r in answer.results]
+    return SummarizeResponse(model=answer.model, results=results)
+
+
+@router.post("/embed", response_model=EmbedResponse, responses=TASK_ERRORS, summary="Embed texts")
+async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
+    """One vector per input, pooled as the model declares (mean for all-MiniLM-L6-v2) and,
+    unless `normalize` is false, scaled to unit length."""
+    asked = Embed(as_list(body.inputs), body.model, body.normalize, timeout_s=body.timeout_s)
+    answer = await call(request, service_of(request).embed(asked, tenant(request)))
+    return EmbedResponse(
+        model=answer.model,
+        dimensions=len(answer.results[0].vector),
+        embeddings=[r.vector for r in answer.results],
+        tokens=sum(r.tokens for r in answer.results),
+    )

@@ -1,0 +1,76 @@
+"""What the service is asked and what it answers, whatever route (native, Hugging Face,
+OpenAI) the request came through: plain typed values, nothing HTTP-shaped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+from app.service.types import GenerationSettings
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Classify:
+    texts: list[str]
+    model: str | None = None
+    top_k: int | None = 1  # None: every label
+    function_to_apply: str | None = None
+    candidate_labels: list[str] | None = None  # zero-shot: these, else the model's own labels
+    hypothesis_template: str | None = None
+    multi_label: bool = False
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Translate:
+    texts: list[str]
+    model: str | None = None
+    source_lang: str | None = None
+    target_lang: str | None = None
+    generation: GenerationSettings = ()
+    timeout_s: float | None = None
+    must_fit: bool = False  # an input over the model's maximum: 413, not truncated
+
+
+@dataclass(frozen=True)
+class Summarize:
+    texts: list[str]
+    model: str | None = None
+    generation: GenerationSettings = ()
+    long_input: Literal["truncate", "chunk"] = "truncate"
+    max_sentences: int | None = None  # extractive models; None: the entry's own
+    timeout_s: float | None = None
+    must_fit: bool = False
+
+
+@dataclass(frozen=True)
+class Embed:
+    texts: list[str]
+    model: str | None = None
+    normalize: bool = True
+    dimensions: int | None = None  # accepted when equal to the model's vector size
+    timeout_s: float | None = None
+    must_fit: bool = False
+
+
+@dataclass
+class Summary:
+    text: str
+    truncated: bool = False
+    chunks: int = 1  # pieces the input was summarized in (long_input: chunk)
+
+
+@dataclass
+class Answer(Generic[T]):
+    """Results in input order, the model that produced them, and the accounting the access
+    log and metrics read: inputs, and the largest batch they ran in."""
+
+    model: str
+    results: list[T]
+    batch_size: int = 0
+    inputs: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = len(self.results)

@@ -1,0 +1,244 @@
+"""The service layer: every rule of every task, once, whatever route a request came through.
+
+The native routes, the Hugging Face Inference API and the OpenAI-compatible route parse
+their bodies into the requests of app/service/requests.py, call one method here, and shape
+its Answer; none has a rule of its own. Here: the limits (app/service/checks.py), the
+tenant's rate, model choice (named, default, or by language pair), zero-shot hypotheses,
+``top_k``, refusing truncation when a client asks, ``dimensions``, and chunked
+summarization. Below: the registry, which owns the models and their batchers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from app.config import Settings
+from app.errors import InputTooLarge, InvalidInput, WrongTask
+from app.registry.registry import ModelRegistry, translates
+from app.service.checks import RateLimit, check_generation, check_inputs, timeout_of
+from app.service.requests import Answer, Classify, Embed, Summarize, Summary, Translate
+from app.service.types import (
+    Classification,
+    ClassifyInput,
+    Embedding,
+    EmbedInput,
+    ExtractInput,
+    Generation,
+    GenerationSettings,
+    Seq2SeqInput,
+    ZeroShotInput,
+)
+from app.tasks import Endpoint
+
+T = TypeVar("T")
+
+# Rounds of summarizing summaries before the last one may truncate: each round shrinks the
+# text several-fold, so documents past a few hundred model windows are the only ones cut.
+MAX_REDUCE_ROUNDS = 3
+
+
+@runtime_checkable
+class Chunking(Protocol):
+    """A runner that splits a long document into pieces its model reads whole (seq2seq)."""
+
+    def split_into_chunks(self, text: str) -> list[str]: ...
+
+
+class InferenceService:
+    def __init__(self, settings: Settings, registry: ModelRegistry, rate_limit: RateLimit | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.rate_limit = rate_limit
+
+    def admit(self, texts: list[str], tenant: str) -> None:
+        """A request's inputs within the server's limits, and within its tenant's rate."""
+        check_inputs(self.settings, texts)
+        if self.rate_limit is not None:
+            self.rate_limit.take(tenant, len(texts))
+
+    # -- the tasks ----------------------------------------------------------------------
+
+    async def classify(self, asked: Classify, tenant: str) -> Answer[Classification]:
+        """Labels per input, best first: a classifier's, or a zero-shot model's over the
+        client's candidate labels (or its own labels); ``top_k`` of them (None: all)."""
+        self.admit(asked.texts, tenant)
+        labels = asked.candidate_labels
+        entry = self.registry.resolve(asked.model, Endpoint.zero_shot if labels else Endpoint.classify)
+        payloads: list[Any]
+        if entry.task == "zero-shot-classification":
+            if asked.function_to_apply is not None:
+                raise WrongTask(f"function_to_apply does not apply to the zero-shot model '{entry.name}'; drop it")
+            payloads = zero_shot_payloads(entry, asked.texts, labels, asked.hypothesis_template, asked.multi_label)
+        else:
+            payloads = [ClassifyInput(t, asked.top_k, asked.function_to_apply) for t in asked.texts]
+        sizes: list[int] = []  # the batches its inputs ran in, for the access log
+        results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes)
+        top_k = asked.top_k
+        ranked = [Classification(r.labels[:top_k] if top_k else r.labels, r.truncated) for r in results]
+        return Answer(entry.name, ranked, max(sizes, default=0))
+
+    async def translate(self, asked: Translate, tenant: str) -> Answer[Generation]:
+        """Each input translated by the named model, or the one for the language pair (either
+        side may be left open), or the endpoint's default."""
+        self.admit(asked.texts, tenant)
+        check_generation(self.settings, asked.generation)
+        languages = asked.source_lang, asked.target_lang
+        if asked.model is None and languages != (None, None):
+            entry = self.registry.find_translation(*languages)
+        else:
+            entry = self.registry.resolve(asked.model, Endpoint.translate)
+            if not translates(entry, *languages):
+                wanted = f"{asked.source_lang or '*'}->{asked.target_lang or '*'}"
+                raise WrongTask(
+                    f"model '{entry.name}' translates {entry.source_lang}->{entry.target_lang}, "
+                    f"not {wanted}; drop model or the languages"
+                )
+        payloads = [Seq2SeqInput(t, asked.generation) for t in asked.texts]
+        sizes: list[int] = []  # the batches its inputs ran in, for the access log
+        results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes, group=asked.generation)
+        if asked.must_fit:
+            refuse_truncated(entry.name, results)
+        return Answer(entry.name, results, max(sizes, default=0))
+
+    async def summarize(self, asked: Summarize, tenant: str) -> Answer[Summary]:
+        """Abstractive (seq2seq; a long document truncated, or summarized in chunks then
+        summarized again) or extractive (the sentences that best cover the document)."""
+        self.admit(asked.texts, tenant)
+        check_generation(self.settings, asked.generation)
+        entry = self.registry.resolve(asked.model, Endpoint.summarize)
+        sizes: list[int] = []  # the batches its inputs ran in, for the access log
+        summaries: list[Summary]
+        if entry.engine == "extractive":
+            sentences = asked.max_sentences or entry.max_sentences
+            extracts = [ExtractInput(t, sentences) for t in asked.texts]
+            results = await self._run(entry.name, extracts, tenant, asked.timeout_s, sizes)
+            summaries = [Summary(r.text, r.truncated) for r in results]
+        elif asked.long_input == "chunk":
+            # One deadline for every stage of every document.
+            deadline = time.monotonic() + timeout_of(self.settings, asked.timeout_s)
+            summaries = await all_or_nothing(
+                self._summarize_chunked(entry.name, i, text, asked.generation, deadline, tenant, sizes)
+                for i, text in enumerate(asked.texts)
+            )
+        else:
+            payloads = [Seq2SeqInput(t, asked.generation) for t in asked.texts]
+            results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes, group=asked.generation)
+            summaries = [Summary(r.text, r.truncated) for r in results]
+        if asked.must_fit:
+            refuse_truncated(entry.name, summaries)
+        return Answer(entry.name, summaries, max(sizes, default=0))
+
+    async def embed(self, asked: Embed, tenant: str) -> Answer[Embedding]:
+        """One vector per input, pooled as the model declares, unit length unless
+        ``normalize`` is false; ``dimensions``, if given, must be the model's size."""
+        self.admit(asked.texts, tenant)
+        entry = self.registry.resolve(asked.model, Endpoint.embed)
+        sizes: list[int] = []  # the batches its inputs ran in, for the access log
+        payloads = [EmbedInput(t, asked.normalize) for t in asked.texts]
+        results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes)
+        if asked.must_fit:
+            refuse_truncated(entry.name, results)
+        size = len(results[0].vector)
+        if asked.dimensions is not None and asked.dimensions != size:
+            raise WrongTask(
+                f"model '{entry.name}' gives {size}-dimensional vectors, not {asked.dimensions}; drop dimensions"
+            )
+        return Answer(entry.name, results, max(sizes, default=0))
+
+    # -- below the tasks ------------------------------------------------------------------
+
+    async def _run(
+        self,
+        name: str,
+        payloads: Sequence[Any],
+        tenant: str,
+        timeout_s: float | None,
+        sizes: list[int],
+        group: GenerationSettings | None = None,
+    ) -> list[Any]:
+        timeout = timeout_of(self.settings, timeout_s)
+        return await self.registry.infer(name, payloads, timeout_s=timeout, group=group, tenant=tenant, sizes=sizes)
+
+    async def _summarize_chunked(
+        self,
+        name: str,
+        index: int,
+        text: str,
+        generation: GenerationSettings,
+        deadline: float,
+        tenant: str,
+        sizes: list[int],
+    ) -> Summary:
+        """Map-reduce: summarize model-sized chunks together (one batch), then their joined
+        summaries, again while they are still too long for the model."""
+
+        async def summarize_all(texts: list[str]) -> list[str]:
+            left = max(0.001, deadline - time.monotonic())
+            payloads = [Seq2SeqInput(t, generation) for t in texts]
+            results = await self.registry.infer(
+                name, payloads, group=generation, timeout_s=left, tenant=tenant, sizes=sizes
+            )
+            return [r.text for r in results]
+
+        async def split(runner: Chunking, document: str) -> list[str]:
+            try:
+                return await asyncio.to_thread(runner.split_into_chunks, document)
+            except Exception as exc:  # the tokenizer could not read the client's text
+                raise InvalidInput(
+                    f"input {index} could not be split into chunks ({type(exc).__name__}: {exc}); send plain UTF-8 text"
+                ) from exc
+
+        async with self.registry.use(name) as slot:
+            runner = slot.runner
+            if not isinstance(runner, Chunking):
+                raise WrongTask(f"model '{name}' cannot summarize in chunks; drop long_input")
+            chunks = await split(runner, text)
+            pieces, joined = len(chunks), text
+            for _ in range(MAX_REDUCE_ROUNDS):
+                if len(chunks) <= 1:
+                    break
+                joined = " ".join(await summarize_all(chunks))
+                chunks = await split(runner, joined)
+        left = max(0.001, deadline - time.monotonic())
+        last = [Seq2SeqInput(joined, generation)]
+        [final] = await self.registry.infer(name, last, group=generation, timeout_s=left, tenant=tenant, sizes=sizes)
+        return Summary(final.text, final.truncated, chunks=pieces)
+
+
+def zero_shot_payloads(
+    entry: Any, texts: list[str], labels: list[str] | None, template: str | None, multi_label: bool = False
+) -> list[ZeroShotInput]:
+    """A client's labels become hypotheses through the template; without them, the entry's own
+    labels do too (NLI), or are embedded through their descriptions (similarity engine)."""
+    template = template or entry.template
+    names = tuple(labels or entry.labels)
+    if labels or entry.engine == "nli":
+        # replace, not format: other braces in a client's template are text, not fields.
+        hypotheses = tuple(template.replace("{}", name, 1) for name in names)
+    else:
+        hypotheses = tuple(entry.labels[name] for name in names)
+    return [ZeroShotInput(text, names, hypotheses, multi_label) for text in texts]
+
+
+def refuse_truncated(model: str, results: Sequence[Any]) -> None:
+    """With truncation refused (HF's do_not_truncate, truncate: false): 413 for an input that
+    was cut."""
+    for i, result in enumerate(results):
+        if result.truncated:
+            raise InputTooLarge(
+                f"input {i} is longer than model '{model}' accepts, and truncation was refused; "
+                "shorten it, or allow truncation"
+            )
+
+
+async def all_or_nothing(works: Iterable[Awaitable[T]]) -> list[T]:
+    """Like gather, but the first failure cancels the rest instead of leaving them running."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
