@@ -4,7 +4,7 @@
 
 Times ``scaled_dot_product_attention`` on one torch thread for each width from 28 to 72
 keys (a batch of ``--rows`` right-padded sequences, a quarter of them padded), and prints
-each width's time next to the width ``app.runners.traced.attention_width`` runs it at.
+each width's time next to the width ``app.runners.forward.attention_width`` runs it at.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from app.runners.traced import attention_width
+from app.runners.forward import attention_width
 
 
 def attention_ms(rows: int, heads: int, size: int, width: int) -> float:

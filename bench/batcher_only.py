@@ -28,7 +28,6 @@ from offline import OfflineModel
 from workloads import build_minilm_classifier, make_texts
 
 from app.batching.batcher import BatchRecord, DynamicBatcher
-from app.batching.forming import PACKED_PADDING_SLACK, PADDING_SLACK
 from app.batching.threads import ThreadShare
 from app.registry.catalog import TextClassificationEntry
 from app.runners.classification import ClassificationRunner
@@ -67,7 +66,7 @@ def main() -> None:
         batcher = DynamicBatcher(
             runner, name="bench-clf", max_batch_size=32, max_batch_tokens=16384, max_queue_items=4096,
             lanes=2, threads=share, observer=records.append,
-            padding_slack=PACKED_PADDING_SLACK if runner.packs_batches else PADDING_SLACK,
+            padding_slack=runner.padding_slack,
         )  # fmt: skip
         asyncio.run(drive(batcher, texts[:256], args.concurrency))  # warm-up
         records.clear()

@@ -27,7 +27,7 @@ import torch
 from load import Measurement, ms_per
 from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from app.runners.traced import encoder_forward
+from app.runners.forward import encoder_forward
 
 
 class OfflineModel:

@@ -5,7 +5,7 @@
 The classification scenario's MiniLM classifier (or, with ``--model distilbert``, a
 distilbert-base-size classifier with random weights) runs three kinds of batch, each through
 its padded TorchScript forward and through the forward the server runs (which packs a
-batch whose padding is over 4 % of its real tokens, app/runners/traced.py), alternating
+batch whose padding is over 4 % of its real tokens, app/runners/forward.py), alternating
 for ``--rounds`` rounds on one torch thread, as a lane under load runs:
 
 - sorted 16: the offline loop's batches (all texts sorted by length, 16 at a time);
@@ -35,8 +35,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from workloads import build_distilbert_classifier, build_minilm_classifier, make_texts
 
-from app.runners.base import pad_rows
-from app.runners.traced import encoder_forward
+from app.runners.forward import encoder_forward
+from app.runners.tokens import pad_rows
 
 Batch = dict[str, torch.Tensor]
 BUILDERS = {"minilm": build_minilm_classifier, "distilbert": build_distilbert_classifier}

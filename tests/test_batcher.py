@@ -51,7 +51,8 @@ class FakeRunner:
 
 
 def make(runner: FakeRunner, **limits: int) -> DynamicBatcher:
-    options = {"max_batch_size": 8, "max_batch_tokens": 10_000, "max_queue_items": 100, "lanes": 1} | limits
+    options = {"max_batch_size": 8, "max_batch_tokens": 10_000, "max_queue_items": 100, "lanes": 1}
+    options |= {"padding_slack": 4} | limits
     return DynamicBatcher(runner, name="fake", **options)
 
 

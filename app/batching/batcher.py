@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.batching.fairness import FairShares
-from app.batching.forming import PADDING_SLACK, PendingInput, Ticket, Tokenized, form_batch
+from app.batching.forming import PendingInput, Ticket, Tokenized, form_batch
 from app.batching.threads import ThreadShare
 from app.errors import (
     DeadlineExceeded,
@@ -97,7 +97,7 @@ class DynamicBatcher:
         max_queue_items: int,
         max_request_tokens: int | None = None,
         max_padding_ratio: float = 1.2,
-        padding_slack: int = PADDING_SLACK,
+        padding_slack: int,
         observer: Callable[[BatchRecord], None] | None = None,
         lanes: int = 1,
         threads: ThreadShare | None = None,

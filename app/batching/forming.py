@@ -17,13 +17,6 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-# How far past its shortest input a batch may stretch, in tokens, whatever the ratio says.
-PADDING_SLACK = 4
-# With a packed forward, padding costs only in attention; a wider slack lets short inputs
-# form larger batches (in-process at c=64, 12 tokens: 3 % more texts/s than 4; 24 or no
-# limit at all: less, as attention's padding grows).
-PACKED_PADDING_SLACK = 12
-
 
 class Tokenized(Protocol):
     """What a runner's ``encode`` returns per input: its token length and model rows."""

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from app.batching.batcher import BatchRecord, DynamicBatcher
-from app.batching.forming import PACKED_PADDING_SLACK, PADDING_SLACK
 from app.batching.threads import ThreadShare
 from app.config import Settings
 from app.errors import ModelNotFound, ModelUnavailable, ServiceError, WrongTask
@@ -239,7 +238,7 @@ class ModelRegistry:
             max_queue_items=self.settings.max_queue_items,
             max_request_tokens=self.settings.max_tokens_per_request,
             max_padding_ratio=float("inf") if runner.pads_cheaply else self.settings.batch_padding_ratio,
-            padding_slack=PACKED_PADDING_SLACK if runner.packs_batches else PADDING_SLACK,
+            padding_slack=runner.padding_slack,
             observer=self._batch_observer(entry.name),
             lanes=self.settings.lanes_per_model or (min(runner.cpu_lanes, self._cpu_threads.budget) if on_cpu else 1),
             threads=self._cpu_threads if on_cpu else None,

@@ -13,17 +13,12 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from app.heap import collect_all
-
-if TYPE_CHECKING:
-    from app.runners.traced import EncoderForward
-
-# A tokenizer whose model_max_length is unset reports this huge sentinel.
-_UNSET_MAX = 1_000_000
+from app.runners.forward import PADDING_SLACK, EncoderForward
 
 
 @dataclass
@@ -48,6 +43,8 @@ class Runner(ABC):
     """A loaded model that the batcher drives; subclasses are one per task family."""
 
     model: Any  # a transformers PreTrainedModel
+    # An encoder's forward pass (app/runners/forward.py), declared by each runner that has one.
+    forward: EncoderForward | None = None
     # Whether padded input tokens cost little next to the rest of the work (generate's
     # decoding steps): then the batcher fills batches without regard to length spread.
     pads_cheaply = False
@@ -76,18 +73,9 @@ class Runner(ABC):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
-    def packs_batches(self) -> bool:
-        """Whether its forward runs ragged batches packed (app/runners/packed.py): then padding
-        costs little outside attention, and the batcher may stretch a batch further."""
-        forwards = self._encoder_forwards()
-        return bool(forwards) and all(forward.packed for forward in forwards)
-
-    def _encoder_forwards(self) -> list[EncoderForward]:
-        """The EncoderForwards it holds, directly or through its encoder."""
-        from app.runners.traced import EncoderForward  # it imports this module
-
-        held = [v for value in vars(self).values() for v in (value, getattr(value, "forward", None))]
-        return [v for v in held if isinstance(v, EncoderForward)]
+    def padding_slack(self) -> int:
+        """Tokens a batch may stretch past its shortest input: what its forward makes pay."""
+        return self.forward.padding_slack if self.forward is not None else PADDING_SLACK
 
     def close(self) -> None:
         """Drop the weights (and whatever holds them) so that unloading really frees memory.
@@ -95,8 +83,8 @@ class Runner(ABC):
         Tokenizers stay: a request still splitting text when its model is unloaded finishes.
         """
         device = self.device
-        for forward in self._encoder_forwards():
-            forward.release()  # a kept trace outlives the runner; it must let go of the weights
+        if self.forward is not None:
+            self.forward.release()  # a kept trace outlives the runner; it must let go of the weights
         for attr, value in list(vars(self).items()):
             if isinstance(value, torch.nn.Module) or isinstance(getattr(value, "model", None), torch.nn.Module):
                 setattr(self, attr, None)
@@ -128,64 +116,6 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.float32
-
-
-def max_input_tokens(tokenizer: Any, config: Any, override: int | None) -> int:
-    """The longest input the model accepts: the entry's override, else what tokenizer and config say."""
-    limits = [override] if override else []
-    if 0 < tokenizer.model_max_length < _UNSET_MAX:
-        limits.append(tokenizer.model_max_length)
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions:
-        # RoBERTa-style models offset positions by the padding index.
-        offset = (config.pad_token_id + 1) if config.model_type in {"roberta", "xlm-roberta"} else 0
-        limits.append(positions - offset)
-    return min(limits) if limits else 512
-
-
-def encode_texts(
-    tokenizer: Any, texts: Sequence[str], max_tokens: int, pairs: Sequence[str] | None = None
-) -> list[tuple[list[int], list[int] | None, bool]]:
-    """Tokenize, truncating only inputs over ``max_tokens``: (ids, token_type_ids, truncated)."""
-    full = tokenizer(list(texts), list(pairs) if pairs is not None else None, verbose=False)
-    out: list[tuple[list[int], list[int] | None, bool]] = []
-    for i, ids in enumerate(full["input_ids"]):
-        type_ids = full["token_type_ids"][i] if "token_type_ids" in full else None
-        if len(ids) <= max_tokens:
-            out.append((ids, type_ids, False))
-            continue
-        short = tokenizer(
-            texts[i],
-            pairs[i] if pairs is not None else None,
-            truncation="only_first" if pairs is not None else True,
-            max_length=max_tokens,
-        )
-        out.append((short["input_ids"], short.get("token_type_ids"), True))
-    return out
-
-
-def pad_rows(
-    rows: Sequence[list[int]], pad_id: int, type_rows: Sequence[list[int]] | None, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Right-pad token rows into input_ids / attention_mask (/ token_type_ids) tensors."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if type_rows is not None:
-        types = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(type_rows):
-            types[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        batch["token_type_ids"] = types
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else (tokenizer.eos_token_id or 0))
 
 
 def weights_kwargs(allow_pickle: bool) -> dict[str, Any]:

@@ -15,16 +15,9 @@ import torch
 from transformers import pipeline
 
 from app.registry.catalog import TextClassificationEntry, ZeroShotEntry
-from app.runners.base import (
-    Encoded,
-    Runner,
-    encode_texts,
-    max_input_tokens,
-    pad_id_of,
-    pad_rows,
-    weights_kwargs,
-)
-from app.runners.traced import encoder_forward
+from app.runners.base import Encoded, Runner, weights_kwargs
+from app.runners.forward import encoder_forward
+from app.runners.tokens import encode_texts, max_input_tokens, pad_id_of, pad_rows
 from app.service.types import Classification, ClassifyInput, ZeroShotInput
 
 
@@ -123,5 +116,7 @@ def _forward(runner: ClassificationRunner | NliZeroShotRunner, encoded: Sequence
     rows = [ids for enc in encoded for ids in enc.rows_ids]
     types = [t for enc in encoded for t in (enc.rows_type_ids or [])]
     batch = pad_rows(rows, pad_id_of(runner.tokenizer), types if len(types) == len(rows) else None, runner.device)
+    forward = runner.forward
+    assert forward is not None  # both runners declare theirs
     with torch.inference_mode():
-        return runner.forward(batch).float().cpu()
+        return forward(batch).float().cpu()

@@ -20,16 +20,9 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from app.registry.catalog import EmbeddingEntry, SummarizationEntry, ZeroShotEntry
-from app.runners.base import (
-    Encoded,
-    Runner,
-    encode_texts,
-    max_input_tokens,
-    pad_id_of,
-    pad_rows,
-    weights_kwargs,
-)
-from app.runners.traced import encoder_forward
+from app.runners.base import Encoded, Runner, weights_kwargs
+from app.runners.forward import encoder_forward
+from app.runners.tokens import encode_texts, max_input_tokens, pad_id_of, pad_rows
 from app.service.types import Classification, Embedding, EmbedInput, ExtractInput, Generation, ZeroShotInput
 
 _POOLING_KEYS = {
@@ -95,6 +88,7 @@ class EmbeddingRunner(Runner):
         super().__init__()
         self.encoder = SentenceEncoder(entry, path, device, dtype)
         self.model = self.encoder.model
+        self.forward = self.encoder.forward
 
     def tokenize(self, payloads: Sequence[EmbedInput]) -> list[Encoded]:
         return self.encoder.encode([p.text for p in payloads])
@@ -117,6 +111,7 @@ class SimilarityZeroShotRunner(Runner):
         super().__init__()
         self.encoder = SentenceEncoder(entry, path, device, dtype)
         self.model = self.encoder.model
+        self.forward = self.encoder.forward
         self.temperature = entry.temperature
         self._label_vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._labels_lock = threading.Lock()
@@ -164,6 +159,7 @@ class ExtractiveSummaryRunner(Runner):
         super().__init__()
         self.encoder = SentenceEncoder(entry, path, device, dtype)
         self.model = self.encoder.model
+        self.forward = self.encoder.forward
         self.segmenter = pysbd.Segmenter(language="en", clean=False)
 
     def tokenize(self, payloads: Sequence[ExtractInput]) -> list[Encoded]:

@@ -19,15 +19,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from app.errors import InvalidInput
 from app.registry.catalog import SummarizationEntry, TranslationEntry
-from app.runners.base import (
-    Encoded,
-    Runner,
-    encode_texts,
-    max_input_tokens,
-    pad_id_of,
-    pad_rows,
-    weights_kwargs,
-)
+from app.runners.base import Encoded, Runner, weights_kwargs
+from app.runners.tokens import encode_texts, max_input_tokens, pad_id_of, pad_rows
 from app.service.types import Generation, Seq2SeqInput
 
 # Room left for special tokens when packing chunks.

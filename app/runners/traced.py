@@ -14,8 +14,8 @@ MiniLM), so each catalog entry is traced once per process: unloading detaches th
 trace from the weights, and a reload attaches the new weights to it and checks again.
 
 Where the architecture allows, a second forward runs packed batches
-(app/runners/packed.py), traced and checked the same way; ``EncoderForward`` picks
-between the two per batch by how much of it is padding.
+(app/runners/packed.py), traced and checked the same way; app/runners/forward.py chooses
+between them.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from app.runners.base import pad_rows
-from app.runners.packed import PackedEncoder, packable
+from app.runners.tokens import pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -38,109 +36,12 @@ TRACE_LENGTHS = (9, 4)
 CHECK_LENGTHS = ((16, 16, 16), (3,), (11, 2, 7, 5, 13))
 TOLERANCE = 1e-4
 
-# Padded tokens over real ones above which a batch runs packed rather than padded.
-PACK_ABOVE = 1.04
-
-# torch's CPU attention kernel runs a multiple of 16 keys fast and each key past it slowly:
-# 12 rows x 12 heads of 32 (MiniLM), 1 thread: 48 keys 0.87 ms, 53 keys 1.42 ms, 63 keys
-# 2.58 ms, 64 keys 1.32 ms (heads of 64, bert-base: 48 0.87, 53 1.29, 63 2.02, 64 1.42;
-# bench/attention_width.py prints the whole range).
-# A packed batch, where only attention sees padding, is therefore widened to the next
-# multiple of 16 unless it is at most WIDEN_PAST tokens past one.
-WIDEN_PAST = 5
-
 # One trace per (entry, kind, output, device, dtype) for the life of the process; see above.
 _traces: dict[tuple[str, ...], Any] = {}
 _traces_lock = threading.Lock()
 
 
-class EncoderForward:
-    """Calls the model on a padded batch and returns one output (``logits``, ``last_hidden_state``).
-
-    Holds the model as ``model``, so that unloading a runner drops it with the weights. With
-    a packed forward (app/runners/packed.py), a batch whose padding is over ``PACK_ABOVE``
-    of its real tokens runs packed; a well-sorted batch runs padded, which skips packing's
-    index work (about 2 % of a forward pass, measured on sorted batches of 16).
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        output: str,
-        traced: Any = None,
-        keys: frozenset[str] = frozenset(),
-        packed: Any = None,
-    ) -> None:
-        self.model = model
-        self.output = output
-        self._traced = traced
-        self._packed = packed
-        self._keys = keys
-
-    @property
-    def traced(self) -> bool:
-        return self._traced is not None
-
-    @property
-    def packed(self) -> bool:
-        return self._packed is not None
-
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if batch.keys() == self._keys:
-            mask = batch["attention_mask"]
-            if self._packed is not None and mask.numel() > PACK_ABOVE * int(mask.sum()):
-                return self._run_packed(batch)
-            if self._traced is not None:
-                return self._traced(**batch)[self.output]
-        return getattr(self.model(**batch), self.output)
-
-    def _run_packed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        width = batch["attention_mask"].shape[1]
-        extra = attention_width(width) - width
-        if extra:
-            batch = {k: F.pad(v, (0, extra)) for k, v in batch.items()}  # masked out, like any padding
-        output: torch.Tensor = self._packed(**batch)[self.output]
-        return output[:, :width] if self.output == "last_hidden_state" else output
-
-    def release(self) -> None:
-        """Detach the kept traces from these weights, so that dropping the model frees them."""
-        for kept in (self._traced, self._packed):
-            if isinstance(kept, torch.jit.ScriptModule):
-                _detach(kept)
-        self._traced = self._packed = None
-        self.model = None
-
-
-def attention_width(width: int) -> int:
-    """The width a packed batch of ``width`` tokens runs at (see ``WIDEN_PAST``)."""
-    past = width % 16
-    if past == 0 or (width > 16 and past <= WIDEN_PAST):
-        return width
-    return width + 16 - past
-
-
-def encoder_forward(
-    model: Any, output: str, tokenizer: Any, name: str, torchscript: bool | None, packed: bool | None = None
-) -> EncoderForward:
-    """The model's forward pass, traced where a trace matches eager and ``torchscript`` asks
-    for it, with a packed forward for ragged batches where the architecture allows it, the
-    result matches eager and ``packed`` asks for it (an entry's settings; None: on a CPU)."""
-    param = next(model.parameters())
-    on_cpu = param.device.type == "cpu"
-    trace = torchscript if torchscript is not None else on_cpu
-    pack = (packed if packed is not None else on_cpu) and packable(model, output)
-    uses_types = "token_type_ids" in tokenizer.model_input_names
-    keys = frozenset({"input_ids", "attention_mask", *(["token_type_ids"] if uses_types else [])})
-    check = _Check(name, model, output, uses_types)
-    traced = check.prepare("padded", model) if trace else None
-    packer = check.prepare("packed", PackedEncoder(model, output), trace) if pack else None
-    if traced is not None or packer is not None:
-        ways = [w for w, f in (("a TorchScript forward", traced), ("packed batches", packer)) if f is not None]
-        log.info("model %s runs %s (checked against eager)", name, " and ".join(ways))
-    return EncoderForward(model, output, traced, keys, packer)
-
-
-class _Check:
+class ForwardCheck:
     """Makes a faster forward for one model and keeps it only where it matches eager."""
 
     def __init__(self, name: str, model: Any, output: str, uses_types: bool) -> None:
@@ -203,7 +104,7 @@ class _Check:
                 tensor.data = theirs[name].data
         if self.matches(traced):
             return traced
-        _detach(traced)
+        detach(traced)
         return None
 
     def matches(self, candidate: Any) -> bool:
@@ -227,7 +128,8 @@ def _tensors(module: Any) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
-def _detach(traced: Any) -> None:
+def detach(traced: Any) -> None:
+    """Point a kept trace's tensors at nothing, so that it holds no model's weights."""
     with torch.no_grad():
         for tensor in _tensors(traced).values():
             tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
