@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.calls import registry_of
+from app.api.calls import registry_of, service_of
 from app.api.errors import error_responses
 from app.api.security import require_admin
 from app.errors import ModelNotFound
@@ -102,11 +102,11 @@ class LoadState(BaseModel):
 
 
 def current_defaults(request: Request) -> dict[str, str]:
-    registry = registry_of(request)
+    choice = service_of(request).choice
     defaults = {}
     for endpoint in Endpoint:
         try:
-            defaults[endpoint.value] = registry.default_for(endpoint)
+            defaults[endpoint.value] = choice.default_for(endpoint)
         except ModelNotFound:
             continue
     return defaults

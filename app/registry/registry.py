@@ -1,4 +1,5 @@
-"""The model registry: which catalog entry answers a request, and each model's lifecycle.
+"""The model registry: each catalog entry's lifecycle (which entry answers a request is the
+service's choice, app/service/choice.py).
 
 Models load lazily on first use, off the event loop, exactly once however many
 requests arrive together (single flight). A failed load answers 503 with its reason
@@ -26,12 +27,11 @@ import torch
 from app.batching.batcher import BatchRecord, DynamicBatcher
 from app.batching.threads import ThreadShare
 from app.config import Settings
-from app.errors import ModelNotFound, ModelUnavailable, ServiceError, WrongTask
+from app.errors import ModelNotFound, ModelUnavailable, ServiceError
 from app.heap import freeze_survivors
 from app.registry.catalog import Catalog
-from app.registry.sources import is_local, locate, verify_weights
+from app.registry.sources import locate, verify_weights
 from app.runners import Runner, build_runner, resolve_device
-from app.tasks import Endpoint, can_serve
 
 log = logging.getLogger(__name__)
 
@@ -103,53 +103,6 @@ class ModelRegistry:
             return self._slots[name]
         except KeyError:
             raise ModelNotFound(f"unknown model '{name}'; the catalog has: {', '.join(self._slots)}") from None
-
-    def names_for(self, endpoint: Endpoint) -> list[str]:
-        return [n for n, s in self._slots.items() if can_serve(s.entry, endpoint)]
-
-    def resolve(self, name: str | None, endpoint: Endpoint) -> Any:
-        """The entry that answers ``endpoint``: the named one, else the endpoint's default."""
-        if name is None:
-            return self.slot(self.default_for(endpoint)).entry
-        if name not in self._slots:
-            raise ModelNotFound(
-                f"unknown model '{name}'; models for /{endpoint.value}: {', '.join(self.names_for(endpoint)) or 'none'}"
-            )
-        entry = self._slots[name].entry
-        if not can_serve(entry, endpoint):
-            hint = " with fixed labels (or pass candidate_labels)" if entry.task == "zero-shot-classification" else ""
-            raise WrongTask(
-                f"model '{name}' serves {entry.task}{hint}, not /{endpoint.value}; "
-                f"use one of: {', '.join(self.names_for(endpoint)) or 'none'}"
-            )
-        return entry
-
-    def default_for(self, endpoint: Endpoint) -> str:
-        """First preferred entry that can be served now: any when online, a local one offline."""
-        preferred = self.catalog.defaults.get(endpoint) or self.names_for(endpoint)
-        if not preferred:
-            raise ModelNotFound(f"the catalog has no model for /{endpoint.value}; add one to the catalog")
-        return self._first_servable(preferred)
-
-    def find_translation(self, source_lang: str | None, target_lang: str | None) -> Any:
-        """The translation entry for a language pair; either side may be left open."""
-        pairs = [s.entry for s in self._slots.values() if s.entry.task == "translation"]
-        matching = [e.name for e in pairs if translates(e, source_lang, target_lang)]
-        if not matching:
-            known = ", ".join(sorted({f"{e.source_lang}->{e.target_lang}" for e in pairs})) or "none"
-            asked = f"{source_lang or '*'}->{target_lang or '*'}"
-            raise ModelNotFound(f"no catalog model translates {asked}; available pairs: {known}")
-        preferred = [n for n in self.catalog.defaults.get(Endpoint.translate, []) if n in matching]
-        return self.slot(self._first_servable(preferred + [n for n in matching if n not in preferred])).entry
-
-    def _first_servable(self, names: list[str]) -> str:
-        if self.hub_online:
-            return names[0]
-        for name in names:
-            slot = self._slots[name]
-            if slot.state is ModelState.loaded or is_local(slot.entry):
-                return name
-        return names[0]  # nothing local: its load will answer 503 with how to provide it
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -314,6 +267,9 @@ class ModelRegistry:
         for name in list(self._slots):
             await self.unload(name)
 
+    def has(self, name: str) -> bool:
+        return name in self._slots
+
     def slots(self) -> list[ModelSlot]:
         return list(self._slots.values())
 
@@ -356,11 +312,6 @@ class ModelRegistry:
     def _notify_load(self, name: str, seconds: float, *, ok: bool) -> None:
         if self.hooks.on_load:
             self.hooks.on_load(name, seconds, ok)
-
-
-def translates(entry: Any, source_lang: str | None, target_lang: str | None) -> bool:
-    """Whether a translation entry matches the languages given (None: any)."""
-    return source_lang in (None, entry.source_lang) and target_lang in (None, entry.target_lang)
 
 
 def _device_key(spec: str) -> str:

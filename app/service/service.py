@@ -17,8 +17,9 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from app.config import Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
-from app.registry.registry import ModelRegistry, translates
+from app.registry.registry import ModelRegistry
 from app.service.checks import RateLimit, check_generation, check_inputs, timeout_of
+from app.service.choice import ModelChoice, translates
 from app.service.requests import Answer, Classify, Embed, Summarize, Summary, Translate
 from app.service.types import (
     Classification,
@@ -51,6 +52,7 @@ class InferenceService:
     def __init__(self, settings: Settings, registry: ModelRegistry, rate_limit: RateLimit | None = None) -> None:
         self.settings = settings
         self.registry = registry
+        self.choice = ModelChoice(registry)
         self.rate_limit = rate_limit
 
     def admit(self, texts: list[str], tenant: str) -> None:
@@ -66,7 +68,7 @@ class InferenceService:
         client's candidate labels (or its own labels); ``top_k`` of them (None: all)."""
         self.admit(asked.texts, tenant)
         labels = asked.candidate_labels
-        entry = self.registry.resolve(asked.model, Endpoint.zero_shot if labels else Endpoint.classify)
+        entry = self.choice.resolve(asked.model, Endpoint.zero_shot if labels else Endpoint.classify)
         payloads: list[Any]
         if entry.task == "zero-shot-classification":
             if asked.function_to_apply is not None:
@@ -87,9 +89,9 @@ class InferenceService:
         check_generation(self.settings, asked.generation)
         languages = asked.source_lang, asked.target_lang
         if asked.model is None and languages != (None, None):
-            entry = self.registry.find_translation(*languages)
+            entry = self.choice.find_translation(*languages)
         else:
-            entry = self.registry.resolve(asked.model, Endpoint.translate)
+            entry = self.choice.resolve(asked.model, Endpoint.translate)
             if not translates(entry, *languages):
                 wanted = f"{asked.source_lang or '*'}->{asked.target_lang or '*'}"
                 raise WrongTask(
@@ -108,7 +110,7 @@ class InferenceService:
         summarized again) or extractive (the sentences that best cover the document)."""
         self.admit(asked.texts, tenant)
         check_generation(self.settings, asked.generation)
-        entry = self.registry.resolve(asked.model, Endpoint.summarize)
+        entry = self.choice.resolve(asked.model, Endpoint.summarize)
         sizes: list[int] = []  # the batches its inputs ran in, for the access log
         summaries: list[Summary]
         if entry.engine == "extractive":
@@ -135,7 +137,7 @@ class InferenceService:
         """One vector per input, pooled as the model declares, unit length unless
         ``normalize`` is false; ``dimensions``, if given, must be the model's size."""
         self.admit(asked.texts, tenant)
-        entry = self.registry.resolve(asked.model, Endpoint.embed)
+        entry = self.choice.resolve(asked.model, Endpoint.embed)
         sizes: list[int] = []  # the batches its inputs ran in, for the access log
         payloads = [EmbedInput(t, asked.normalize) for t in asked.texts]
         results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes)
