@@ -27,7 +27,8 @@ import torch
 from offline import OfflineModel
 from workloads import build_minilm_classifier, make_texts
 
-from app.batching.batcher import BatchRecord, DynamicBatcher
+from app.batching.batcher import DynamicBatcher
+from app.batching.running import BatchRecord
 from app.batching.threads import ThreadShare
 from app.registry.catalog import TextClassificationEntry
 from app.runners.classification import ClassificationRunner

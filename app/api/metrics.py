@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.api.errors import error_responses
-from app.batching.batcher import BatchRecord
+from app.batching.running import BatchRecord
 from app.registry.registry import ModelRegistry, ModelState, RegistryHooks
 
 router = APIRouter(tags=["operations"])

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from app.batching.batcher import BatchRecord, DynamicBatcher
+from app.batching.batcher import DynamicBatcher
+from app.batching.running import BatchRecord
 from app.batching.threads import ThreadShare
 from app.config import Settings
 from app.errors import ModelNotFound, ModelUnavailable, ServiceError
