@@ -13,22 +13,18 @@ from app.registry.catalog import CatalogError, load_catalog
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from app.main import create_app
-    from app.serving import DrainingServer
+    from app import serving
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_format, settings.log_level)
     try:
-        app = create_app(settings)
+        app = serving.build(settings)
     except CatalogError as exc:
         print(exc, file=sys.stderr)
         return 2
     # One worker per process: the batcher owns the device. Scale out with replicas.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
-    DrainingServer(config, app.state.drain, settings.drain_timeout_s).run()
+    serving.run(app, settings)
     return 0
 
 

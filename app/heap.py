@@ -1,5 +1,6 @@
 """Keeping Python's garbage collector off the long-lived heap (``gc.freeze``) and out of
-the request path (young collections spaced out).
+the request path (young collections spaced out). Process-wide knobs: only the serve entry
+point (app/serving.py) turns them; an app embedded in another process leaves them alone.
 
 A loaded server holds some 450,000 objects that live as long as the process or the model
 (transformers' modules, tokenizers, traces, FastAPI's routes), and under load CPython's
@@ -35,7 +36,8 @@ def freeze_survivors() -> None:
 
 
 def collect_all() -> None:
-    """A full collection, frozen objects included (a model was dropped); then freeze again."""
+    """A full collection, frozen objects included (a model was loaded or dropped: its cycles
+    must go with it); then freeze again what survives."""
     with _lock:
         gc.unfreeze()
         gc.collect()

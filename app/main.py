@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -28,7 +26,6 @@ from app.api.openapi import build_openapi
 from app.api.security import BodySizeLimit, Keys, require_api_key
 from app.config import Settings
 from app.errors import ServiceError
-from app.heap import freeze_survivors, young_collections_spaced_out
 from app.registry.catalog import load_catalog
 from app.registry.registry import ModelRegistry
 from app.registry.sources import hf_offline_flag, probe_hub
@@ -79,29 +76,26 @@ async def _preload(registry: ModelRegistry) -> None:
                 log.error("preloading %s failed: %s", slot.entry.name, exc.message)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, on_models_changed: Callable[[], None] | None = None) -> FastAPI:
+    """The app. ``on_models_changed`` is called (off the event loop) after each model load or
+    unload: the serve entry point (app/serving.py) uses it to manage the garbage collector,
+    which an app embedded in another process leaves alone."""
     settings = settings or Settings()
     catalog = load_catalog(settings.catalog)
-    # Lanes tokenize in parallel already; the tokenizers' own thread pool, woken for every
-    # small batch, cost more than it saved (3 % fewer texts/s in-process at c=64, measured
-    # with bench/batcher_only.py). Set TOKENIZERS_PARALLELISM=true to have it back.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         online = await decide_hub_online(settings)
-        registry = ModelRegistry(settings, catalog, hub_online=online, hooks=app.state.metrics.hooks())
+        hooks = app.state.metrics.hooks()
+        hooks.on_change = on_models_changed
+        registry = ModelRegistry(settings, catalog, hub_online=online, hooks=hooks)
         app.state.registry = registry
         app.state.service = InferenceService(settings, registry, rate_limit_of(settings))
         app.state.metrics.watch(registry)
-        freeze_survivors()  # what start-up built lives as long as the process (app/heap.py)
         log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
         preloading = asyncio.create_task(_preload(registry))
         try:
-            with young_collections_spaced_out():
-                yield
+            yield
         finally:
             preloading.cancel()
             await registry.close()

@@ -1,4 +1,12 @@
-"""The uvicorn server ``python -m app serve`` runs: it drains on SIGTERM and exits 0.
+"""What ``python -m app serve`` runs: the app with the process's own knobs, under a uvicorn
+server that drains on SIGTERM and exits 0.
+
+The knobs belong to the process, not the app, so they are turned here, where the process
+is ours: the garbage collector's (app/heap.py: the long-lived heap frozen after start-up
+and after each model load or unload, young collections spaced out while serving), the
+tokenizers' own thread pool (off: the lanes already tokenize in parallel, and waking the
+pool for every small batch cost 3 % of throughput in-process at c=64, bench/batcher_only.py)
+and torch's thread count (TESSERA_TORCH_THREADS).
 
 uvicorn, told to stop, closes its listening socket at once and, once done, re-raises the
 signal, so the process ends with SIGTERM's status. A rolling update wants better: on
@@ -14,19 +22,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Iterator
 from types import FrameType
 
+import torch
 import uvicorn
+from fastapi import FastAPI
 
+from app import heap
 from app.api.drain import Drain
+from app.config import Settings
+from app.main import create_app
 
 log = logging.getLogger(__name__)
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 # Once drained, how long uvicorn waits for idle keep-alive connections to close.
 CLOSE_CONNECTIONS_S = 5
+
+
+def build(settings: Settings) -> FastAPI:
+    """The app as the serve entry point runs it: the process's knobs turned, then create_app."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    return create_app(settings, on_models_changed=heap.collect_all)
+
+
+def run(app: FastAPI, settings: Settings) -> None:
+    """Serve until SIGTERM (drained) or a second signal, young collections spaced out meanwhile."""
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    with heap.young_collections_spaced_out():
+        DrainingServer(config, app.state.drain, settings.drain_timeout_s).run()
 
 
 class DrainingServer(uvicorn.Server):
@@ -36,6 +66,10 @@ class DrainingServer(uvicorn.Server):
         self.drain = drain
         self.drain_timeout_s = drain_timeout_s
         self._draining: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        heap.freeze_survivors()  # what start-up built lives as long as the process
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

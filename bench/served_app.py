@@ -75,8 +75,8 @@ def thread_cpu_seconds() -> dict[str, float]:
     return out
 
 
-def create_app_with_stats(settings: Any = None) -> FastAPI:
-    application = _create_app(settings)
+def create_app_with_stats(settings: Any = None, on_models_changed: Any = None) -> FastAPI:
+    application = _create_app(settings, on_models_changed)
 
     @application.get("/bench/stats", include_in_schema=False)
     async def stats(request: Request) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def create_app_with_stats(settings: Any = None) -> FastAPI:
 
 
 if __name__ == "__main__":
-    # app.__main__.serve imports create_app from app.main when it runs, so it finds this one.
+    # app.serving imports create_app from app.main when `serve` first imports it, so it finds this one.
     tessera_main.create_app = create_app_with_stats
     tessera_registry.build_runner = build_runner_noting_threads
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -21,7 +21,6 @@ import app.registry.registry as registry_module
 import app.registry.sources as sources_module
 import app.runners.traced as traced_module
 from app.config import Settings
-from app.heap import YOUNG_THRESHOLD
 from app.main import create_app
 from tests.conftest import serve
 
@@ -309,29 +308,3 @@ async def test_concurrent_first_loads_stay_within_the_memory_budget(
         listed = (await client.get("/models")).json()["models"]
         resident = sum(m["memory_bytes"] for m in listed if m["state"] == "loaded")
         assert 0 < resident <= budget["cpu"] * 1024**3
-
-
-async def test_young_collections_are_spaced_out_while_serving_only(app_factory: Callable[..., FastAPI]) -> None:
-    before = gc.get_threshold()
-    async with serve(app_factory()) as client:
-        assert (await client.post("/classify", json={"inputs": "hello", "model": "bert-clf"})).status_code == 200
-        assert gc.get_threshold() == (max(before[0], YOUNG_THRESHOLD), *before[1:])
-    assert gc.get_threshold() == before  # the process's own settings once the app stops
-
-
-async def test_a_loaded_model_stays_out_of_garbage_collections_yet_unloading_frees_it(
-    app_factory: Callable[..., FastAPI],
-) -> None:
-    app = app_factory()
-    async with serve(app) as client:
-        await client.post("/classify", json={"inputs": "hello", "model": "bert-clf"})
-        model = app.state.registry.slot("bert-clf").runner.model
-        # Frozen (app/heap.py): no collection walks the model's objects while it serves.
-        assert gc.get_freeze_count() > 0
-        assert not any(obj is model for obj in gc.get_objects())
-        # A reference cycle through the model must not keep it alive once unloaded.
-        model.__dict__["_test_cycle"] = [model]
-        gone = weakref.ref(model)
-        del model
-        await client.post("/models/bert-clf/unload")
-        assert gone() is None

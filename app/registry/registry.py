@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
@@ -29,7 +30,6 @@ from app.batching.running import BatchRecord
 from app.batching.threads import ThreadShare
 from app.config import Settings
 from app.errors import ModelNotFound, ModelUnavailable, ServiceError
-from app.heap import freeze_survivors
 from app.registry.catalog import Catalog
 from app.registry.sources import locate, verify_weights
 from app.runners import Runner, build_runner, resolve_device
@@ -81,6 +81,8 @@ class RegistryHooks:
 
     on_batch: Callable[[str, BatchRecord], None] | None = None
     on_load: Callable[[str, float, bool], None] | None = None
+    # After a model is loaded or unloaded, on a worker thread (the serve entry point's heap).
+    on_change: Callable[[], None] | None = None
 
 
 @dataclass
@@ -215,7 +217,8 @@ class ModelRegistry:
         # of its own, which slows the lanes' forward passes (see ThreadShare).
         with self._cpu_threads.running(may_lead=False):
             runner = build_runner(entry, path)
-        freeze_survivors()  # the model's objects live until unload: out of the collector's way
+        if self.hooks.on_change is not None:
+            self.hooks.on_change()
         return runner
 
     def _crashed(self, slot: ModelSlot, batcher: DynamicBatcher, exc: BaseException) -> None:
@@ -253,11 +256,23 @@ class ModelRegistry:
             stopped = await asyncio.to_thread(batcher.close)
         if runner is not None and stopped:
             # Only the weights go; a request still splitting text with the tokenizer finishes.
+            device = runner.device
             await asyncio.to_thread(runner.close)
+            await asyncio.to_thread(self._collect, device)
         elif runner is not None:
             log.warning("model %s: a forward pass outlived unload; its memory is freed when it ends", name)
         log.info("model %s unloaded", name)
         return True
+
+    def _collect(self, device: torch.device) -> None:
+        """After an unload: a model's reference cycles go now (the entry point's collector,
+        which knows what it froze, or a plain collection), then CUDA's cache of its blocks."""
+        if self.hooks.on_change is not None:
+            self.hooks.on_change()
+        else:
+            gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     async def close(self) -> None:
         for task in list(self._background):

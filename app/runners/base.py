@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from app.heap import collect_all
 from app.runners.forward import PADDING_SLACK, EncoderForward
 
 
@@ -82,15 +81,11 @@ class Runner(ABC):
 
         Tokenizers stay: a request still splitting text when its model is unloaded finishes.
         """
-        device = self.device
         if self.forward is not None:
             self.forward.release()  # a kept trace outlives the runner; it must let go of the weights
         for attr, value in list(vars(self).items()):
             if isinstance(value, torch.nn.Module) or isinstance(getattr(value, "model", None), torch.nn.Module):
                 setattr(self, attr, None)
-        collect_all()  # frozen objects too (app/heap.py): a model's cycles must go with it
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def resolve_device(spec: str) -> torch.device:
