@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 
-from app.api import json_route
+from app.api import native
 from app.api.json_route import _Plan
 from app.api.security import require_api_key
 from tests.conftest import serve
@@ -110,15 +111,19 @@ async def test_the_api_key_check_runs_on_the_direct_path(
     assert direct_answers == [1]
 
 
-async def test_the_api_key_check_runs_even_if_fastapi_hides_the_apps_dependencies(
-    app_factory: Callable[..., FastAPI], direct_answers: list[int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(json_route, "_as_included", lambda route: route)  # sees the route's own only
-    body = {"inputs": "I love this movie", "model": "bert-clf"}
-    async with serve(app_factory(api_keys="k")) as client:
-        assert (await client.post("/classify", json=body)).status_code == 401
-        assert (await client.post("/classify", json=body, headers={"Authorization": "Bearer k"})).status_code == 200
-    assert direct_answers == []
+def test_the_direct_path_takes_an_app_only_when_every_app_wide_dependency_is_a_guard() -> None:
+    def solved_by_fastapi(request: Request) -> None:  # not async: FastAPI's handler must solve it
+        return None
+
+    plan = _Plan.of(native.router.routes[0])  # type: ignore[arg-type]
+    assert plan is not None
+
+    def app_with(*dependencies: Any) -> Any:
+        return SimpleNamespace(app=SimpleNamespace(router=SimpleNamespace(dependencies=list(dependencies))))
+
+    assert plan.app_guards(app_with()) == []
+    assert plan.app_guards(app_with(Depends(require_api_key))) == [(require_api_key, "request")]
+    assert plan.app_guards(app_with(Depends(require_api_key), Depends(solved_by_fastapi))) is None
 
 
 async def test_opentelemetry_and_dependency_overrides_keep_fastapis_handler(

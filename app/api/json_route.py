@@ -10,16 +10,22 @@ body, any other dependency, dependency overrides, an app with OpenTelemetry on) 
 through FastAPI's own handler, so every error answer is FastAPI's, worded by our error
 handlers. Routes stay FastAPI routes: the same middleware, exception handlers and
 OpenAPI schema.
+
+It reads public attributes only: the route's own dependencies and the app's
+(``app.router.dependencies``), each of which must be a guard for the direct path to apply.
+Its routers take no dependencies of their own (none of ours does): FastAPI keeps those where
+only its private names reach them. Measured gain (make bench, c=64 on 2 cores): the event
+loop's CPU per text 0.45-0.46 ms with FastAPI's handler, 0.36-0.41 ms with this one.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import fastapi.routing
 from fastapi import Request, Response
 from fastapi.exceptions import ResponseValidationError
 from fastapi.routing import APIRoute
@@ -39,9 +45,10 @@ class JsonBodyRoute(APIRoute):
             return standard
 
         async def handle(request: Request) -> Response:
-            if not plan.applies(request):
+            app_guards = plan.app_guards(request)
+            if app_guards is None or not plan.applies(request):
                 return await standard(request)
-            for guard, name in plan.guards:
+            for guard, name in (*app_guards, *plan.guards):
                 await guard(**{name: request})  # raises to refuse, as under FastAPI's handler
             try:
                 body = plan.body.validate_json(await request.body())
@@ -63,7 +70,6 @@ class _Plan:
     ) -> None:
         self.endpoint = route.endpoint
         self.guards = guards
-        self.guard_calls = {call for call, _ in guards}
         self.body_name, self.request_name = body_name, request_name
         self.body: TypeAdapter[Any] = TypeAdapter(body)
         self.response: TypeAdapter[Any] = TypeAdapter(route.response_model)
@@ -73,8 +79,8 @@ class _Plan:
     def of(cls, route: APIRoute) -> _Plan | None:
         """A plan when the route is ``(body: Model, request: Request)`` with a plain response
         model; None for any other shape (FastAPI's handler serves those)."""
-        dependencies = _as_included(route).dependant.dependencies
-        guards = [guard for dependency in dependencies if (guard := _guard(dependency)) is not None]
+        dependencies = route.dependant.dependencies
+        guards = [guard for dependency in dependencies if (guard := _guard(dependency.call)) is not None]
         if not inspect.iscoroutinefunction(route.endpoint) or len(guards) != len(dependencies):
             return None
         if route.response_model is None or route.status_code not in (None, 200):
@@ -97,16 +103,18 @@ class _Plan:
         return cls(route, models[0], hints[models[0]], requests[0], guards)
 
     def applies(self, request: Request) -> bool:
-        """A JSON body; no dependency overrides, no OpenTelemetry hooks (the app's settings),
-        and every app-wide dependency among the guards: should a FastAPI release stop showing
-        them to ``_as_included``, the API-key check still runs, under FastAPI's handler."""
+        """A JSON body; no dependency overrides, no OpenTelemetry hooks (the app's settings)."""
         app = request.app
         if app.dependency_overrides or app.state.settings.opentelemetry:
             return False
-        if any(depends.dependency not in self.guard_calls for depends in app.router.dependencies):
-            return False
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+    def app_guards(self, request: Request) -> list[Guard] | None:
+        """The app-wide dependencies, if every one is a guard; None sends the request to
+        FastAPI's handler."""
+        guards = [_guard(depends.dependency) for depends in request.app.router.dependencies]
+        return None if any(guard is None for guard in guards) else [g for g in guards if g is not None]
 
     def dump(self, result: Any) -> bytes:
         """The response as FastAPI sends it: validated against the response model, then dumped."""
@@ -118,26 +126,17 @@ class _Plan:
         return self.response.dump_json(value, by_alias=self.by_alias)
 
 
-def _as_included(route: APIRoute) -> Any:
-    """The route as FastAPI builds its handler: since FastAPI 0.16x, an included route's
-    dependencies (the app's and its routers') live on an "effective" copy that FastAPI
-    names in a context variable while it calls ``get_route_handler``; before, on the route."""
-    current = getattr(fastapi.routing, "_effective_route_context_var", None)
-    context = current.get() if current is not None else None
-    return context if context is not None and getattr(context, "original_route", None) is route else route
-
-
-def _guard(dependency: Any) -> Guard | None:
-    """An ``async def check(request: Request)`` dependency with nothing of its own to solve;
-    None for anything else."""
-    call = dependency.call
-    if not inspect.iscoroutinefunction(call) or dependency.dependencies or not dependency.request_param_name:
+@functools.cache
+def _guard(call: Any) -> Guard | None:
+    """An ``async def check(request: Request)`` dependency; None for anything else."""
+    if not inspect.iscoroutinefunction(call):
         return None
     try:
         hints = typing.get_type_hints(call)
     except (NameError, TypeError):
         return None
     hints.pop("return", None)
-    if list(hints.values()) != [Request] or len(inspect.signature(call).parameters) != 1:
+    parameters = list(inspect.signature(call).parameters)
+    if list(hints.values()) != [Request] or len(parameters) != 1:
         return None
-    return call, dependency.request_param_name
+    return call, parameters[0]
