@@ -54,6 +54,7 @@ def download(args: argparse.Namespace) -> int:
     failed = 0
     for name in names:
         entry = catalog.entry(name)
+        assert entry is not None  # unknown names were refused above
         if not entry.source.hub:
             print(f"{name}: {entry.source.describe()} is local, nothing to download")
             continue

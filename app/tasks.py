@@ -61,6 +61,14 @@ TASKS: tuple[Task, ...] = (
 _BY_KIND = {(t.task, t.engine): t for t in TASKS}
 
 
+def check_template(template: str) -> str:
+    """A hypothesis template (zero-shot) holds its label's slot, ``{}``, exactly once: the one
+    rule, for the catalog and for a request alike."""
+    if template.count("{}") != 1:
+        raise ValueError("hypothesis_template must contain '{}' exactly once, e.g. 'This text is about {}.'")
+    return template
+
+
 def task_of(entry: Any) -> Task:
     """The row of a catalog entry (by its task and engine)."""
     return _BY_KIND[(entry.task, getattr(entry, "engine", None))]

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
 
+from app.tasks import check_template
+
 # A non-space character, with "space" spelled out as ECMA-262's \s (what JSON Schema's
 # patterns mean) so that every regex engine reads it alike: Python's \s and str.isspace
 # also count U+001C-U+001F and U+0085, and not U+FEFF.
@@ -68,9 +70,7 @@ def _texts(value: str | list[str]) -> str | list[str]:
 
 
 def _template(value: str) -> str:
-    if value.count("{}") != 1:
-        raise ValueError("hypothesis_template must contain '{}' exactly once, e.g. 'This text is about {}.'")
-    return _one_text(value)
+    return _one_text(check_template(value))
 
 
 TEXT_SCHEMA: dict[str, Any] = {

@@ -11,6 +11,7 @@ from app.api.calls import registry_of, service_of
 from app.api.errors import error_responses
 from app.api.security import require_admin
 from app.errors import ModelNotFound
+from app.registry.catalog import TranslationEntry, ZeroShotEntry
 from app.registry.registry import ModelSlot, ModelState
 from app.tasks import Endpoint
 
@@ -115,9 +116,9 @@ def current_defaults(request: Request) -> dict[str, str]:
 def describe(slot: ModelSlot, defaults: dict[str, str]) -> ModelInfo:
     entry = slot.entry
     extra: dict[str, Any] = {}
-    if entry.task == "translation":
+    if isinstance(entry, TranslationEntry):
         extra["languages"] = f"{entry.source_lang}->{entry.target_lang}"
-    if getattr(entry, "labels", None):
+    if isinstance(entry, ZeroShotEntry) and entry.labels:
         extra["labels"] = list(entry.labels)
     return ModelInfo(
         name=entry.name,

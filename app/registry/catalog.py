@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.tasks import Endpoint, can_serve
+from app.tasks import Endpoint, can_serve, check_template
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -124,9 +124,7 @@ class ZeroShotEntry(_EntryBase):
     @field_validator("hypothesis_template")
     @classmethod
     def _template(cls, value: str | None) -> str | None:
-        if value is not None and value.count("{}") != 1:
-            raise ValueError("hypothesis_template must contain '{}' exactly once")
-        return value
+        return None if value is None else check_template(value)
 
     @property
     def template(self) -> str:
@@ -159,10 +157,9 @@ class EmbeddingEntry(_EntryBase):
     )
 
 
-CatalogEntry = Annotated[
-    TextClassificationEntry | ZeroShotEntry | TranslationEntry | SummarizationEntry | EmbeddingEntry,
-    Field(discriminator="task"),
-]
+# Any catalog entry; CatalogEntry is the same, told apart by its task when a catalog is read.
+Entry = TextClassificationEntry | ZeroShotEntry | TranslationEntry | SummarizationEntry | EmbeddingEntry
+CatalogEntry = Annotated[Entry, Field(discriminator="task")]
 
 
 class Catalog(BaseModel):
@@ -195,7 +192,7 @@ class Catalog(BaseModel):
                     )
         return self
 
-    def entry(self, name: str) -> Any:
+    def entry(self, name: str) -> Entry | None:
         return next((m for m in self.models if m.name == name), None)
 
 

@@ -30,7 +30,7 @@ from app.batching.running import BatchRecord
 from app.batching.threads import ThreadShare
 from app.config import Settings
 from app.errors import ModelNotFound, ModelUnavailable, ServiceError
-from app.registry.catalog import Catalog
+from app.registry.catalog import Catalog, Entry
 from app.registry.sources import locate, verify_weights
 from app.runners import Runner, build_runner, resolve_device
 
@@ -53,7 +53,7 @@ class ModelState(StrEnum):
 class ModelSlot:
     """One catalog entry and, once loaded, its runner and batcher."""
 
-    entry: Any
+    entry: Entry
     state: ModelState = ModelState.not_loaded
     runner: Runner | None = None
     batcher: DynamicBatcher | None = None
@@ -207,12 +207,12 @@ class ModelRegistry:
         log.info("model %s loaded on %s in %.1fs", entry.name, slot.device, slot.load_seconds)
         self._notify_load(entry.name, slot.load_seconds, ok=True)
 
-    def _locate(self, entry: Any) -> Path:
+    def _locate(self, entry: Entry) -> Path:
         path = locate(entry, online=self.hub_online, timeout=self.settings.download_timeout_s)
         verify_weights(entry, path)
         return path
 
-    def _build_on_one_thread(self, entry: Any, path: Path) -> Runner:
+    def _build_on_one_thread(self, entry: Entry, path: Path) -> Runner:
         # A load (and its trace) on several threads would leave this thread an OpenMP pool
         # of its own, which slows the lanes' forward passes (see ThreadShare).
         with self._cpu_threads.running(may_lead=False):

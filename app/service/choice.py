@@ -4,9 +4,8 @@ the hub is online, a local one offline), or the one for a language pair."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from app.errors import ModelNotFound, WrongTask
+from app.registry.catalog import Entry, TranslationEntry
 from app.registry.registry import ModelRegistry, ModelState
 from app.registry.sources import is_local
 from app.tasks import Endpoint, can_serve
@@ -19,7 +18,7 @@ class ModelChoice:
     def names_for(self, endpoint: Endpoint) -> list[str]:
         return [s.entry.name for s in self.registry.slots() if can_serve(s.entry, endpoint)]
 
-    def resolve(self, name: str | None, endpoint: Endpoint) -> Any:
+    def resolve(self, name: str | None, endpoint: Endpoint) -> Entry:
         """The entry that answers ``endpoint``: the named one, else the endpoint's default."""
         if name is None:
             return self.registry.slot(self.default_for(endpoint)).entry
@@ -43,16 +42,17 @@ class ModelChoice:
             raise ModelNotFound(f"the catalog has no model for /{endpoint.value}; add one to the catalog")
         return self._first_servable(preferred)
 
-    def find_translation(self, source_lang: str | None, target_lang: str | None) -> Any:
+    def find_translation(self, source_lang: str | None, target_lang: str | None) -> TranslationEntry:
         """The translation entry for a language pair; either side may be left open."""
-        pairs = [s.entry for s in self.registry.slots() if s.entry.task == "translation"]
+        pairs = [s.entry for s in self.registry.slots() if isinstance(s.entry, TranslationEntry)]
         matching = [e.name for e in pairs if translates(e, source_lang, target_lang)]
         if not matching:
             known = ", ".join(sorted({f"{e.source_lang}->{e.target_lang}" for e in pairs})) or "none"
             asked = f"{source_lang or '*'}->{target_lang or '*'}"
             raise ModelNotFound(f"no catalog model translates {asked}; available pairs: {known}")
         preferred = [n for n in self.registry.catalog.defaults.get(Endpoint.translate, []) if n in matching]
-        return self.registry.slot(self._first_servable(preferred + [n for n in matching if n not in preferred])).entry
+        name = self._first_servable(preferred + [n for n in matching if n not in preferred])
+        return next(e for e in pairs if e.name == name)
 
     def _first_servable(self, names: list[str]) -> str:
         if self.registry.hub_online:
@@ -64,6 +64,6 @@ class ModelChoice:
         return names[0]  # nothing local: its load will answer 503 with how to provide it
 
 
-def translates(entry: Any, source_lang: str | None, target_lang: str | None) -> bool:
+def translates(entry: TranslationEntry, source_lang: str | None, target_lang: str | None) -> bool:
     """Whether a translation entry matches the languages given (None: any)."""
     return source_lang in (None, entry.source_lang) and target_lang in (None, entry.target_lang)

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from app.config import Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
+from app.registry.catalog import SummarizationEntry, TranslationEntry, ZeroShotEntry
 from app.registry.registry import ModelRegistry
 from app.service.checks import RateLimit, check_generation, check_inputs, timeout_of
 from app.service.choice import ModelChoice, translates
@@ -70,7 +71,7 @@ class InferenceService:
         labels = asked.candidate_labels
         entry = self.choice.resolve(asked.model, Endpoint.zero_shot if labels else Endpoint.classify)
         payloads: list[Any]
-        if entry.task == "zero-shot-classification":
+        if isinstance(entry, ZeroShotEntry):
             if asked.function_to_apply is not None:
                 raise WrongTask(f"function_to_apply does not apply to the zero-shot model '{entry.name}'; drop it")
             payloads = zero_shot_payloads(entry, asked.texts, labels, asked.hypothesis_template, asked.multi_label)
@@ -88,10 +89,13 @@ class InferenceService:
         self.admit(asked.texts, tenant)
         check_generation(self.settings, asked.generation)
         languages = asked.source_lang, asked.target_lang
+        entry: TranslationEntry
         if asked.model is None and languages != (None, None):
             entry = self.choice.find_translation(*languages)
         else:
-            entry = self.choice.resolve(asked.model, Endpoint.translate)
+            named = self.choice.resolve(asked.model, Endpoint.translate)
+            assert isinstance(named, TranslationEntry)  # what /translate's models are
+            entry = named
             if not translates(entry, *languages):
                 wanted = f"{asked.source_lang or '*'}->{asked.target_lang or '*'}"
                 raise WrongTask(
@@ -111,6 +115,7 @@ class InferenceService:
         self.admit(asked.texts, tenant)
         check_generation(self.settings, asked.generation)
         entry = self.choice.resolve(asked.model, Endpoint.summarize)
+        assert isinstance(entry, SummarizationEntry)  # what /summarize's models are
         sizes: list[int] = []  # the batches its inputs ran in, for the access log
         summaries: list[Summary]
         if entry.engine == "extractive":
@@ -211,17 +216,18 @@ class InferenceService:
 
 
 def zero_shot_payloads(
-    entry: Any, texts: list[str], labels: list[str] | None, template: str | None, multi_label: bool = False
+    entry: ZeroShotEntry, texts: list[str], labels: list[str] | None, template: str | None, multi_label: bool = False
 ) -> list[ZeroShotInput]:
     """A client's labels become hypotheses through the template; without them, the entry's own
     labels do too (NLI), or are embedded through their descriptions (similarity engine)."""
     template = template or entry.template
-    names = tuple(labels or entry.labels)
+    own = entry.labels or {}
+    names = tuple(labels or own)
     if labels or entry.engine == "nli":
         # replace, not format: other braces in a client's template are text, not fields.
         hypotheses = tuple(template.replace("{}", name, 1) for name in names)
     else:
-        hypotheses = tuple(entry.labels[name] for name in names)
+        hypotheses = tuple(own[name] for name in names)
     return [ZeroShotInput(text, names, hypotheses, multi_label) for text in texts]
 
 
