@@ -23,6 +23,7 @@ class Endpoint(StrEnum):
     translate = "translate"  # type: ignore[assignment]  # shadows str.translate, harmlessly
     summarize = "summarize"
     embed = "embed"
+    fill_mask = "fill-mask"
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ TASKS: tuple[Task, ...] = (
     Task("summarization", "abstractive", "seq2seq:Seq2SeqRunner", (Endpoint.summarize,), "summarization"),
     Task("summarization", "extractive", "embedding:ExtractiveSummaryRunner", (Endpoint.summarize,), "summarization"),
     Task("embedding", None, "embedding:EmbeddingRunner", (Endpoint.embed,), "feature-extraction"),
+    Task("fill-mask", None, "fill_mask:FillMaskRunner", (Endpoint.fill_mask,), "fill-mask"),
 )
 _BY_KIND = {(t.task, t.engine): t for t in TASKS}
 

@@ -91,6 +91,7 @@ def catalog_dict(models: dict[str, Path], broken_dir: Path) -> dict[str, Any]:
                 "generation": {"max_new_tokens": 8},
             },
             {"name": "bert-embed", "task": "embedding", "source": {"path": str(models["bert-embed"])}},
+            {"name": "bert-fill", "task": "fill-mask", "source": {"path": str(models["bert-mlm"])}},
             {"name": "minilm", "task": "embedding", "source": minilm},
             {
                 "name": "minilm-sentiment",
@@ -116,6 +117,7 @@ def catalog_dict(models: dict[str, Path], broken_dir: Path) -> dict[str, Any]:
             "translate": ["marian-en-de"],
             "summarize": ["bart-sum"],
             "embed": ["minilm"],
+            "fill-mask": ["bert-fill"],
         },
     }
 
@@ -141,6 +143,7 @@ LOCAL = [
     "bart-sum",
     "t5-sum",
     "bert-embed",
+    "bert-fill",
     "minilm",
     "minilm-sentiment",
     "minilm-extractive",

@@ -140,6 +140,7 @@ async def test_models_lists_every_entry_with_state_and_defaults(client: httpx.As
         "translate": "marian-en-de",
         "summarize": "bart-sum",
         "embed": "minilm",
+        "fill-mask": "bert-fill",
     }
     models = {m["name"]: m for m in body["models"]}
     assert models["minilm"]["state"] == "loaded" and models["minilm"]["loaded_on"] == "cpu"

@@ -24,6 +24,7 @@ from transformers import (
     BartForConditionalGeneration,
     BartTokenizer,
     BertConfig,
+    BertForMaskedLM,
     BertForSequenceClassification,
     BertModel,
     BertTokenizer,
@@ -143,6 +144,12 @@ def build_bert_classifier(path: Path, labels: Sequence[str] = ("NEGATIVE", "POSI
     vocab = _wordpiece_vocab()
     tok = BertTokenizer(vocab=vocab, model_max_length=512)
     return _save(BertForSequenceClassification, _with_labels(_bert_config(vocab), labels), tok, path)
+
+
+def build_bert_masked_lm(path: Path) -> Path:
+    """BertForMaskedLM: fill-mask, with a [MASK] token in its vocabulary."""
+    vocab = _wordpiece_vocab()
+    return _save(BertForMaskedLM, _bert_config(vocab), BertTokenizer(vocab=vocab, model_max_length=512), path)
 
 
 def build_distilbert_classifier(path: Path, labels: Sequence[str] = ("NEGATIVE", "POSITIVE")) -> Path:
@@ -303,5 +310,6 @@ def build_all(root: Path) -> dict[str, Path]:
         "bart": build_bart,
         "t5": build_t5,
         "bert-embed": build_bert_embedder,
+        "bert-mlm": build_bert_masked_lm,
     }
     return {name: build(root / name) for name, build in builders.items()}

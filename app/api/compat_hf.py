@@ -22,7 +22,7 @@ from app.api.compat import ReshapedErrorsRoute, error_body
 from app.api.fields import as_list
 from app.api.hf_bodies import EMBEDDING_FIELDS, HfBody, body_for, parse_body
 from app.registry.catalog import Catalog
-from app.service.requests import Classify, Embed, Summarize, Translate
+from app.service.requests import Classify, Embed, FillMask, Summarize, Translate
 from app.service.service import InferenceService
 from app.tasks import task_of
 
@@ -54,6 +54,13 @@ class HfTranslation(BaseModel):
 
 class HfSummary(BaseModel):
     summary_text: str
+
+
+class HfFill(BaseModel):
+    score: float
+    token: int
+    token_str: str
+    sequence: str
 
 
 @dataclass
@@ -128,6 +135,15 @@ async def _feature_extraction(c: Call) -> Any:
     return answer.results[0].vector if c.single else [r.vector for r in answer.results]
 
 
+async def _fill_mask(c: Call) -> Any:
+    params = c.body.parameters
+    asked = FillMask(c.texts, c.name, params.top_k or 5, params.targets)
+    answer = await call(c.request, c.service.fill_mask(asked, c.tenant))
+    # The pipeline's shapes: one mask token, its candidates; several, a list per mask.
+    per_input = [r.masks[0] if len(r.masks) == 1 else r.masks for r in answer.results]
+    return per_input[0] if c.single else per_input
+
+
 @dataclass(frozen=True)
 class HfAdapter:
     """How one HF task is answered: the service call and shape, and what the docs show."""
@@ -164,6 +180,15 @@ ADAPTERS: dict[str, HfAdapter] = {
         {"inputs": "The city council met on Tuesday. Members voted to fund two new bus lines."},
         [{"summary_text": "Members voted to fund two new bus lines."}],
     ),
+    "fill-mask": HfAdapter(
+        _fill_mask,
+        list[HfFill] | list[list[HfFill]] | list[list[list[HfFill]]],
+        {"inputs": "The weather is [MASK] today.", "parameters": {"top_k": 2}},
+        [
+            {"score": 0.41, "token": 3835, "token_str": "nice", "sequence": "the weather is nice today."},
+            {"score": 0.12, "token": 2204, "token_str": "good", "sequence": "the weather is good today."},
+        ],
+    ),
     "feature-extraction": HfAdapter(
         _feature_extraction,
         list[float] | list[list[float]],
@@ -195,7 +220,7 @@ def hf_tasks(catalog: Catalog) -> dict[str, HfTask]:
 async def hf_inference(name: str, request: Request) -> JSONResponse:
     """Run a catalog model as the Hugging Face Inference API does, so that
     `InferenceClient("http://host:port/models/<name>")` works unchanged: `text_classification`,
-    `zero_shot_classification`, `translation`, `summarization` and `feature_extraction`.
+    `zero_shot_classification`, `translation`, `summarization`, `feature_extraction` and `fill_mask`.
     The model's catalog task decides the parameters and the answer's shape. Errors carry
     their message in the `X-Error-Message` header too (that is what huggingface_hub shows)."""
     registry_of(request).slot(name)  # 404 for a name the catalog does not have

@@ -95,6 +95,28 @@ Inputs = Annotated[
     ),
 ]
 
+
+def masked_inputs(mask: str) -> Any:
+    """Inputs that each hold ``mask``, a fill-mask model's mask token: the same rule as
+    ``Inputs``, and that one, stated in the schema too."""
+
+    def _masked(value: str | list[str]) -> str | list[str]:
+        for i, text in enumerate([value] if isinstance(value, str) else value):
+            if mask not in text:
+                raise ValueError(f"input {i} holds no mask token; put {mask} where a word should be predicted")
+        return value
+
+    text = {"allOf": [TEXT_SCHEMA, {"pattern": re.escape(mask)}]}
+    schema = {
+        "anyOf": [
+            text,
+            {"type": "array", "items": text, "minItems": 1, **limit(maxItems="max_inputs_per_request")},
+        ],
+        "description": f"One text, or a list of texts, each holding the model's mask token {mask}.",
+    }
+    return Annotated[str | list[str], AfterValidator(_texts), AfterValidator(_masked), WithJsonSchema(schema)]
+
+
 Label = Annotated[
     str,
     AfterValidator(_one_text),

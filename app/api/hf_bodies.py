@@ -16,10 +16,10 @@ from typing import Annotated, Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
-from app.api.fields import Inputs, Labels, PositiveInt, Template, integral
+from app.api.fields import Inputs, Labels, PositiveInt, Template, integral, masked_inputs
 from app.api.schemas import GenerationParameters
 from app.errors import InvalidInput
-from app.registry.sources import declared_width
+from app.registry.sources import declared_mask_token, declared_width
 
 
 class _Strict(BaseModel):
@@ -78,6 +78,13 @@ class EmbeddingParameters(_Strict):
 EMBEDDING_FIELDS = set(EmbeddingParameters.model_fields)
 
 
+class HfFillMaskParameters(_Strict):
+    top_k: Annotated[int, Field(ge=1, le=100), BeforeValidator(integral)] | None = Field(
+        None, description="Candidates per mask token (default 5)."
+    )
+    targets: Labels | None = Field(None, description="Score these candidate tokens only.")
+
+
 class HfOptions(_Strict):
     use_cache: bool | None = None
     wait_for_model: bool | None = None
@@ -134,6 +141,9 @@ def body_for(entry: Any, hf_task: str) -> type[HfBody]:
         return _body(entry, languages)
     if hf_task == "summarization":
         return _body(entry, ExtractiveParameters if entry.engine == "extractive" else SummarizationParameters)
+    if hf_task == "fill-mask":
+        mask = declared_mask_token(entry)  # known here: the schema asks every input to hold it
+        return _body(entry, HfFillMaskParameters, top_level={"inputs": (masked_inputs(mask), ...)} if mask else None)
     width = declared_width(entry)
     sized = EmbeddingParameters
     if width is not None:  # its size is known here: the schema names it

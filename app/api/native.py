@@ -1,4 +1,4 @@
-"""The task routes: /classify, /translate, /summarize, /embed.
+"""The task routes: /classify, /translate, /summarize, /embed, /fill-mask.
 
 Each parses its body (app/api/schemas.py), asks the service (app/service/service.py,
 where every rule lives) and shapes the answer; it never touches torch or a runner. A
@@ -17,6 +17,8 @@ from app.api.schemas import (
     ClassifyResponse,
     EmbedRequest,
     EmbedResponse,
+    FillMaskRequest,
+    FillMaskResponse,
     SummarizeRequest,
     SummarizeResponse,
     Summary,
@@ -24,7 +26,7 @@ from app.api.schemas import (
     TranslateResponse,
     Translation,
 )
-from app.service.requests import Classify, Embed, Summarize, Translate
+from app.service.requests import Classify, Embed, FillMask, Summarize, Translate
 
 router = APIRouter(tags=["tasks"], route_class=JsonBodyRoute)
 
@@ -99,4 +101,18 @@ async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
         dimensions=len(answer.results[0].vector),
         embeddings=[r.vector for r in answer.results],
         tokens=sum(r.tokens for r in answer.results),
+    )
+
+
+@router.post("/fill-mask", response_model=FillMaskResponse, responses=TASK_ERRORS, summary="Fill masked words")
+async def fill_mask(body: FillMaskRequest, request: Request) -> FillMaskResponse:
+    """The likeliest tokens for each mask token (e.g. `[MASK]`, the model's own) in each
+    input, best first, with the input completed by each."""
+    params = body.parameters
+    asked = FillMask(as_list(body.inputs), body.model, params.top_k, params.targets, body.timeout_s)
+    answer = await call(request, service_of(request).fill_mask(asked, tenant(request)))
+    return FillMaskResponse(
+        model=answer.model,
+        results=[r.masks for r in answer.results],
+        truncated=[r.truncated for r in answer.results],
     )

@@ -52,11 +52,11 @@ def _model_paths(document: dict[str, Any], tasks: dict[str, HfTask]) -> None:
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     # One generation for every body, so that no two models' schemas share a name.
     refs, bodies = models_json_schema([(task.body, "validation") for task in tasks.values()], ref_template=REF)
-    schemas.update(bodies.get("$defs", {}))
+    _merge(schemas, bodies.get("$defs", {}))
     for name, task in tasks.items():
         body = refs[(task.body, "validation")]["$ref"]
         answer = TypeAdapter(task.adapter.answer).json_schema(ref_template=REF)
-        schemas.update(answer.pop("$defs", {}))
+        _merge(schemas, answer.pop("$defs", {}))
         describe = _without_name(template["get"], name)
         describe["summary"] = f"Describe {name}"
         infer = _without_name(template["post"], name)
@@ -70,6 +70,26 @@ def _model_paths(document: dict[str, Any], tasks: dict[str, HfTask]) -> None:
             "content": {"application/json": {"schema": answer, "example": task.adapter.answer_example}},
         }
         document["paths"][f"/models/{name}"] = {"get": describe, "post": infer}
+
+
+def _merge(schemas: dict[str, Any], more: dict[str, Any]) -> None:
+    """Add component schemas; two different models under one name would leave one of them
+    documented for both, so that is a bug, stopped here. (FastAPI writes a model it has
+    seen with its own touches: no null defaults, 1.0 for 1; those are the same model.)"""
+    for name, schema in more.items():
+        if name in schemas and _plain(schemas[name]) != _plain(schema):
+            raise RuntimeError(f"two different schemas are named {name!r} in the OpenAPI document; rename one")
+        schemas.setdefault(name, schema)
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items() if not (k == "default" and v is None)}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    if isinstance(node, float) and node.is_integer():
+        return int(node)
+    return node
 
 
 def _without_name(operation: dict[str, Any], name: str) -> dict[str, Any]:

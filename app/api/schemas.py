@@ -268,3 +268,70 @@ class EmbedResponse(BaseModel):
     dimensions: int
     embeddings: list[list[float]] = Field(description="One vector per input, in input order.")
     tokens: int = Field(description="Tokens read, over all inputs.")
+
+
+# -- fill-mask ---------------------------------------------------------------------------
+
+
+class FillMaskParameters(_Request):
+    top_k: Annotated[int, Field(ge=1, le=100), BeforeValidator(integral)] = Field(
+        5, description="Candidates per mask token, best first."
+    )
+    targets: Labels | None = Field(None, description="Score these candidate tokens only.")
+
+
+class FillMaskRequest(_Request):
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {"inputs": "The weather is [MASK] today."},
+                {
+                    "inputs": ["Paris is the [MASK] of France."],
+                    "parameters": {"top_k": 3, "targets": ["capital", "city"]},
+                },
+            ]
+        },
+    )
+    inputs: Inputs
+    model: ModelName = None
+    parameters: FillMaskParameters = Field(default_factory=FillMaskParameters)
+    timeout_s: Timeout = None
+
+
+class FillCandidate(BaseModel):
+    score: float
+    token: int = Field(description="The token's id in the model's vocabulary.")
+    token_str: str
+    sequence: str = Field(description="The input with this token in place of the mask.")
+
+
+class FillMaskResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "distilbert-fill",
+                    "results": [
+                        [
+                            [
+                                {
+                                    "score": 0.41,
+                                    "token": 3835,
+                                    "token_str": "nice",
+                                    "sequence": "the weather is nice today.",
+                                }
+                            ]
+                        ]
+                    ],
+                    "truncated": [False],
+                }
+            ]
+        }
+    )
+    model: str
+    results: list[list[list[FillCandidate]]] = Field(
+        description="Per input, per mask token in it (in order), the candidates, best first."
+    )
+    truncated: list[bool]

@@ -134,6 +134,9 @@ class BatchWork:
     def _encode_one(self, item: PendingInput) -> Any:
         try:
             return self._runner.encode([item.payload])[0]
+        except ServiceError as exc:  # the runner's own word on what is wrong with the text
+            self._fail(item, type(exc)(f"input {item.index}: {exc.message}", retry_after=exc.retry_after))
+            return None
         except Exception as exc:
             # What a tokenizer cannot read is the client's text: a 422 that names it.
             log.info("model %s could not tokenize input %d: %s: %s", self.name, item.index, type(exc).__name__, exc)

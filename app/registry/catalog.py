@@ -157,8 +157,12 @@ class EmbeddingEntry(_EntryBase):
     )
 
 
+class FillMaskEntry(_EntryBase):
+    task: Literal["fill-mask"]
+
+
 # Any catalog entry; CatalogEntry is the same, told apart by its task when a catalog is read.
-Entry = TextClassificationEntry | ZeroShotEntry | TranslationEntry | SummarizationEntry | EmbeddingEntry
+Entry = TextClassificationEntry | ZeroShotEntry | TranslationEntry | SummarizationEntry | EmbeddingEntry | FillMaskEntry
 CatalogEntry = Annotated[Entry, Field(discriminator="task")]
 
 

@@ -58,25 +58,43 @@ def is_local(entry: Any) -> bool:
     return isinstance(cached, str)
 
 
-def declared_width(entry: Any) -> int | None:
-    """The hidden size an entry's config.json declares, where its files are on this machine
-    (an encoder's vectors have this many dimensions); None where they are not."""
+def declared(entry: Any, filename: str) -> dict[str, Any]:
+    """A JSON file of an entry's model directory, where its files are on this machine (no
+    download); empty where they are not."""
     source = entry.source
     try:
         if source.path is not None:
-            config = source.path / "config.json"
+            found = source.path / filename
         elif source.package is not None:
-            config = _package_model_dir(source.package) / "config.json"
+            found = _package_model_dir(source.package) / filename
         else:
-            cached = try_to_load_from_cache(source.hub, "config.json", revision=source.revision)
+            cached = try_to_load_from_cache(source.hub, filename, revision=source.revision)
             if not isinstance(cached, str):
-                return None
-            config = Path(cached)
-        declared = json.loads(config.read_text())
+                return {}
+            found = Path(cached)
+        content = json.loads(found.read_text())
     except (ModelUnavailable, OSError, ValueError):
-        return None
-    width = next((declared[k] for k in ("hidden_size", "dim", "d_model") if isinstance(declared.get(k), int)), None)
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def declared_width(entry: Any) -> int | None:
+    """The hidden size an entry's config declares (an encoder's vectors have this many
+    dimensions), where its files are on this machine."""
+    config = declared(entry, "config.json")
+    width = next((config[k] for k in ("hidden_size", "dim", "d_model") if isinstance(config.get(k), int)), None)
     return int(width) if width else None
+
+
+def declared_mask_token(entry: Any) -> str | None:
+    """The mask token an entry's tokenizer declares (``[MASK]``, ``<mask>``), where its files are
+    on this machine."""
+    for filename in ("tokenizer_config.json", "special_tokens_map.json"):
+        mask = declared(entry, filename).get("mask_token")
+        mask = mask.get("content") if isinstance(mask, dict) else mask
+        if isinstance(mask, str) and mask:
+            return mask
+    return None
 
 
 def locate(entry: Any, *, online: bool, timeout: float) -> Path:

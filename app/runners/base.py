@@ -13,9 +13,11 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import pipeline
 
 from app.runners.forward import PADDING_SLACK, EncoderForward
 
@@ -116,3 +118,17 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 def weights_kwargs(allow_pickle: bool) -> dict[str, Any]:
     """from_pretrained options for the safe default: safetensors only, no remote code."""
     return {"use_safetensors": None if allow_pickle else True, "trust_remote_code": False}
+
+
+def load_pipeline(task: str, entry: Any, path: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """A transformers pipeline over the entry's weights (safetensors only unless it allows
+    pickle, never remote code): its model, tokenizer and post-processing."""
+    make: Any = pipeline  # its overloads want a literal task name
+    return make(
+        task,
+        model=str(path),
+        device=device,
+        dtype=dtype,
+        trust_remote_code=False,
+        model_kwargs={"use_safetensors": weights_kwargs(entry.allow_pickle)["use_safetensors"]},
+    )

@@ -9,28 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import pipeline
 
 from app.registry.catalog import TextClassificationEntry, ZeroShotEntry
-from app.runners.base import Encoded, Runner, weights_kwargs
+from app.runners.base import Encoded, Runner, load_pipeline
 from app.runners.forward import encoder_forward
 from app.runners.tokens import encode_texts, max_input_tokens, pad_id_of, pad_rows
 from app.service.types import Classification, ClassifyInput, ZeroShotInput
-
-
-def _load_pipeline(task: str, entry: Any, path: Path, device: torch.device, dtype: torch.dtype) -> Any:
-    make: Any = pipeline  # its overloads want a literal task name
-    return make(
-        task,
-        model=str(path),
-        device=device,
-        dtype=dtype,
-        trust_remote_code=False,
-        model_kwargs={"use_safetensors": weights_kwargs(entry.allow_pickle)["use_safetensors"]},
-    )
 
 
 class ClassificationRunner(Runner):
@@ -38,7 +24,7 @@ class ClassificationRunner(Runner):
 
     def __init__(self, entry: TextClassificationEntry, path: Path, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        self.pipe = _load_pipeline("text-classification", entry, path, device, dtype)
+        self.pipe = load_pipeline("text-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
         self.forward = encoder_forward(
@@ -70,7 +56,7 @@ class NliZeroShotRunner(Runner):
 
     def __init__(self, entry: ZeroShotEntry, path: Path, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        self.pipe = _load_pipeline("zero-shot-classification", entry, path, device, dtype)
+        self.pipe = load_pipeline("zero-shot-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
         self.forward = encoder_forward(

@@ -55,6 +55,16 @@ class Embed:
     must_fit: bool = False
 
 
+@dataclass(frozen=True)
+class FillMask:
+    texts: list[str]
+    model: str | None = None
+    top_k: int = 5
+    targets: list[str] | None = None
+    timeout_s: float | None = None
+    must_fit: bool = False
+
+
 @dataclass
 class Summary:
     text: str

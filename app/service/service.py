@@ -21,15 +21,17 @@ from app.registry.catalog import SummarizationEntry, TranslationEntry, ZeroShotE
 from app.registry.registry import ModelRegistry
 from app.service.checks import RateLimit, check_generation, check_inputs, timeout_of
 from app.service.choice import ModelChoice, translates
-from app.service.requests import Answer, Classify, Embed, Summarize, Summary, Translate
+from app.service.requests import Answer, Classify, Embed, FillMask, Summarize, Summary, Translate
 from app.service.types import (
     Classification,
     ClassifyInput,
     Embedding,
     EmbedInput,
     ExtractInput,
+    FillMaskInput,
     Generation,
     GenerationSettings,
+    MaskFills,
     Seq2SeqInput,
     ZeroShotInput,
 )
@@ -153,6 +155,19 @@ class InferenceService:
             raise WrongTask(
                 f"model '{entry.name}' gives {size}-dimensional vectors, not {asked.dimensions}; drop dimensions"
             )
+        return Answer(entry.name, results, max(sizes, default=0))
+
+    async def fill_mask(self, asked: FillMask, tenant: str) -> Answer[MaskFills]:
+        """Per input, per mask token in it, the ``top_k`` likeliest tokens (among ``targets``
+        when given), best first."""
+        self.admit(asked.texts, tenant)
+        entry = self.choice.resolve(asked.model, Endpoint.fill_mask)
+        targets = tuple(asked.targets) if asked.targets else None
+        payloads = [FillMaskInput(t, asked.top_k, targets) for t in asked.texts]
+        sizes: list[int] = []
+        results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes)
+        if asked.must_fit:
+            refuse_truncated(entry.name, results)
         return Answer(entry.name, results, max(sizes, default=0))
 
     # -- below the tasks ------------------------------------------------------------------

@@ -44,6 +44,13 @@ class Seq2SeqInput:
     generation: GenerationSettings = ()
 
 
+@dataclass(frozen=True)
+class FillMaskInput:
+    text: str  # holding the model's mask token at least once
+    top_k: int = 5
+    targets: tuple[str, ...] | None = None  # score these candidates only
+
+
 @dataclass
 class Classification:
     labels: list[dict[str, Any]]  # [{label, score}], best first
@@ -60,4 +67,12 @@ class Embedding:
 @dataclass
 class Generation:
     text: str
+    truncated: bool = False
+
+
+@dataclass
+class MaskFills:
+    """Per mask token of an input, in order: the candidates for it, best first."""
+
+    masks: list[list[dict[str, Any]]]  # [{token, token_str, score, sequence}]
     truncated: bool = False
