@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import httpx
 import torch
+import yaml
 from load import LoadClient, Measurement, merge, ms_per
 from offline import OfflineModel
 from servers import BENCH_DIR, ServerProcess
@@ -78,8 +79,20 @@ QUICK = Sizes(clf_texts=384, clf_single=64, s2s_texts=32, s2s_single=8, rounds=1
 # -- servers and their stats -----------------------------------------------------------
 
 
+@dataclass
+class Variant:
+    """What a run changes in the served server, to measure one setting against the default:
+    entry options (``torchscript: false``) and environment (``TESSERA_LANES_PER_MODEL=1``)."""
+
+    entry: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+VARIANT = Variant()  # set once by main from --served-entry / --served-env
+
+
 def served_server(catalog: Path, logs: Path) -> ServerProcess:
-    env = {"TESSERA_CATALOG": str(catalog), "TESSERA_HUB": "offline", "HF_HUB_OFFLINE": "1"}
+    env = {"TESSERA_CATALOG": str(catalog), "TESSERA_HUB": "offline", "HF_HUB_OFFLINE": "1", **VARIANT.env}
     args = [str(BENCH_DIR / "served_app.py"), "--host", "127.0.0.1", "--port", "{port}"]
     return ServerProcess("served", args, env, "/health/ready", logs, timeout_s=300)
 
@@ -200,7 +213,7 @@ def classification(sizes: Sizes, device: str, client: LoadClient, work: Path) ->
     }
     if cuda:
         entry.update(device="cuda", dtype="float16")
-    catalog = write_catalog(work / "classification.yaml", [entry])
+    catalog = write_catalog(work / "classification.yaml", [{**entry, **VARIANT.entry}])
     texts = make_texts(sizes.clf_texts)
     single = texts[: sizes.clf_single]
     bodies = [{"inputs": t, "model": "bench-clf"} for t in texts]
@@ -252,7 +265,9 @@ def classification(sizes: Sizes, device: str, client: LoadClient, work: Path) ->
         targets.append(check("c=64: served / naive server", ratios["served/naive c=64"], 2.5, ">="))
     targets.append(latency_check(srv1, results["offline single-item"]))
     model = "bert-base size (BertConfig(), random weights), fp16 on cuda" if cuda else "all-MiniLM-L6-v2 + random head"
-    model += ", TorchScript forward" if offline.traced else ", eager forward"
+    model += ", offline: TorchScript forward" if offline.traced else ", offline: eager forward"
+    if VARIANT.entry or VARIANT.env:
+        model += f"; served variant {VARIANT.entry or ''} {VARIANT.env or ''}".rstrip()
     return report("classification", model, threads, results, ratios, targets)
 
 
@@ -266,7 +281,7 @@ def seq2seq(sizes: Sizes, client: LoadClient, work: Path) -> dict[str, Any]:
         "target_lang": "de",
         "source": {"path": str(model_dir)},
     }
-    catalog = write_catalog(work / "seq2seq.yaml", [entry])
+    catalog = write_catalog(work / "seq2seq.yaml", [{**entry, **VARIANT.entry}])
     texts = make_texts(sizes.s2s_texts)
     single = texts[: sizes.s2s_single]
     bodies = [{"inputs": t, "model": "bench-marian", "parameters": GENERATION} for t in texts]
@@ -394,7 +409,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cpus", type=cpu_list, help="pin servers and in-process loops, e.g. 0,1")
     parser.add_argument("--client-cpus", type=cpu_list, help="pin the load client elsewhere, e.g. 2-5")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    parser.add_argument(
+        "--served-entry",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a catalog option for the served model (YAML value), e.g. torchscript=false",
+    )
+    parser.add_argument(
+        "--served-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the served server, e.g. TESSERA_LANES_PER_MODEL=1",
+    )
     args = parser.parse_args(argv)
+    for option in args.served_entry:
+        key, _, value = option.partition("=")
+        VARIANT.entry[key] = yaml.safe_load(value)
+    VARIANT.env.update(option.partition("=")[::2] for option in args.served_env)
+    if VARIANT.entry or VARIANT.env:
+        print(f"served variant: entry {VARIANT.entry}, environment {VARIANT.env}", flush=True)
     # A plain SIGTERM (timeout, Ctrl-C in a container) still stops the server subprocesses.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.server_cpus:
@@ -455,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "total_seconds": total,
         },
+        "served_variant": {"entry": VARIANT.entry, "env": VARIANT.env},
         "scenarios": {r["scenario"]: r for r in reports},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
