@@ -1,4 +1,5 @@
-"""Command line: ``python -m app serve`` runs the server; ``python -m app download`` fills the cache."""
+"""Command line: ``python -m app serve`` runs the server; ``python -m app download`` fills the cache;
+``python -m app ray`` serves on a Ray cluster (app/ray_serve.py)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,16 @@ def download(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def ray(args: argparse.Namespace) -> int:
+    try:
+        from app import ray_serve
+    except ImportError:
+        print("Ray Serve is not installed: pip install 'tessera[ray]'", file=sys.stderr)
+        return 2
+    ray_serve.main(args.ray_args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description="Tessera inference server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     fetch = commands.add_parser("download", help="download catalog hub models into the HF cache")
     fetch.add_argument("names", nargs="*", help="catalog names (default: every hub model)")
     fetch.set_defaults(func=download)
+    on_ray = commands.add_parser("ray", help="serve on a Ray cluster (python -m app ray --help)", add_help=False)
+    on_ray.add_argument("ray_args", nargs=argparse.REMAINDER)
+    on_ray.set_defaults(func=ray)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import generate_latest
 
 from app.api import compat_hf, compat_openai, docs, health, metrics, models, native
 from app.api.compat_hf import hf_tasks
@@ -24,6 +25,7 @@ from app.api.metrics import Metrics
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import build_openapi
 from app.api.security import BodySizeLimit, Keys, require_api_key
+from app.cluster import ReplicaAgent
 from app.config import Settings
 from app.errors import ServiceError
 from app.registry.catalog import load_catalog
@@ -76,10 +78,16 @@ async def _preload(registry: ModelRegistry) -> None:
                 log.error("preloading %s failed: %s", slot.entry.name, exc.message)
 
 
-def create_app(settings: Settings | None = None, on_models_changed: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    on_models_changed: Callable[[], None] | None = None,
+    cluster: ReplicaAgent | None = None,
+) -> FastAPI:
     """The app. ``on_models_changed`` is called (off the event loop) after each model load or
     unload: the serve entry point (app/serving.py) uses it to manage the garbage collector,
-    which an app embedded in another process leaves alone."""
+    which an app embedded in another process leaves alone. ``cluster`` makes it one replica
+    of many (app/cluster.py): model management and /metrics hold cluster-wide, preload models
+    load before the replica takes traffic, and the router in front echoes the request id."""
     settings = settings or Settings()
     catalog = load_catalog(settings.catalog)
 
@@ -93,11 +101,16 @@ def create_app(settings: Settings | None = None, on_models_changed: Callable[[],
         app.state.service = InferenceService(settings, registry, rate_limit_of(settings))
         app.state.metrics.watch(registry)
         log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
+        if cluster:
+            await _preload(registry)
+            await cluster.start(registry, lambda: generate_latest(app.state.metrics.registry))
         preloading = asyncio.create_task(_preload(registry))
         try:
             yield
         finally:
             preloading.cancel()
+            if cluster:
+                await cluster.stop()
             await registry.close()
 
     app = FastAPI(
@@ -116,6 +129,7 @@ def create_app(settings: Settings | None = None, on_models_changed: Callable[[],
         telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
+    app.state.cluster = cluster
     app.state.catalog = catalog
     app.state.hf_tasks = hf_tasks(catalog)
     app.state.keys = Keys(settings)
@@ -133,7 +147,12 @@ def create_app(settings: Settings | None = None, on_models_changed: Callable[[],
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     # Outermost, so that every answer (413s included) carries a request id and is counted.
     app.state.drain = Drain()
-    app.add_middleware(RequestContextMiddleware, observe=app.state.metrics.observe_request, drain=app.state.drain)
+    app.add_middleware(
+        RequestContextMiddleware,
+        observe=app.state.metrics.observe_request,
+        drain=app.state.drain,
+        replica=cluster.replica if cluster else None,
+    )
     app.include_router(native.router)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -34,6 +34,7 @@ from fastapi import FastAPI
 
 from app import heap
 from app.api.drain import Drain
+from app.cluster import ReplicaAgent
 from app.config import Settings
 from app.main import create_app
 
@@ -44,12 +45,13 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 CLOSE_CONNECTIONS_S = 5
 
 
-def build(settings: Settings) -> FastAPI:
-    """The app as the serve entry point runs it: the process's knobs turned, then create_app."""
+def build(settings: Settings, cluster: ReplicaAgent | None = None) -> FastAPI:
+    """The app as the serve entry point runs it (also a Ray Serve replica, app/ray_serve.py):
+    the process's knobs turned, then create_app."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    return create_app(settings, on_models_changed=heap.collect_all)
+    return create_app(settings, on_models_changed=heap.collect_all, cluster=cluster)
 
 
 def run(app: FastAPI, settings: Settings) -> None:

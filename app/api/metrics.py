@@ -133,6 +133,8 @@ class _ModelCollector(Collector):
     summary="Prometheus metrics",
 )
 async def metrics(request: Request) -> Response:
-    """Request, batch, queue and model metrics in the Prometheus text format."""
-    payload = generate_latest(request.app.state.metrics.registry)
+    """Request, batch, queue and model metrics in the Prometheus text format. On a cluster
+    (Ray Serve), every live replica's, each sample labelled with its `replica`."""
+    cluster = request.app.state.cluster
+    payload = await cluster.metrics() if cluster else generate_latest(request.app.state.metrics.registry)
     return Response(payload, media_type=CONTENT_TYPE_LATEST)

@@ -18,6 +18,7 @@ from app.api.drain import RETRY_AFTER_S, Drain
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 access_log = logging.getLogger("tessera.access")
+REPLICA_HEADER = b"x-tessera-replica"  # on a cluster: which replica answered (app/ray_serve.py)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Observer = Callable[[str, str, int, float], None]
@@ -46,8 +47,17 @@ class RequestContextMiddleware:
     """Pure ASGI, so that it costs microseconds and never buffers a body. It also keeps the
     drain's count of requests in flight, and refuses new ones while the server drains."""
 
-    def __init__(self, app: ASGIApp, observe: Observer | None = None, drain: Drain | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        observe: Observer | None = None,
+        drain: Drain | None = None,
+        replica: str | None = None,
+    ) -> None:
         self.app = app
+        # A replica of a cluster names itself on every answer, and leaves the request id to the
+        # router in front, which echoes it (Ray Serve's proxy).
+        self.own_headers = [(REPLICA_HEADER, replica.encode())] if replica else None
         self.observe = observe
         self.drain = drain or Drain()
 
@@ -65,11 +75,13 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = 500
 
+        own = self.own_headers or [(b"x-request-id", request_id.encode())]
+
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), *own]
             await send(message)
 
         drain = self.drain

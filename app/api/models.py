@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.calls import registry_of, service_of
 from app.api.errors import error_responses
 from app.api.security import require_admin
-from app.errors import ModelNotFound
+from app.errors import ModelNotFound, ModelUnavailable
 from app.registry.catalog import TranslationEntry, ZeroShotEntry
 from app.registry.registry import ModelSlot, ModelState
 from app.tasks import Endpoint
@@ -96,10 +96,32 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+class ReplicaState(BaseModel):
+    state: str = Field(description="A model state, or pending (not applied within the timeout).")
+    error: str | None = None
+
+
 class LoadState(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "minilm", "state": "loaded"}]})
     name: str
     state: ModelState
+    replicas: dict[str, ReplicaState] | None = Field(
+        None, description="On a cluster (Ray Serve): each replica's state once all applied the command."
+    )
+
+
+CLUSTER_COMMAND_TIMEOUT_S = 600.0  # a load on every replica may download weights
+
+
+async def _on_cluster(request: Request, name: str, loaded: bool) -> LoadState:
+    """A load or unload applied by every replica; a load that failed anywhere is a 503 naming where."""
+    states = await request.app.state.cluster.set_loaded(name, loaded, CLUSTER_COMMAND_TIMEOUT_S)
+    failed = {rid: s.get("error") for rid, s in states.items() if s.get("state") == ModelState.failed.value}
+    if loaded and failed:
+        where = "; ".join(f"replica {rid}: {error}" for rid, error in failed.items())
+        raise ModelUnavailable(f"model {name!r} failed to load on {len(failed)} of {len(states)} replicas: {where}")
+    local = registry_of(request).slot(name).state
+    return LoadState(name=name, state=local, replicas={rid: ReplicaState(**s) for rid, s in states.items()})
 
 
 def current_defaults(request: Request) -> dict[str, str]:
@@ -172,7 +194,11 @@ async def get_model(name: str, request: Request) -> ModelInfo:
 )
 async def load_model(name: str, request: Request) -> LoadState:
     """Load a catalog model ahead of its first request (waits until it is loaded). With any keys
-    configured, this needs an admin key (TESSERA_ADMIN_KEYS)."""
+    configured, this needs an admin key (TESSERA_ADMIN_KEYS). On a cluster, every replica loads
+    it, and the answer says each one's state."""
+    if request.app.state.cluster:
+        registry_of(request).slot(name)  # 404 for a name outside the catalog
+        return await _on_cluster(request, name, True)
     slot = await registry_of(request).get_or_load(name)
     return LoadState(name=name, state=slot.state)
 
@@ -186,7 +212,11 @@ async def load_model(name: str, request: Request) -> LoadState:
 )
 async def unload_model(name: str, request: Request) -> LoadState:
     """Free a model's memory; its queued requests answer 503, and its next request loads it again.
-    With any keys configured, this needs an admin key (TESSERA_ADMIN_KEYS)."""
+    With any keys configured, this needs an admin key (TESSERA_ADMIN_KEYS). On a cluster, every
+    replica unloads it."""
     registry = registry_of(request)
+    if request.app.state.cluster:
+        registry.slot(name)
+        return await _on_cluster(request, name, False)
     await registry.unload(name)
     return LoadState(name=name, state=registry.slot(name).state)

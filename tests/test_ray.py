@@ -1,0 +1,172 @@
+"""Tessera on a real local Ray cluster: two nodes on 127.0.0.1, one replica on each, Serve's
+proxy in front. What one process cannot show: requests spread over replicas stay correct,
+model management and metrics hold for the whole cluster, a rolling update costs no client a
+failed request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'tessera[ray]')")
+serve = pytest.importorskip("ray.serve")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every address on 127.0.0.1
+
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.util.state import list_actors  # noqa: E402
+
+from app.ray_serve import build  # noqa: E402
+
+pytestmark = pytest.mark.ray
+REPLICA_CLASS = "ServeReplica:tessera:Tessera"
+TEXTS = [f"sample text number {i} about {w}" for i, w in enumerate(["films", "cars", "food", "rain"] * 5)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _app(local_catalog: Path, **args: Any) -> Any:
+    env = {"TESSERA_CATALOG": str(local_catalog), "TESSERA_HUB": "offline", "HF_HUB_OFFLINE": "1"}
+    env.update(args.pop("env", {}))
+    return build({"num_replicas": 2, "num_cpus": 1, "max_replicas_per_node": 1, "env": env, **args})
+
+
+@pytest.fixture(scope="module")
+def cluster_url(local_catalog: Path) -> Iterator[str]:
+    # The dashboard serves the state API that lists the replicas and their nodes.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(_app(local_catalog), name="tessera", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def replicas() -> list[Any]:
+    return list_actors(filters=[("class_name", "=", REPLICA_CLASS), ("state", "=", "ALIVE")])
+
+
+def requests_counted(metrics: str, route: str) -> dict[str, float]:
+    """tessera_requests_total for a route, summed per replica label."""
+    per: dict[str, float] = {}
+    for m in re.finditer(r"^tessera_requests_total\{([^}]*)\} (\S+)$", metrics, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels.get("route") == route and labels.get("status") == "200":
+            per[labels["replica"]] = per.get(labels["replica"], 0) + float(m.group(2))
+    return per
+
+
+def reference(url: str) -> dict[tuple[str, str], Any]:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        out = {}
+        for text in TEXTS:
+            out[("/classify", text)] = c.post("/classify", json={"inputs": text}).json()["results"]
+            out[("/embed", text)] = c.post("/embed", json={"inputs": text}).json()["embeddings"]
+        return out
+
+
+async def mixed_load(url: str, n: int, concurrency: int) -> list[tuple[str, str, int, Any]]:
+    """n requests, alternating /classify and /embed over TEXTS, at most ``concurrency`` at once."""
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+
+        async def one(i: int) -> tuple[str, str, int, Any]:
+            route, text = ("/classify", "/embed")[i % 2], TEXTS[i % len(TEXTS)]
+            async with gate:
+                r = await c.post(route, json={"inputs": text})
+            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+            return route, text, r.status_code, body
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def assert_all_correct(results: list[tuple[str, str, int, Any]], expected: dict[tuple[str, str], Any]) -> None:
+    failures = [(route, status, body) for route, _, status, body in results if status != 200]
+    assert not failures, failures[:3]
+    for route, text, _, body in results:
+        if route == "/classify":
+            got, want = body["results"][0][0], expected[(route, text)][0][0]
+            assert got["label"] == want["label"] and got["score"] == pytest.approx(want["score"], abs=1e-4)
+        else:
+            assert body["embeddings"][0] == pytest.approx(expected[(route, text)][0], abs=1e-4)
+
+
+class Background:
+    """Mixed load from a thread while the test does something to the cluster."""
+
+    def __init__(self, url: str, n: int, concurrency: int) -> None:
+        self.results: list[tuple[str, str, int, Any]] = []
+        self.thread = threading.Thread(target=lambda: self.results.extend(asyncio.run(mixed_load(url, n, concurrency))))
+
+    def __enter__(self) -> Background:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join(timeout=300)
+        assert not self.thread.is_alive(), "the load did not finish"
+
+
+def test_two_replicas_on_distinct_nodes_answer_200_mixed_concurrent_requests_correctly(cluster_url: str) -> None:
+    alive = replicas()
+    assert len(alive) == 2 and len({a.node_id for a in alive}) == 2
+    expected = reference(cluster_url)
+    results = asyncio.run(mixed_load(cluster_url, 200, 32))
+    assert_all_correct(results, expected)
+
+
+def test_metrics_count_the_requests_of_every_replica(cluster_url: str) -> None:
+    before = requests_counted(httpx.get(f"{cluster_url}/metrics").text, "/classify")
+    results = asyncio.run(mixed_load(cluster_url, 120, 32))
+    assert all(status == 200 for _, _, status, _ in results)
+    after = requests_counted(httpx.get(f"{cluster_url}/metrics").text, "/classify")
+    assert len(after) == 2, after  # both replicas answered, each under its own label
+    assert sum(after.values()) - sum(before.values()) == 60
+
+
+def test_a_model_loaded_through_the_api_is_loaded_on_every_replica(cluster_url: str) -> None:
+    with httpx.Client(base_url=cluster_url, timeout=120) as c:
+        loaded = c.post("/models/bert-clf/load").json()
+        assert len(loaded["replicas"]) == 2 and {s["state"] for s in loaded["replicas"].values()} == {"loaded"}
+        assert {c.get("/models/bert-clf").json()["state"] for _ in range(10)} == {"loaded"}
+        unloaded = c.post("/models/bert-clf/unload").json()
+        assert {s["state"] for s in unloaded["replicas"].values()} == {"not_loaded"}
+        assert {c.get("/models/bert-clf").json()["state"] for _ in range(10)} == {"not_loaded"}
+        assert c.post("/models/no-such-model/load").status_code == 404
+
+
+def test_the_request_id_is_answered_once(cluster_url: str) -> None:
+    r = httpx.post(f"{cluster_url}/classify", json={"inputs": "hi"}, headers={"X-Request-ID": "abc-123"})
+    assert r.headers.get_list("x-request-id") == ["abc-123"]
+    assert len(httpx.post(f"{cluster_url}/classify", json={"inputs": "hi"}).headers.get_list("x-request-id")) == 1
+
+
+def test_a_rolling_update_under_load_fails_no_request(cluster_url: str, local_catalog: Path) -> None:
+    expected = reference(cluster_url)
+    before = {a.actor_id for a in replicas()}
+    with Background(cluster_url, 400, 8) as load:
+        time.sleep(1)
+        # New init arguments: Serve replaces the replicas one by one, draining each.
+        serve.run(_app(local_catalog, env={"TESSERA_LOG_LEVEL": "DEBUG"}), name="tessera", route_prefix="/")
+    assert_all_correct(load.results, expected)
+    assert not before & {a.actor_id for a in replicas()}
