@@ -191,6 +191,7 @@ async def get_model(name: str, request: Request) -> ModelInfo:
     responses=error_responses(401, 403, 404, 422, 503),
     summary="Load a model now",
     dependencies=[Depends(require_admin)],
+    response_model_exclude_none=True,  # `replicas` only on a cluster
 )
 async def load_model(name: str, request: Request) -> LoadState:
     """Load a catalog model ahead of its first request (waits until it is loaded). With any keys
@@ -209,6 +210,7 @@ async def load_model(name: str, request: Request) -> LoadState:
     responses=error_responses(401, 403, 404),
     summary="Unload a model",
     dependencies=[Depends(require_admin)],
+    response_model_exclude_none=True,  # `replicas` only on a cluster
 )
 async def unload_model(name: str, request: Request) -> LoadState:
     """Free a model's memory; its queued requests answer 503, and its next request loads it again.
