@@ -101,14 +101,17 @@ def create_app(
         app.state.service = InferenceService(settings, registry, rate_limit_of(settings))
         app.state.metrics.watch(registry)
         log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
-        if cluster:
+        preloading = None
+        if cluster:  # a replica takes traffic once loaded, and once it has caught up
             await _preload(registry)
             await cluster.start(registry, lambda: generate_latest(app.state.metrics.registry))
-        preloading = asyncio.create_task(_preload(registry))
+        else:
+            preloading = asyncio.create_task(_preload(registry))
         try:
             yield
         finally:
-            preloading.cancel()
+            if preloading:
+                preloading.cancel()
             if cluster:
                 await cluster.stop()
             await registry.close()

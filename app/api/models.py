@@ -115,6 +115,7 @@ CLUSTER_COMMAND_TIMEOUT_S = 600.0  # a load on every replica may download weight
 
 async def _on_cluster(request: Request, name: str, loaded: bool) -> LoadState:
     """A load or unload applied by every replica; a load that failed anywhere is a 503 naming where."""
+    registry_of(request).slot(name)  # 404 for a name outside the catalog, before asking the cluster
     states = await request.app.state.cluster.set_loaded(name, loaded, CLUSTER_COMMAND_TIMEOUT_S)
     failed = {rid: s.get("error") for rid, s in states.items() if s.get("state") == ModelState.failed.value}
     if loaded and failed:
@@ -198,7 +199,6 @@ async def load_model(name: str, request: Request) -> LoadState:
     configured, this needs an admin key (TESSERA_ADMIN_KEYS). On a cluster, every replica loads
     it, and the answer says each one's state."""
     if request.app.state.cluster:
-        registry_of(request).slot(name)  # 404 for a name outside the catalog
         return await _on_cluster(request, name, True)
     slot = await registry_of(request).get_or_load(name)
     return LoadState(name=name, state=slot.state)
@@ -216,9 +216,8 @@ async def unload_model(name: str, request: Request) -> LoadState:
     """Free a model's memory; its queued requests answer 503, and its next request loads it again.
     With any keys configured, this needs an admin key (TESSERA_ADMIN_KEYS). On a cluster, every
     replica unloads it."""
-    registry = registry_of(request)
     if request.app.state.cluster:
-        registry.slot(name)
         return await _on_cluster(request, name, False)
+    registry = registry_of(request)
     await registry.unload(name)
     return LoadState(name=name, state=registry.slot(name).state)
