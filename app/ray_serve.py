@@ -26,8 +26,8 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from app.api.health import preload_status
 from app.cluster import Coordinator, ReplicaAgent
-from app.registry.registry import ModelState
 
 DEFAULTS: dict[str, Any] = {
     "num_replicas": 1,  # or "auto", with autoscaling
@@ -69,13 +69,11 @@ class TesseraReplica:
     def check_health(self) -> None:
         """Serve's health check: unhealthy while draining or when a preload model failed (Serve
         then replaces this replica). A model still loading is not a failure."""
-        state = getattr(self.tessera.state, "registry", None)
         if self.tessera.state.drain.draining:
             raise RuntimeError("draining")
-        if state is not None:
-            failed = [s.entry.name for s in state.slots() if s.entry.preload and s.state is ModelState.failed]
-            if failed:
-                raise RuntimeError(f"preload models failed: {', '.join(failed)}")
+        _, failed = preload_status(self.tessera.state.registry)  # set before the replica is ready
+        if failed:
+            raise RuntimeError(f"preload models failed: {', '.join(failed)}")
 
 
 def build(args: dict[str, Any] | None = None) -> Any:

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.calls import registry_of
-from app.registry.registry import ModelState
+from app.registry.registry import ModelRegistry, ModelState
 
 router = APIRouter(tags=["health"])
 
@@ -17,6 +17,13 @@ class Health(BaseModel):
     status: str
     waiting_for: list[str] = Field(default_factory=list, description="Preload models not loaded yet.")
     failed: list[str] = Field(default_factory=list, description="Preload models whose load failed.")
+
+
+def preload_status(registry: ModelRegistry) -> tuple[list[str], list[str]]:
+    """The preload models not loaded yet, and those of them whose load failed."""
+    preload = [s for s in registry.slots() if s.entry.preload]
+    waiting = [s.entry.name for s in preload if s.state is not ModelState.loaded]
+    return waiting, [s.entry.name for s in preload if s.state is ModelState.failed]
 
 
 @router.get("/health/live", response_model=Health, summary="Liveness")
@@ -44,9 +51,7 @@ async def ready(request: Request) -> Health | JSONResponse:
     while the server drains before it stops (status `draining`)."""
     if request.app.state.drain.draining:
         return JSONResponse(Health(status="draining").model_dump(), status_code=503)
-    preload = [s for s in registry_of(request).slots() if s.entry.preload]
-    waiting = [s.entry.name for s in preload if s.state is not ModelState.loaded]
-    failed = [s.entry.name for s in preload if s.state is ModelState.failed]
+    waiting, failed = preload_status(registry_of(request))
     if waiting:
         body = Health(status="loading" if not failed else "failed", waiting_for=waiting, failed=failed)
         return JSONResponse(body.model_dump(), status_code=503)
