@@ -22,7 +22,7 @@ from app.api.compat import ReshapedErrorsRoute, error_body
 from app.api.fields import as_list
 from app.api.hf_bodies import EMBEDDING_FIELDS, HfBody, body_for, parse_body
 from app.registry.catalog import Catalog
-from app.service.requests import Classify, Embed, FillMask, Summarize, Translate
+from app.service.requests import FILL_MASK_TOP_K, Classify, Embed, FillMask, Summarize, Translate
 from app.service.service import InferenceService
 from app.tasks import task_of
 
@@ -137,7 +137,7 @@ async def _feature_extraction(c: Call) -> Any:
 
 async def _fill_mask(c: Call) -> Any:
     params = c.body.parameters
-    asked = FillMask(c.texts, c.name, params.top_k or 5, params.targets)
+    asked = FillMask(c.texts, c.name, params.top_k or FILL_MASK_TOP_K, params.targets)
     answer = await call(c.request, c.service.fill_mask(asked, c.tenant))
     # The pipeline's shapes: one mask token, its candidates; several, a list per mask.
     per_input = [r.masks[0] if len(r.masks) == 1 else r.masks for r in answer.results]

@@ -20,6 +20,7 @@ from app.api.fields import Inputs, Labels, PositiveInt, Template, integral, mask
 from app.api.schemas import GenerationParameters
 from app.errors import InvalidInput
 from app.registry.sources import declared_mask_token, declared_width
+from app.service.requests import FILL_MASK_TOP_K
 
 
 class _Strict(BaseModel):
@@ -80,7 +81,7 @@ EMBEDDING_FIELDS = set(EmbeddingParameters.model_fields)
 
 class HfFillMaskParameters(_Strict):
     top_k: Annotated[int, Field(ge=1, le=100), BeforeValidator(integral)] | None = Field(
-        None, description="Candidates per mask token (default 5)."
+        None, description=f"Candidates per mask token (default {FILL_MASK_TOP_K})."
     )
     targets: Labels | None = Field(None, description="Score these candidate tokens only.")
 

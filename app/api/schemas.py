@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.api.fields import Inputs, Labels, NonNegativeInt, PositiveInt, Template, Timeout, integral, limit
+from app.service.requests import FILL_MASK_TOP_K
 
 ModelName = Annotated[
     str | None, Field(description="A catalog model name (see GET /models); omitted: the endpoint's default.")
@@ -275,7 +276,7 @@ class EmbedResponse(BaseModel):
 
 class FillMaskParameters(_Request):
     top_k: Annotated[int, Field(ge=1, le=100), BeforeValidator(integral)] = Field(
-        5, description="Candidates per mask token, best first."
+        FILL_MASK_TOP_K, description="Candidates per mask token, best first."
     )
     targets: Labels | None = Field(None, description="Score these candidate tokens only.")
 

@@ -10,6 +10,8 @@ from app.service.types import GenerationSettings
 
 T = TypeVar("T")
 
+FILL_MASK_TOP_K = 5  # candidates per mask token when a request does not say
+
 
 @dataclass(frozen=True)
 class Classify:
@@ -59,7 +61,7 @@ class Embed:
 class FillMask:
     texts: list[str]
     model: str | None = None
-    top_k: int = 5
+    top_k: int = FILL_MASK_TOP_K
     targets: list[str] | None = None
     timeout_s: float | None = None
     must_fit: bool = False
