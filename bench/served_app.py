@@ -75,8 +75,8 @@ def thread_cpu_seconds() -> dict[str, float]:
     return out
 
 
-def create_app_with_stats(settings: Any = None, on_models_changed: Any = None) -> FastAPI:
-    application = _create_app(settings, on_models_changed)
+def create_app_with_stats(settings: Any = None, **options: Any) -> FastAPI:
+    application = _create_app(settings, **options)  # whatever create_app takes besides settings
 
     @application.get("/bench/stats", include_in_schema=False)
     async def stats(request: Request) -> dict[str, Any]:
