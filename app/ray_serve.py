@@ -4,9 +4,15 @@ Install with ``pip install 'tessera[ray]'``. Deploy with a Serve config file
 (deploy/ray/serve.yaml: ``serve run`` / ``serve deploy``, or a KubeRay RayService), or with
 ``python -m app ray`` for a quick start. ``build(args)`` is the application builder both use.
 
-Each replica is one Tessera process (``create_app``, its own models, batchers and lanes),
-and Serve's proxy is the HTTP front: it routes, cancels a request whose client left, and
-echoes the request id (so the app does not add a second one). What one replica alone
+Each replica is one Tessera process (``create_app``, its own models, batchers and lanes).
+In front of them, behind Serve's proxy, a ``TesseraGateway`` deployment (CPU-light, no
+models) reads each request whole and hands it to a replica through a Serve handle (Serve
+picks the replica with the shortest queue); when that replica dies under the request (a
+crash, a lost node), the gateway sends the same request to another one, so the client sees
+an answer, not an error (app/relay.py). ``gateway_replicas: 0`` drops the gateway: Serve's
+proxy then calls the replicas' app directly, one hop less per request, and a replica's death
+fails the requests it held. Serve cancels a request whose client left and echoes the
+request id (so the app does not add a second one). What one replica alone
 would get wrong for the cluster goes through a ``Coordinator`` deployment (app/cluster.py):
 a model loaded or unloaded through the API is applied by every replica, and /metrics
 answers every replica's samples, labelled. Replicas declare their CPUs (and GPUs); torch
@@ -19,15 +25,22 @@ rolling update Serve stops routing to a replica, lets its requests finish
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
 import ray
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from app.api.health import preload_status
 from app.cluster import Coordinator, ReplicaAgent
+from app.relay import HTTPAnswer, HTTPCall, answer, read_capped
+
+log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "num_replicas": 1,  # or "auto", with autoscaling
@@ -37,6 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "max_replicas_per_node": None,  # 1 spreads replicas over nodes
     "max_ongoing_requests": 256,  # per replica; the app's own queue pushes back with 429 first
     "env": {},  # TESSERA_* settings for every replica (the catalog, keys, limits ...)
+    "gateway_replicas": 1,  # 0: no gateway (one hop less; a replica's death fails its requests)
+    "attempts": 3,  # replicas a request is tried on when the one holding it dies
 }
 
 
@@ -45,11 +60,48 @@ class CoordinatorDeployment(Coordinator):
     """The coordinator as a Serve deployment: its lifetime is the application's."""
 
 
+@serve.deployment(name="TesseraGateway", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+class TesseraGateway:
+    """The HTTP ingress in front of the replicas: each request read whole (capped at the
+    body limit), answered by a replica, and sent again to another one if its replica dies."""
+
+    def __init__(self, replicas: DeploymentHandle, env: dict[str, str], attempts: int) -> None:
+        from app.config import Settings
+
+        os.environ.update(env)
+        self.replicas, self.max_body_bytes, self.attempts = replicas, Settings().max_body_bytes, attempts
+
+    async def __call__(self, request: Request) -> Response:
+        client = (request.client.host, request.client.port) if request.client else None
+        call = HTTPCall(
+            request.method,
+            request.url.path,
+            request.scope.get("query_string", b""),
+            list(request.headers.raw),
+            await read_capped(request.stream(), self.max_body_bytes),
+            client,
+        )
+        for attempt in range(1, self.attempts + 1):
+            try:
+                got: HTTPAnswer = await self.replicas.forward.remote(call)
+            except RayActorError as exc:  # the replica died holding it; Serve routes around the dead one
+                what = f"{call.method} {call.path} (attempt {attempt}/{self.attempts})"
+                log.warning("replica lost during %s: %s", what, exc)
+                continue
+            response = Response(got.body, got.status)
+            response.raw_headers = got.headers
+            if attempt > 1:  # the client's answer needed a replay: say so (logs, tests)
+                response.raw_headers.append((b"x-tessera-attempts", str(attempt).encode()))
+            return response
+        message = f"{self.attempts} replicas were lost while answering this request; retry it"
+        return JSONResponse({"error": "replica_lost", "message": message}, 503, headers={"Retry-After": "1"})
+
+
 @serve.deployment(name="Tessera")
 @serve.ingress()
 class TesseraReplica:
     def __init__(self, coordinator: DeploymentHandle, env: dict[str, str]) -> None:
-        os.environ.update({k: str(v) for k, v in env.items()})
+        os.environ.update(env)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
         # Ray sets OMP_NUM_THREADS to the replica's CPUs; torch's thread budget follows it.
         os.environ.setdefault("TESSERA_TORCH_THREADS", str(max(1, int(cpus))))
@@ -65,6 +117,10 @@ class TesseraReplica:
 
         self.tessera = build(Settings(), cluster=ReplicaAgent(call, self.replica))
         return self.tessera
+
+    async def forward(self, call: HTTPCall) -> HTTPAnswer:
+        """A request the gateway read, answered by this replica's app."""
+        return await answer(self.tessera, call)
 
     def check_health(self) -> None:
         """Serve's health check: unhealthy while draining or when a preload model failed (Serve
@@ -97,7 +153,11 @@ def build(args: dict[str, Any] | None = None) -> Any:
     if options["max_replicas_per_node"]:
         deployment_options["max_replicas_per_node"] = options["max_replicas_per_node"]
     coordinator = CoordinatorDeployment.bind()  # type: ignore[attr-defined]  # made by serve.deployment
-    return TesseraReplica.options(**deployment_options).bind(coordinator, env)  # type: ignore[attr-defined]
+    replicas = TesseraReplica.options(**deployment_options).bind(coordinator, env)  # type: ignore[attr-defined]
+    if not options["gateway_replicas"]:
+        return replicas
+    gateway = TesseraGateway.options(num_replicas=options["gateway_replicas"])  # type: ignore[attr-defined]
+    return gateway.bind(replicas, env, int(options["attempts"]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,13 +1,14 @@
 """Tessera on a real local Ray cluster: two nodes on 127.0.0.1, one replica on each, Serve's
-proxy in front. What one process cannot show: requests spread over replicas stay correct,
-model management and metrics hold for the whole cluster, a rolling update costs no client a
-failed request."""
+proxy and Tessera's gateway in front. What one process cannot show: requests spread over
+replicas stay correct, model management and metrics hold for the whole cluster, neither a
+rolling update nor a replica killed under load costs a client a failed request."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -84,26 +85,29 @@ def reference(url: str) -> dict[tuple[str, str], Any]:
         return out
 
 
-async def mixed_load(url: str, n: int, concurrency: int) -> list[tuple[str, str, int, Any]]:
+Result = tuple[str, str, int, Any, int]  # route, text, status, body, attempts the gateway made
+
+
+async def mixed_load(url: str, n: int, concurrency: int) -> list[Result]:
     """n requests, alternating /classify and /embed over TEXTS, at most ``concurrency`` at once."""
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
 
-        async def one(i: int) -> tuple[str, str, int, Any]:
+        async def one(i: int) -> Result:
             route, text = ("/classify", "/embed")[i % 2], TEXTS[i % len(TEXTS)]
             async with gate:
                 r = await c.post(route, json={"inputs": text})
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
-            return route, text, r.status_code, body
+            return route, text, r.status_code, body, int(r.headers.get("x-tessera-attempts", 1))
 
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def assert_all_correct(results: list[tuple[str, str, int, Any]], expected: dict[tuple[str, str], Any]) -> None:
-    failures = [(route, status, body) for route, _, status, body in results if status != 200]
+def assert_all_correct(results: list[Result], expected: dict[tuple[str, str], Any]) -> None:
+    failures = [(route, status, body) for route, _, status, body, _ in results if status != 200]
     assert not failures, failures[:3]
-    for route, text, _, body in results:
+    for route, text, _, body, _ in results:
         if route == "/classify":
             got, want = body["results"][0][0], expected[(route, text)][0][0]
             assert got["label"] == want["label"] and got["score"] == pytest.approx(want["score"], abs=1e-4)
@@ -115,7 +119,7 @@ class Background:
     """Mixed load from a thread while the test does something to the cluster."""
 
     def __init__(self, url: str, n: int, concurrency: int) -> None:
-        self.results: list[tuple[str, str, int, Any]] = []
+        self.results: list[Result] = []
         self.thread = threading.Thread(target=lambda: self.results.extend(asyncio.run(mixed_load(url, n, concurrency))))
 
     def __enter__(self) -> Background:
@@ -138,7 +142,7 @@ def test_two_replicas_on_distinct_nodes_answer_200_mixed_concurrent_requests_cor
 def test_metrics_count_the_requests_of_every_replica(cluster_url: str) -> None:
     before = requests_counted(httpx.get(f"{cluster_url}/metrics").text, "/classify")
     results = asyncio.run(mixed_load(cluster_url, 120, 32))
-    assert all(status == 200 for _, _, status, _ in results)
+    assert all(r[2] == 200 for r in results)
     after = requests_counted(httpx.get(f"{cluster_url}/metrics").text, "/classify")
     assert len(after) == 2, after  # both replicas answered, each under its own label
     assert sum(after.values()) - sum(before.values()) == 60
@@ -170,3 +174,23 @@ def test_a_rolling_update_under_load_fails_no_request(cluster_url: str, local_ca
         serve.run(_app(local_catalog, env={"TESSERA_LOG_LEVEL": "DEBUG"}), name="tessera", route_prefix="/")
     assert_all_correct(load.results, expected)
     assert not before & {a.actor_id for a in replicas()}
+
+
+def test_a_replica_killed_under_load_fails_no_request(cluster_url: str) -> None:
+    expected = reference(cluster_url)
+    victim = replicas()[0]
+    with Background(cluster_url, 400, 8) as load:
+        time.sleep(1.5)
+        os.kill(victim.pid, signal.SIGKILL)  # a crash: no drain, the requests it holds are lost with it
+    assert_all_correct(load.results, expected)
+    # The requests the dead replica held were answered by the other one, on the gateway's retry.
+    assert any(attempts > 1 for *_, attempts in load.results)
+
+    def replaced() -> bool:
+        alive = {a.actor_id for a in replicas()}
+        return len(alive) == 2 and victim.actor_id not in alive
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not replaced():
+        time.sleep(1)
+    assert replaced()  # Serve started a new replica in its place

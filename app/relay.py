@@ -1,0 +1,86 @@
+"""One HTTP request carried whole from a front to a replica, and answered there in-process.
+
+On Ray Serve (app/ray_serve.py) the HTTP front is a gateway deployment and the models live
+in replica deployments. The gateway reads a request into an ``HTTPCall`` (plain data, so it
+crosses processes), a replica runs it through its own Tessera app with ``answer`` and gives
+back status, headers and body. Because the request is whole on the gateway's side, the
+gateway can send it again to another replica when the one it chose died under it; every
+Tessera route can be replayed (inference computes, load and unload converge).
+
+Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class HTTPCall:
+    method: str
+    path: str
+    query: bytes
+    headers: Headers
+    body: bytes
+    client: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class HTTPAnswer:
+    status: int
+    headers: Headers
+    body: bytes
+
+
+async def read_capped(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The body, or its first ``limit + 1`` bytes: enough for the app to answer its own 413
+    without the front holding an unbounded body."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            return bytes(body[: limit + 1])
+    return bytes(body)
+
+
+async def answer(app: Any, call: HTTPCall) -> HTTPAnswer:
+    """``call`` through the ASGI ``app`` (whose lifespan has started) in this process."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": call.method,
+        "scheme": "http",
+        "path": call.path,
+        "raw_path": call.path.encode(),
+        "query_string": call.query,
+        "root_path": "",
+        "headers": call.headers,
+        "client": call.client,
+        "server": None,
+    }
+    sent = False
+    status, headers, body = 500, [], bytearray()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": call.body, "more_body": False}
+        await asyncio.Event().wait()  # the client stays until the front cancels this call
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return HTTPAnswer(status, headers, bytes(body))
