@@ -37,6 +37,7 @@ class ServerProcess:
         ready_path: str,
         log_dir: Path,
         timeout_s: float,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.port = free_port()
@@ -46,11 +47,12 @@ class ServerProcess:
         self.ready_path = ready_path
         self.log_path = log_dir / f"{name}.log"
         self.timeout_s = timeout_s
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
         log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
