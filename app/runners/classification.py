@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from app.registry.catalog import TextClassificationEntry, ZeroShotEntry
@@ -30,7 +32,8 @@ class ClassificationRunner(Runner):
         self.forward = encoder_forward(
             self.model, "logits", self.tokenizer, entry.name, entry.torchscript, entry.packed
         )
-        self.default_function = entry.function_to_apply
+        self.default_function = entry.function_to_apply or default_function(self.model.config)
+        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
 
     def tokenize(self, payloads: Sequence[ClassifyInput]) -> list[Encoded]:
@@ -38,16 +41,19 @@ class ClassificationRunner(Runner):
         return [Encoded([ids], truncated, [types] if types else None) for ids, types, truncated in encoded]
 
     def infer(self, payloads: Sequence[ClassifyInput], encoded: Sequence[Encoded]) -> list[Classification]:
-        logits = _forward(self, encoded)
+        logits = _forward(self, encoded).numpy()
+        functions = [p.function_to_apply or self.default_function for p in payloads]
+        scores = np.empty_like(logits)
+        for function in set(functions):  # one numpy pass per function over the whole batch
+            rows = [i for i, f in enumerate(functions) if f == function]
+            scores[rows] = SCORE[function](logits[rows])
+        # Best first; equal scores keep label order (as the pipeline's stable sort does).
+        order = np.argsort(-scores, axis=-1, kind="stable").tolist()
+        values = scores.tolist()
         results = []
-        for i, (payload, enc) in enumerate(zip(payloads, encoded, strict=True)):
-            scores = self.pipe.postprocess(
-                {"logits": logits[i : i + 1]},
-                function_to_apply=payload.function_to_apply or self.default_function,
-                top_k=payload.top_k,
-                _legacy=False,
-            )
-            results.append(Classification(scores, enc.truncated))
+        for payload, enc, ranked, row in zip(payloads, encoded, order, values, strict=True):
+            top = ranked[: payload.top_k] if payload.top_k else ranked
+            results.append(Classification([{"label": self.labels[j], "score": row[j]} for j in top], enc.truncated))
         return results
 
 
@@ -96,6 +102,30 @@ class NliZeroShotRunner(Runner):
             ranked = [{"label": lb, "score": s} for lb, s in zip(answer["labels"], answer["scores"], strict=True)]
             results.append(Classification(ranked, enc.truncated))
         return results
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+# transformers' text-classification pipeline's functions, on every row at once.
+SCORE = {
+    "softmax": _softmax,
+    "sigmoid": lambda logits: 1.0 / (1.0 + np.exp(-logits)),
+    "none": lambda logits: logits,
+}
+
+
+def default_function(config: Any) -> str:
+    """The pipeline's choice when neither the request nor the catalog names a function."""
+    if config.problem_type == "regression":
+        return "none"
+    if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+        return "sigmoid"
+    if config.problem_type == "single_label_classification" or config.num_labels > 1:
+        return "softmax"
+    return str(getattr(config, "function_to_apply", None) or "none")
 
 
 def _forward(runner: ClassificationRunner | NliZeroShotRunner, encoded: Sequence[Encoded]) -> torch.Tensor:

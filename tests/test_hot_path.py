@@ -1,0 +1,94 @@
+"""The batch-wide steps of the engine's hot path answer exactly what the per-item code did:
+padding rows into tensors, and classification scores ranked per input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig
+
+from app.registry.catalog import TextClassificationEntry
+from app.runners.classification import ClassificationRunner, default_function
+from app.runners.tokens import pad_rows
+from app.service.types import ClassifyInput
+
+
+def test_pad_rows_right_pads_every_row_and_masks_only_the_padding() -> None:
+    rows = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+    types = [[0, 0, 1], [1], [0, 1, 1, 1, 1], [1, 1]]
+    batch = pad_rows(rows, 99, types, torch.device("cpu"))
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
+    for i, row in enumerate(rows):
+        width = batch["input_ids"].shape[1]
+        assert batch["input_ids"][i].tolist() == row + [99] * (width - len(row))
+        assert batch["attention_mask"][i].tolist() == [1] * len(row) + [0] * (width - len(row))
+        assert batch["token_type_ids"][i].tolist() == types[i] + [0] * (width - len(row))
+    assert batch["input_ids"].shape == (4, 5)
+    assert "token_type_ids" not in pad_rows(rows, 0, None, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_models: dict[str, Path]) -> ClassificationRunner:
+    entry = TextClassificationEntry(name="hot-path-clf", task="text-classification", source={"path": "unused"})
+    return ClassificationRunner(entry, tiny_models["bert-clf"], torch.device("cpu"), torch.float32)
+
+
+def test_one_batch_of_mixed_functions_and_top_k_answers_as_the_pipeline_per_input(
+    runner: ClassificationRunner,
+) -> None:
+    payloads = [
+        ClassifyInput("a fine film", 1, None),
+        ClassifyInput("the worst evening in years", None, "sigmoid"),
+        ClassifyInput("rain again", 2, "none"),
+        ClassifyInput("ok", None, "softmax"),
+        ClassifyInput("a very long and winding story about nothing in particular", 1, "sigmoid"),
+    ]
+    got = runner.infer(payloads, runner.encode(payloads))
+    for payload, result in zip(payloads, got, strict=True):
+        [alone] = runner.encode([payload])
+        with torch.inference_mode():
+            batch = pad_rows(alone.rows_ids, 0, alone.rows_type_ids, torch.device("cpu"))
+            logits = runner.model(**batch).logits
+        want = runner.pipe.postprocess(
+            {"logits": logits},
+            function_to_apply=payload.function_to_apply,
+            top_k=payload.top_k,
+            _legacy=False,
+        )
+        assert [x["label"] for x in result.labels] == [y["label"] for y in want]
+        assert [x["score"] for x in result.labels] == pytest.approx([y["score"] for y in want], abs=1e-5)
+
+
+def test_equal_scores_keep_the_label_order(runner: ClassificationRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.runners.classification as classification
+
+    monkeypatch.setattr(classification, "_forward", lambda runner, encoded: torch.zeros((len(encoded), 2)))
+    payloads = [ClassifyInput("x", None, None)]
+    [result] = runner.infer(payloads, runner.encode(payloads))
+    assert [x["label"] for x in result.labels] == [runner.labels[0], runner.labels[1]]
+    assert [x["score"] for x in result.labels] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("problem_type", "labels", "function"),
+    [
+        ("regression", 1, "none"),
+        ("multi_label_classification", 3, "sigmoid"),
+        (None, 1, "sigmoid"),
+        ("single_label_classification", 2, "softmax"),
+        (None, 3, "softmax"),
+    ],
+)
+def test_the_default_function_is_the_pipelines(problem_type: str | None, labels: int, function: str) -> None:
+    config = BertConfig(num_labels=labels, problem_type=problem_type)
+    assert default_function(config) == function
+
+
+def test_softmax_rows_sum_to_one_even_for_huge_logits() -> None:
+    from app.runners.classification import SCORE
+
+    scores = SCORE["softmax"](np.array([[1000.0, 1000.0], [-1e4, 0.0]], dtype=np.float32))
+    assert np.allclose(scores.sum(axis=-1), 1.0) and np.isfinite(scores).all()
