@@ -92,3 +92,19 @@ def test_softmax_rows_sum_to_one_even_for_huge_logits() -> None:
 
     scores = SCORE["softmax"](np.array([[1000.0, 1000.0], [-1e4, 0.0]], dtype=np.float32))
     assert np.allclose(scores.sum(axis=-1), 1.0) and np.isfinite(scores).all()
+
+
+def test_a_batch_mixing_normalized_and_raw_vectors_answers_each_as_alone(tiny_models: dict[str, Path]) -> None:
+    from app.registry.catalog import EmbeddingEntry
+    from app.runners.embedding import EmbeddingRunner
+    from app.service.types import EmbedInput
+
+    entry = EmbeddingEntry(name="hot-path-embed", task="embedding", source={"path": "unused"})
+    runner = EmbeddingRunner(entry, tiny_models["bert-embed"], torch.device("cpu"), torch.float32)
+    payloads = [EmbedInput("a red house", True), EmbedInput("a red house", False), EmbedInput("green tea", False)]
+    together = runner.infer(payloads, runner.encode(payloads))
+    for payload, got in zip(payloads, together, strict=True):
+        [alone] = runner.infer([payload], runner.encode([payload]))
+        assert got.vector == pytest.approx(alone.vector, abs=1e-5)
+    assert np.linalg.norm(together[0].vector) == pytest.approx(1.0, abs=1e-5)
+    assert np.linalg.norm(together[1].vector) != pytest.approx(1.0, abs=1e-3)  # raw: not unit length

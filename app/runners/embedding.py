@@ -95,11 +95,9 @@ class EmbeddingRunner(Runner):
 
     def infer(self, payloads: Sequence[EmbedInput], encoded: Sequence[Encoded]) -> list[Embedding]:
         raw = self.encoder.embed(encoded, normalize=False)
-        unit = F.normalize(raw, p=2, dim=1)
-        return [
-            Embedding((unit[i] if p.normalize else raw[i]).tolist(), enc.length, enc.truncated)
-            for i, (p, enc) in enumerate(zip(payloads, encoded, strict=True))
-        ]
+        wanted = torch.tensor([p.normalize for p in payloads]).unsqueeze(1)
+        vectors = torch.where(wanted, F.normalize(raw, p=2, dim=1), raw).tolist()  # one conversion per batch
+        return [Embedding(vector, enc.length, enc.truncated) for vector, enc in zip(vectors, encoded, strict=True)]
 
 
 class SimilarityZeroShotRunner(Runner):
