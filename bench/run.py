@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py                      # both scenarios, CPU (make bench)
     .venv/bin/python bench/run.py --quick              # fewer texts, one round
-    .venv/bin/python bench/run.py --scenario seq2seq   # one scenario
+    .venv/bin/python bench/run.py --scenario seq2seq   # one scenario (classification, seq2seq, ceiling)
     .venv/bin/python bench/run.py --device cuda        # bert-base fp16 on a GPU: served vs offline
     .venv/bin/python bench/run.py --server-cpus 0,1 --client-cpus 2-5   # load from other cores
 
@@ -11,7 +11,9 @@ Each scenario builds its model directory, starts the real server (bench/served_a
 pipeline server (bench/naive_server.py), each as its own uvicorn process. Every method
 then runs on the same texts, back to back and never at the same time, for ``--rounds``
 rounds with the order reversed every other round; each method is warmed up first.
-Results are printed next to the targets (not asserted) and written as JSON.
+Results are printed next to the targets (not asserted) and written as JSON. The ceiling
+scenario (bench/ceiling.py: a near-free model under wrk, the server's own cost per request)
+runs where ``wrk`` is installed.
 
 The load client needs CPU too. By default it shares the cores with the server, and its
 CPU per text is reported so that its share is visible; with ``--client-cpus`` it runs
@@ -27,6 +29,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app/, for the fo
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import ceiling
 import httpx
 import torch
 import yaml
@@ -401,7 +405,7 @@ def pin_and_restart(cpus: set[int]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=("all", "classification", "seq2seq"), default="all")
+    parser.add_argument("--scenario", choices=("all", "classification", "seq2seq", "ceiling"), default="all")
     parser.add_argument("--quick", action="store_true", help="fewer texts and one round")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--rounds", type=int, help="rounds per method (default 2, --quick 1)")
@@ -439,7 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes.rounds = args.rounds or sizes.rounds
     # A GPU runs bert-base so fast that 1536 texts last well under a second offline.
     sizes.clf_texts = args.texts or (4 * sizes.clf_texts if args.device == "cuda" else sizes.clf_texts)
-    scenarios = ["classification", "seq2seq"] if args.scenario == "all" else [args.scenario]
+    scenarios = ["classification", "seq2seq", "ceiling"] if args.scenario == "all" else [args.scenario]
+    if "ceiling" in scenarios and (args.device == "cuda" or shutil.which("wrk") is None):
+        why = "--device cuda" if args.device == "cuda" else "it needs wrk (Debian/Ubuntu: apt-get install wrk)"
+        print(f"the ceiling scenario is skipped: {why}", flush=True)
+        scenarios.remove("ceiling")
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA GPU here")
@@ -464,6 +472,21 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp)
             for name in scenarios:
                 scenario_started = time.monotonic()
+                if name == "ceiling":
+                    # bench/ceiling.py: wrk against the server; its own table, kept beside the others.
+                    ceiling_out = work / "ceiling.json"
+                    ceiling.main(
+                        [
+                            "--seconds",
+                            "5" if args.quick else "10",
+                            "--rounds",
+                            str(sizes.rounds),
+                            "--out",
+                            str(ceiling_out),
+                        ]
+                    )
+                    reports.append({"scenario": "ceiling", "ways": json.loads(ceiling_out.read_text())})
+                    continue
                 if name == "classification":
                     out = classification(sizes, args.device, client, work)
                 else:
