@@ -94,7 +94,8 @@ class TesseraGateway:
                 response.raw_headers.append((b"x-tessera-attempts", str(attempt).encode()))
             return response
         message = f"{self.attempts} replicas were lost while answering this request; retry it"
-        return JSONResponse({"error": "replica_lost", "message": message}, 503, headers={"Retry-After": "1"})
+        body = {"error": "replica_lost", "message": message, "request_id": request.headers.get("x-request-id")}
+        return JSONResponse(body, 503, headers={"Retry-After": "1"})
 
 
 @serve.deployment(name="Tessera")
@@ -139,6 +140,8 @@ def build(args: dict[str, Any] | None = None) -> Any:
     if unknown:
         raise ValueError(f"unknown Tessera deployment args: {', '.join(sorted(unknown))}")
     env = {k: str(v) for k, v in options["env"].items()}
+    if int(options["attempts"]) < 1:
+        raise ValueError("attempts must be at least 1 (the first try counts)")
     actor: dict[str, Any] = {"num_cpus": options["num_cpus"], "num_gpus": options["num_gpus"]}
     deployment_options: dict[str, Any] = {
         "ray_actor_options": actor,
@@ -169,6 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-gpus", type=float, default=DEFAULTS["num_gpus"], help="GPUs per replica")
     parser.add_argument("--max-replicas", type=int, help="autoscale between --replicas and this")
     parser.add_argument("--target-ongoing-requests", type=float, default=32)
+    parser.add_argument(
+        "--gateway-replicas",
+        type=int,
+        default=DEFAULTS["gateway_replicas"],
+        help="replay gateways in front of the replicas (0: none, one hop less)",
+    )
     parser.add_argument("--host", default=os.environ.get("TESSERA_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("TESSERA_PORT", "8000")))
     args = parser.parse_args(argv)
@@ -178,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         "num_cpus": args.num_cpus,
         "num_gpus": args.num_gpus,
         "num_replicas": args.replicas,
+        "gateway_replicas": args.gateway_replicas,
         "env": {k: v for k, v in os.environ.items() if k.startswith("TESSERA_") or k.startswith("HF_")},
     }
     if args.max_replicas:

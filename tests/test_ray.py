@@ -194,3 +194,10 @@ def test_a_replica_killed_under_load_fails_no_request(cluster_url: str) -> None:
     while time.monotonic() < deadline and not replaced():
         time.sleep(1)
     assert replaced()  # Serve started a new replica in its place
+
+
+def test_the_application_builder_refuses_what_it_cannot_honour() -> None:
+    with pytest.raises(ValueError, match="attempts"):
+        build({"attempts": 0})  # no try at all would answer every request 503
+    with pytest.raises(ValueError, match="unknown"):
+        build({"gateway": 1})
