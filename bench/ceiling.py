@@ -85,10 +85,7 @@ def cpu_seconds(pids: list[int]) -> dict[str, float]:
 
 def role(cmdline: list[bytes]) -> str:
     text = b" ".join(cmdline).decode(errors="replace")
-    for name in ("engine", "front", "resource_tracker"):
-        if name in text:
-            return name
-    return "server" if "app serve" in text or "-m app" in text else text[:40]
+    return "server" if "-m app" in text else text[:40]
 
 
 # -- wrk ------------------------------------------------------------------------------------
