@@ -25,14 +25,12 @@ import json
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from load import LoadClient, Measurement, merge
-from servers import ServerProcess, free_port
+from servers import ServerProcess, free_port, wait_ready
 from workloads import build_minilm_classifier, make_texts, write_catalog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app/, for the Serve application
@@ -51,18 +49,6 @@ def busy_seconds() -> float:
     fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle, iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_ready(url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not become ready in {timeout_s} s")
 
 
 def measure(
@@ -117,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 def run(name: str) -> dict[str, Measurement]:
                     serve.run(build({**options, "env": env}), name="tessera", route_prefix="/")
                     try:
-                        wait_ready(serve_url)
+                        if not wait_ready(serve_url + "/health/ready", 300):
+                            raise RuntimeError(f"Serve's {name} did not become ready in 300 s")
                         return measure(name, serve_url, bodies, single, client)
                     finally:
                         serve.delete("tessera")

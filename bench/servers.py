@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -24,6 +25,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Whether ``url`` answers 200 within ``timeout_s`` (polled; False at once if not ``alive``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 class ServerProcess:
@@ -54,18 +68,11 @@ class ServerProcess:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._fail(f"exited with {self.process.returncode}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self._fail(f"was not ready within {self.timeout_s:.0f}s")
-        return self  # unreachable
+        process = self.process
+        if not wait_ready(self.url + self.ready_path, self.timeout_s, alive=lambda: process.poll() is None):
+            why = f"exited with {process.returncode}" if process.poll() is not None else "was not ready"
+            self._fail(f"{why} within {self.timeout_s:.0f}s")
+        return self
 
     def _fail(self, why: str) -> None:
         self.stop()
