@@ -202,9 +202,9 @@ class ReplicaAgent:
         return merge_expositions(texts).encode()
 
 
-def merge_expositions(texts: dict[str, str]) -> str:
-    """Prometheus text expositions of several replicas as one: each family's HELP and TYPE
-    once, then every replica's samples of it, each labelled ``replica="<id>"``."""
+def merge_expositions(texts: dict[str, str], label: str = "replica") -> str:
+    """Prometheus text expositions of several replicas (or processes) as one: each family's
+    HELP and TYPE once, then every one's samples of it, each labelled ``<label>="<id>"``."""
     families: dict[str, list[str]] = {}
     headers: dict[str, list[str]] = {}
     for replica, text in texts.items():
@@ -217,7 +217,7 @@ def merge_expositions(texts: dict[str, str]) -> str:
                 if line not in seen:
                     seen.append(line)
             elif line and not line.startswith("#"):
-                families.setdefault(current, []).append(_labelled(line, replica))
+                families.setdefault(current, []).append(_labelled(line, f'{label}="{replica}"'))
     lines = []
     for name, samples in families.items():
         lines += headers.get(name, [])
@@ -225,8 +225,7 @@ def merge_expositions(texts: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _labelled(sample: str, replica: str) -> str:
-    label = f'replica="{replica}"'
+def _labelled(sample: str, label: str) -> str:
     name_end = next(i for i, ch in enumerate(sample) if ch in "{ ")
     name, rest = sample[:name_end], sample[name_end:]
     if rest.startswith("{}"):

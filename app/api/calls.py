@@ -12,7 +12,7 @@ from fastapi import Request
 
 from app.api.errors import error_responses
 from app.api.security import tenant_of
-from app.registry.registry import ModelRegistry
+from app.registry.registry import Models
 from app.service.requests import Answer
 from app.service.service import InferenceService
 
@@ -21,8 +21,8 @@ T = TypeVar("T")
 TASK_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504)
 
 
-def registry_of(request: Request) -> ModelRegistry:
-    registry: ModelRegistry = request.app.state.registry
+def registry_of(request: Request) -> Models:
+    registry: Models = request.app.state.registry
     return registry
 
 

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.calls import registry_of
-from app.registry.registry import ModelRegistry, ModelState
+from app.registry.registry import Models, ModelState
 
 router = APIRouter(tags=["health"])
 
@@ -19,7 +19,7 @@ class Health(BaseModel):
     failed: list[str] = Field(default_factory=list, description="Preload models whose load failed.")
 
 
-def preload_status(registry: ModelRegistry) -> tuple[list[str], list[str]]:
+def preload_status(registry: Models) -> tuple[list[str], list[str]]:
     """The preload models not loaded yet, and those of them whose load failed."""
     preload = [s for s in registry.slots() if s.entry.preload]
     waiting = [s.entry.name for s in preload if s.state is not ModelState.loaded]
@@ -51,7 +51,10 @@ async def ready(request: Request) -> Health | JSONResponse:
     while the server drains before it stops (status `draining`)."""
     if request.app.state.drain.draining:
         return JSONResponse(Health(status="draining").model_dump(), status_code=503)
-    waiting, failed = preload_status(registry_of(request))
+    registry = registry_of(request)
+    if not registry.connected:  # a front process whose engine is gone or stuck
+        return JSONResponse(Health(status="no_engine").model_dump(), status_code=503)
+    waiting, failed = preload_status(registry)
     if waiting:
         body = Health(status="loading" if not failed else "failed", waiting_for=waiting, failed=failed)
         return JSONResponse(body.model_dump(), status_code=503)

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.api.errors import error_responses
 from app.batching.running import BatchRecord
-from app.registry.registry import ModelRegistry, ModelState, RegistryHooks
+from app.registry.registry import Models, ModelState, RegistryHooks
 
 router = APIRouter(tags=["operations"])
 
@@ -95,14 +95,14 @@ class Metrics:
         if ok:
             self.load_seconds.labels(model).observe(seconds)
 
-    def watch(self, models: ModelRegistry) -> None:
+    def watch(self, models: Models) -> None:
         self.registry.register(_ModelCollector(models))
 
 
 class _ModelCollector(Collector):
     """Live model state, read when Prometheus scrapes."""
 
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: Models) -> None:
         self.models = models
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -113,7 +113,7 @@ class _ModelCollector(Collector):
             name = slot.entry.name
             loaded.add_metric([name, slot.device or ""], 1.0 if slot.state is ModelState.loaded else 0.0)
             memory.add_metric([name], float(slot.memory_bytes))
-            depth.add_metric([name], float(slot.batcher.queue_depth if slot.batcher else 0))
+            depth.add_metric([name], float(slot.queue_depth))
         yield from (loaded, memory, depth)
 
 
@@ -134,7 +134,6 @@ class _ModelCollector(Collector):
 )
 async def metrics(request: Request) -> Response:
     """Request, batch, queue and model metrics in the Prometheus text format. On a cluster
-    (Ray Serve), every live replica's, each sample labelled with its `replica`."""
-    cluster = request.app.state.cluster
-    payload = await cluster.metrics() if cluster else generate_latest(request.app.state.metrics.registry)
-    return Response(payload, media_type=CONTENT_TYPE_LATEST)
+    (Ray Serve), every live replica's, each sample labelled with its `replica`; with front
+    processes (TESSERA_WORKERS), every process's, each sample labelled with its `process`."""
+    return Response(await request.app.state.exposition(), media_type=CONTENT_TYPE_LATEST)

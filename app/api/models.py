@@ -159,7 +159,7 @@ def describe(slot: ModelSlot, defaults: dict[str, str]) -> ModelInfo:
         pinned=entry.pinned,
         memory_bytes=slot.memory_bytes,
         load_seconds=slot.load_seconds,
-        queue_depth=slot.batcher.queue_depth if slot.batcher else 0,
+        queue_depth=slot.queue_depth,
         **extra,
     )
 

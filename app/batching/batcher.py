@@ -35,7 +35,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from app.batching.fairness import FairShares
-from app.batching.forming import PendingInput, Ticket, form_batch
+from app.batching.forming import Outcome, PendingInput, Ticket, form_batch
 from app.batching.running import BatchRecord, BatchRunner, BatchWork
 from app.batching.threads import ThreadShare
 from app.errors import (
@@ -54,6 +54,12 @@ LINGER_FRACTION = 0.05
 
 # Inputs in one batch of the express lane (see DynamicBatcher._serve_express).
 EXPRESS_BATCH = 4
+
+
+def past_deadline(model: str) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the request did not finish within its deadline on model '{model}'; raise timeout_s or send fewer inputs"
+    )
 
 
 class DynamicBatcher(BatchWork):
@@ -140,10 +146,44 @@ class DynamicBatcher(BatchWork):
         caller drops its queued items.
         """
         loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in payloads]
+        ticket = self.enqueue(payloads, futures, loop=loop, group=group, deadline=deadline, tenant=tenant)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                results = [await futures[0]] if len(futures) == 1 else list(await asyncio.gather(*futures))
+            if sizes is not None:
+                sizes.extend(ticket.batch_sizes)
+            return results
+        except TimeoutError:
+            raise past_deadline(self.name) from None
+        finally:
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()  # a lane drops cancelled items instead of running them
+
+    def enqueue(
+        self,
+        payloads: Sequence[Any],
+        outcomes: Sequence[Outcome],
+        *,
+        loop: asyncio.AbstractEventLoop,
+        group: Hashable = None,
+        deadline: float,
+        tenant: Hashable = None,
+    ) -> Ticket:
+        """Queue one request's inputs and return at once: each input's result or error is set
+        on its entry of ``outcomes`` (asyncio futures, or anything with their ``done``,
+        ``set_result``, ``set_exception``), on ``loop``'s thread. An outcome that is done
+        before its input runs (cancelled: the client left) drops the input. The engine
+        process (app/engine/core.py) queues requests this way, without a task per request;
+        inputs still queued at ``deadline`` fail when a lane reaches them, so a caller that
+        must answer at the deadline keeps its own clock, as ``submit`` does.
+
+        Raises ModelUnavailable (closing), InputTooLarge, Overloaded, as ``submit``."""
         ticket = Ticket()
         items = [
-            PendingInput(ticket, p, group, loop.create_future(), loop, deadline, next(self._seq), index, tenant)
-            for index, p in enumerate(payloads)
+            PendingInput(ticket, p, group, outcome, loop, deadline, next(self._seq), index, tenant)
+            for index, (p, outcome) in enumerate(zip(payloads, outcomes, strict=True))
         ]
         with self._lock:
             if self._closed:
@@ -164,22 +204,7 @@ class DynamicBatcher(BatchWork):
             self._shares.queued(tenant, len(items))
             if not self._wake_one() and tenant not in self._running_tenants:
                 self._wake_express()
-        futures = [item.future for item in items]
-        try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                results = [await futures[0]] if len(futures) == 1 else list(await asyncio.gather(*futures))
-            if sizes is not None:
-                sizes.extend(ticket.batch_sizes)
-            return results
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"the request did not finish within its deadline on model '{self.name}'; "
-                "raise timeout_s or send fewer inputs"
-            ) from None
-        finally:
-            for fut in futures:
-                if not fut.done():
-                    fut.cancel()  # a lane drops cancelled items instead of running them
+        return ticket
 
     def close(self, timeout: float = 60) -> bool:
         """Stop the lanes; queued requests fail with 503 rather than hang. True once they stopped."""

@@ -28,6 +28,17 @@ class Tokenized(Protocol):
     def rows(self) -> int: ...
 
 
+class Outcome(Protocol):
+    """Where a lane sets one input's result or error: an asyncio future, or the engine's
+    per-input slot (app/engine/core.py). Read from the lanes (``done``), set on its loop."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 @dataclass(eq=False)
 class Ticket:
     """What the inputs of one request share: their token total, checked against the limit,
@@ -44,7 +55,7 @@ class PendingInput:
     ticket: Ticket
     payload: Any
     group: Hashable
-    future: asyncio.Future[Any]
+    future: Outcome
     loop: asyncio.AbstractEventLoop
     deadline: float
     seq: int

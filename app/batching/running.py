@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.batching.fairness import FairShares
-from app.batching.forming import PendingInput, Tokenized
+from app.batching.forming import Outcome, PendingInput, Tokenized
 from app.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -172,7 +172,7 @@ class BatchWork:
             self._fail(batch[0], self._describe_failure(exc))
             return time.monotonic() - started
         elapsed = time.monotonic() - started
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Outcome, Any]]] = {}
         for item, result in zip(batch, results, strict=True):
             item.ticket.batch_sizes.append(len(batch))
             by_loop.setdefault(item.loop, []).append((item.future, result))
@@ -227,17 +227,17 @@ class BatchWork:
         self._shares.left(item.tenant)
 
 
-def _post(item: PendingInput, callback: Callable[[asyncio.Future[Any], Any], None], value: Any) -> None:
+def _post(item: PendingInput, callback: Callable[[Outcome, Any], None], value: Any) -> None:
     with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown); nobody waits any more
         item.loop.call_soon_threadsafe(callback, item.future, value)
 
 
-def _resolve_all(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
+def _resolve_all(outcomes: list[tuple[Outcome, Any]]) -> None:
     for future, result in outcomes:
         if not future.done():
             future.set_result(result)
 
 
-def _reject(future: asyncio.Future[Any], error: BaseException) -> None:
+def _reject(future: Outcome, error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)

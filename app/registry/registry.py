@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -29,7 +29,7 @@ from app.batching.batcher import DynamicBatcher
 from app.batching.running import BatchRecord
 from app.batching.threads import ThreadShare
 from app.config import Settings
-from app.errors import ModelNotFound, ModelUnavailable, ServiceError
+from app.errors import InvalidInput, ModelNotFound, ModelUnavailable, ServiceError, WrongTask
 from app.registry.catalog import Catalog, Entry
 from app.registry.sources import locate, verify_weights
 from app.runners import Runner, build_runner, resolve_device
@@ -67,12 +67,59 @@ class ModelSlot:
     memory_bytes: int = 0
     device: str | None = None
     loads: int = 0
+    reported_depth: int = 0  # in a front (app/engine/client.py): the engine's queue depth
+
+    @property
+    def queue_depth(self) -> int:
+        """Inputs queued for this model."""
+        return self.batcher.queue_depth if self.batcher is not None else self.reported_depth
 
     @property
     def busy(self) -> bool:
         # Waiters count too: a model must not be evicted between its load and their first use.
         queued = self.batcher is not None and self.batcher.queue_depth > 0
         return self.in_flight > 0 or self.waiting > 0 or queued
+
+
+@runtime_checkable
+class Chunking(Protocol):
+    """A runner that splits a long document into pieces its model reads whole (seq2seq)."""
+
+    def split_into_chunks(self, text: str) -> list[str]: ...
+
+
+class Models(Protocol):
+    """What the service and the routes use of the models: the registry in-process, its
+    client in a front process (app/engine/client.py)."""
+
+    catalog: Catalog
+    hub_online: bool
+
+    @property
+    def connected(self) -> bool: ...
+
+    def slot(self, name: str) -> ModelSlot: ...
+
+    def slots(self) -> list[ModelSlot]: ...
+
+    def has(self, name: str) -> bool: ...
+
+    async def get_or_load(self, name: str) -> ModelSlot: ...
+
+    async def unload(self, name: str) -> bool: ...
+
+    async def infer(
+        self,
+        name: str,
+        payloads: Sequence[Any],
+        *,
+        timeout_s: float,
+        group: Hashable = None,
+        tenant: Hashable = None,
+        sizes: list[int] | None = None,
+    ) -> list[Any]: ...
+
+    async def split_into_chunks(self, name: str, text: str) -> list[str]: ...
 
 
 @dataclass
@@ -162,6 +209,18 @@ class ModelRegistry:
             assert slot.batcher is not None
             deadline = time.monotonic() + timeout_s
             return await slot.batcher.submit(payloads, group=group, deadline=deadline, tenant=tenant, sizes=sizes)
+
+    async def split_into_chunks(self, name: str, text: str) -> list[str]:
+        """``text`` in pieces the model reads whole (a seq2seq model's, for chunked
+        summaries); InvalidInput if its tokenizer cannot read it."""
+        async with self.use(name) as slot:
+            runner = slot.runner
+            if not isinstance(runner, Chunking):
+                raise WrongTask(f"model '{name}' cannot summarize in chunks; drop long_input")
+            try:
+                return await asyncio.to_thread(runner.split_into_chunks, text)
+            except Exception as exc:  # the tokenizer could not read the client's text
+                raise InvalidInput(f"could not be split into chunks ({type(exc).__name__}: {exc})") from exc
 
     async def _load(self, slot: ModelSlot) -> None:
         entry = slot.entry
@@ -285,6 +344,11 @@ class ModelRegistry:
 
     def has(self, name: str) -> bool:
         return name in self._slots
+
+    @property
+    def connected(self) -> bool:
+        """Whether the models answer: always, in-process (a front's client may lose its engine)."""
+        return True
 
     def slots(self) -> list[ModelSlot]:
         return list(self._slots.values())

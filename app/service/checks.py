@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Protocol
 
 from app.config import Settings
 from app.errors import InputTooLarge, InvalidInput, Overloaded
@@ -41,6 +42,12 @@ def timeout_of(settings: Settings, requested: float | None) -> float:
     return min(requested or settings.request_timeout_s, settings.max_request_timeout_s)
 
 
+class Limiter(Protocol):
+    """Takes a request's inputs from its tenant's rate, or raises Overloaded."""
+
+    async def take(self, tenant: str, inputs: int) -> None: ...
+
+
 class RateLimit:
     """Per tenant, a bucket of inputs refilled at ``rate`` per second up to ``burst``: a request
     takes one per input, or is refused with 429 and the seconds until it would fit."""
@@ -49,7 +56,7 @@ class RateLimit:
         self.rate, self.burst = rate, burst
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (inputs left, when)
 
-    def take(self, tenant: str, inputs: int) -> None:
+    async def take(self, tenant: str, inputs: int) -> None:
         now = time.monotonic()
         left, then = self._buckets.get(tenant, (self.burst, now))
         left = min(self.burst, left + (now - then) * self.rate)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from app.errors import ModelNotFound, WrongTask
 from app.registry.catalog import Entry, TranslationEntry
-from app.registry.registry import ModelRegistry, ModelState
+from app.registry.registry import Models, ModelState
 from app.registry.sources import is_local
 from app.tasks import Endpoint, can_serve
 
 
 class ModelChoice:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: Models) -> None:
         self.registry = registry
 
     def names_for(self, endpoint: Endpoint) -> list[str]:

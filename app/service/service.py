@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 from app.config import Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
 from app.registry.catalog import SummarizationEntry, TranslationEntry, ZeroShotEntry
-from app.registry.registry import ModelRegistry
-from app.service.checks import RateLimit, check_generation, check_inputs, timeout_of
+from app.registry.registry import Models
+from app.service.checks import Limiter, check_generation, check_inputs, timeout_of
 from app.service.choice import ModelChoice, translates
 from app.service.requests import Answer, Classify, Embed, FillMask, Summarize, Summary, Translate
 from app.service.types import (
@@ -44,32 +44,25 @@ T = TypeVar("T")
 MAX_REDUCE_ROUNDS = 3
 
 
-@runtime_checkable
-class Chunking(Protocol):
-    """A runner that splits a long document into pieces its model reads whole (seq2seq)."""
-
-    def split_into_chunks(self, text: str) -> list[str]: ...
-
-
 class InferenceService:
-    def __init__(self, settings: Settings, registry: ModelRegistry, rate_limit: RateLimit | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Models, rate_limit: Limiter | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.choice = ModelChoice(registry)
         self.rate_limit = rate_limit
 
-    def admit(self, texts: list[str], tenant: str) -> None:
+    async def admit(self, texts: list[str], tenant: str) -> None:
         """A request's inputs within the server's limits, and within its tenant's rate."""
         check_inputs(self.settings, texts)
         if self.rate_limit is not None:
-            self.rate_limit.take(tenant, len(texts))
+            await self.rate_limit.take(tenant, len(texts))
 
     # -- the tasks ----------------------------------------------------------------------
 
     async def classify(self, asked: Classify, tenant: str) -> Answer[Classification]:
         """Labels per input, best first: a classifier's, or a zero-shot model's over the
         client's candidate labels (or its own labels); ``top_k`` of them (None: all)."""
-        self.admit(asked.texts, tenant)
+        await self.admit(asked.texts, tenant)
         labels = asked.candidate_labels
         entry = self.choice.resolve(asked.model, Endpoint.zero_shot if labels else Endpoint.classify)
         payloads: list[Any]
@@ -88,7 +81,7 @@ class InferenceService:
     async def translate(self, asked: Translate, tenant: str) -> Answer[Generation]:
         """Each input translated by the named model, or the one for the language pair (either
         side may be left open), or the endpoint's default."""
-        self.admit(asked.texts, tenant)
+        await self.admit(asked.texts, tenant)
         check_generation(self.settings, asked.generation)
         languages = asked.source_lang, asked.target_lang
         entry: TranslationEntry
@@ -114,7 +107,7 @@ class InferenceService:
     async def summarize(self, asked: Summarize, tenant: str) -> Answer[Summary]:
         """Abstractive (seq2seq; a long document truncated, or summarized in chunks then
         summarized again) or extractive (the sentences that best cover the document)."""
-        self.admit(asked.texts, tenant)
+        await self.admit(asked.texts, tenant)
         check_generation(self.settings, asked.generation)
         entry = self.choice.resolve(asked.model, Endpoint.summarize)
         assert isinstance(entry, SummarizationEntry)  # what /summarize's models are
@@ -143,7 +136,7 @@ class InferenceService:
     async def embed(self, asked: Embed, tenant: str) -> Answer[Embedding]:
         """One vector per input, pooled as the model declares, unit length unless
         ``normalize`` is false; ``dimensions``, if given, must be the model's size."""
-        self.admit(asked.texts, tenant)
+        await self.admit(asked.texts, tenant)
         entry = self.choice.resolve(asked.model, Endpoint.embed)
         sizes: list[int] = []  # the batches its inputs ran in, for the access log
         payloads = [EmbedInput(t, asked.normalize) for t in asked.texts]
@@ -160,7 +153,7 @@ class InferenceService:
     async def fill_mask(self, asked: FillMask, tenant: str) -> Answer[MaskFills]:
         """Per input, per mask token in it, the ``top_k`` likeliest tokens (among ``targets``
         when given), best first."""
-        self.admit(asked.texts, tenant)
+        await self.admit(asked.texts, tenant)
         entry = self.choice.resolve(asked.model, Endpoint.fill_mask)
         targets = tuple(asked.targets) if asked.targets else None
         payloads = [FillMaskInput(t, asked.top_k, targets) for t in asked.texts]
@@ -205,25 +198,19 @@ class InferenceService:
             )
             return [r.text for r in results]
 
-        async def split(runner: Chunking, document: str) -> list[str]:
+        async def split(document: str) -> list[str]:
             try:
-                return await asyncio.to_thread(runner.split_into_chunks, document)
-            except Exception as exc:  # the tokenizer could not read the client's text
-                raise InvalidInput(
-                    f"input {index} could not be split into chunks ({type(exc).__name__}: {exc}); send plain UTF-8 text"
-                ) from exc
+                return await self.registry.split_into_chunks(name, document)
+            except InvalidInput as exc:
+                raise InvalidInput(f"input {index} {exc.message}; send plain UTF-8 text") from exc
 
-        async with self.registry.use(name) as slot:
-            runner = slot.runner
-            if not isinstance(runner, Chunking):
-                raise WrongTask(f"model '{name}' cannot summarize in chunks; drop long_input")
-            chunks = await split(runner, text)
-            pieces, joined = len(chunks), text
-            for _ in range(MAX_REDUCE_ROUNDS):
-                if len(chunks) <= 1:
-                    break
-                joined = " ".join(await summarize_all(chunks))
-                chunks = await split(runner, joined)
+        chunks = await split(text)
+        pieces, joined = len(chunks), text
+        for _ in range(MAX_REDUCE_ROUNDS):
+            if len(chunks) <= 1:
+                break
+            joined = " ".join(await summarize_all(chunks))
+            chunks = await split(joined)
         left = max(0.001, deadline - time.monotonic())
         last = [Seq2SeqInput(joined, generation)]
         [final] = await self.registry.infer(name, last, group=generation, timeout_s=left, tenant=tenant, sizes=sizes)
