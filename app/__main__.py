@@ -14,18 +14,45 @@ from app.registry.catalog import CatalogError, load_catalog
 
 
 def serve(args: argparse.Namespace) -> int:
-    from app import serving
-
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_format, settings.log_level)
+    if settings.workers:  # fronts and an engine (app/engine/processes.py)
+        try:
+            load_catalog(settings.catalog)  # a bad catalog stops here, not in every child
+        except CatalogError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        from app.engine.processes import supervise
+
+        return supervise(settings)
+    from app import serving
+
     try:
         app = serving.build(settings)
     except CatalogError as exc:
         print(exc, file=sys.stderr)
         return 2
-    # One worker per process: the batcher owns the device. Scale out with replicas.
+    # One process: the event loop, the batchers and the models together.
     serving.run(app, settings)
+    return 0
+
+
+def engine(args: argparse.Namespace) -> int:
+    from app.engine.processes import run_engine
+
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    run_engine(settings, args.address)
+    return 0
+
+
+def front(args: argparse.Namespace) -> int:
+    from app.engine.processes import run_front
+
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    run_front(settings, args.address, args.index)
     return 0
 
 
@@ -93,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     on_ray = commands.add_parser("ray", help="serve on a Ray cluster (python -m app ray --help)", add_help=False)
     on_ray.add_argument("ray_args", nargs=argparse.REMAINDER)
     on_ray.set_defaults(func=ray)
+    # The supervisor's children (app/engine/processes.py), not for people to run.
+    for name, func in (("engine", engine), ("front", front)):
+        child = commands.add_parser(name)
+        child.add_argument("--address", required=True)
+        child.add_argument("--index", type=int, default=0)
+        child.set_defaults(func=func)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -33,6 +33,14 @@ class Settings(BaseSettings):
         30.0, ge=0, description="After a failed load, requests answer 503 for this long before a retry."
     )
 
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Front processes (HTTP, validation, answers) in front of one engine process that "
+        "holds the models (docs/front-engine.md). 0: one process does everything.",
+    )
+
     # Batching and backpressure (per loaded model).
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_batch_tokens: int = Field(16384, ge=64, description="Padded tokens in one forward pass.")

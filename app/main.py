@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -27,6 +28,7 @@ from app.api.openapi import build_openapi
 from app.api.security import BodySizeLimit, Keys, require_api_key
 from app.cluster import ReplicaAgent
 from app.config import Settings
+from app.engine.client import EngineClient
 from app.errors import ServiceError
 from app.registry.catalog import load_catalog
 from app.registry.registry import ModelRegistry
@@ -35,6 +37,17 @@ from app.service.checks import rate_limit_of
 from app.service.service import InferenceService
 
 log = logging.getLogger(__name__)
+
+ENGINE_WAIT_S = 60.0  # how long a front waits at start-up for the engine's first word
+
+
+@dataclass(frozen=True)
+class Front:
+    """A front process's place: the engine's address and its own name (its metrics' ``process``)."""
+
+    address: str
+    identity: str
+
 
 DESCRIPTION = """
 Text classification (with zero-shot), translation, summarization and embeddings from
@@ -82,17 +95,43 @@ def create_app(
     settings: Settings | None = None,
     on_models_changed: Callable[[], None] | None = None,
     cluster: ReplicaAgent | None = None,
+    engine: Front | None = None,
 ) -> FastAPI:
     """The app. ``on_models_changed`` is called (off the event loop) after each model load or
     unload: the serve entry point (app/serving.py) uses it to manage the garbage collector,
     which an app embedded in another process leaves alone. ``cluster`` makes it one replica
     of many (app/cluster.py): model management and /metrics hold cluster-wide, preload models
-    load before the replica takes traffic, and the router in front echoes the request id."""
+    load before the replica takes traffic, and the router in front echoes the request id.
+    ``engine`` makes it a front process (app/engine): the models live in the engine process
+    at that address, and /metrics answers for every process."""
     settings = settings or Settings()
     catalog = load_catalog(settings.catalog)
 
+    async def local_metrics() -> bytes:
+        return generate_latest(app.state.metrics.registry)
+
+    @asynccontextmanager
+    async def front_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        assert engine is not None
+        client = EngineClient(
+            catalog, engine.address, engine.identity, lambda: generate_latest(app.state.metrics.registry)
+        )
+        await client.start(ENGINE_WAIT_S)
+        app.state.registry = client
+        app.state.exposition = client.metrics
+        # The rate limit is the engine's: one bucket per tenant, whichever front it reaches.
+        app.state.service = InferenceService(settings, client, client if settings.rate_limit_inputs_per_s else None)
+        try:
+            yield
+        finally:
+            await client.close()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if engine is not None:
+            async with front_lifespan(app):
+                yield
+            return
         online = await decide_hub_online(settings)
         hooks = app.state.metrics.hooks()
         hooks.on_change = on_models_changed
@@ -100,6 +139,7 @@ def create_app(
         app.state.registry = registry
         app.state.service = InferenceService(settings, registry, rate_limit_of(settings))
         app.state.metrics.watch(registry)
+        app.state.exposition = cluster.metrics if cluster else local_metrics
         log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
         preloading = None
         if cluster:  # a replica takes traffic once loaded, and once it has caught up

@@ -36,7 +36,7 @@ from app import heap
 from app.api.drain import Drain
 from app.cluster import ReplicaAgent
 from app.config import Settings
-from app.main import create_app
+from app.main import Front, create_app
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +45,26 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 CLOSE_CONNECTIONS_S = 5
 
 
-def build(settings: Settings, cluster: ReplicaAgent | None = None) -> FastAPI:
-    """The app as the serve entry point runs it (also a Ray Serve replica, app/ray_serve.py):
-    the process's knobs turned, then create_app."""
+def tune_process(settings: Settings) -> None:
+    """The knobs of a process that runs models (see the module)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    return create_app(settings, on_models_changed=heap.collect_all, cluster=cluster)
 
 
-def run(app: FastAPI, settings: Settings) -> None:
-    """Serve until SIGTERM (drained) or a second signal, young collections spaced out meanwhile."""
+def build(settings: Settings, cluster: ReplicaAgent | None = None, engine: Front | None = None) -> FastAPI:
+    """The app as the serve entry point runs it (also a Ray Serve replica, app/ray_serve.py,
+    and a front process, app/engine/processes.py): the process's knobs turned, then create_app."""
+    tune_process(settings)
+    return create_app(settings, on_models_changed=heap.collect_all, cluster=cluster, engine=engine)
+
+
+def run(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    """Serve until SIGTERM (drained) or a second signal, young collections spaced out meanwhile;
+    on ``sockets`` if given (a front's, on the shared port), else on the settings' host and port."""
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     with heap.young_collections_spaced_out():
-        DrainingServer(config, app.state.drain, settings.drain_timeout_s).run()
+        DrainingServer(config, app.state.drain, settings.drain_timeout_s).run(sockets=sockets)
 
 
 class DrainingServer(uvicorn.Server):

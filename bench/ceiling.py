@@ -84,8 +84,12 @@ def cpu_seconds(pids: list[int]) -> dict[str, float]:
 
 
 def role(cmdline: list[bytes]) -> str:
-    text = b" ".join(cmdline).decode(errors="replace")
-    return "server" if "-m app" in text else text[:40]
+    """What the process is: the server's one process (or the supervisor), the engine, a front."""
+    words = [w.decode(errors="replace") for w in cmdline]
+    if "app" in words:
+        command = words[words.index("app") + 1] if words.index("app") + 1 < len(words) else ""
+        return {"serve": "server", "engine": "engine", "front": "front"}.get(command, command)
+    return " ".join(words)[:40]
 
 
 # -- wrk ------------------------------------------------------------------------------------
@@ -195,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also serve this commit (repeatable), e.g. 4c6ba77",
     )
     parser.add_argument(
-        "--env", action="append", default=[], metavar="NAME=VALUE", help="a way of serving this checkout (repeatable)"
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a way of serving this checkout (repeatable; variables separated by spaces)",
     )
     parser.add_argument("--seconds", type=float, default=15, help="per measurement (default 15)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -205,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("needs wrk, a C load generator (Debian/Ubuntu: apt-get install wrk)")
 
     ways: dict[str, tuple[dict[str, str], Path | None]] = {}
-    for option in args.env or [""]:
-        name, _, value = option.partition("=")
-        ways[f"this checkout {option}".strip()] = ({name: value} if name else {}, None)
+    for option in args.env or [""]:  # "NAME=VALUE", or several separated by spaces
+        env = dict(pair.partition("=")[::2] for pair in option.split())
+        ways[f"this checkout {option}".strip()] = (env, None)
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tessera-ceiling-")))
         for rev in args.baseline:

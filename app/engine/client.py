@@ -1,0 +1,242 @@
+"""A front's view of the engine: what the service and the routes use of the models (the
+registry's surface, app/registry/registry.py: Models), over one ZeroMQ DEALER socket.
+
+Requests leave in bulk: ``infer`` queues its request and every request a front has ready
+by the end of the event loop's turn goes in one frame (app/engine/wire.py). The catalog's
+states are a mirror the engine refreshes on every change and every second; an engine
+silent for ``ENGINE_SILENT_S`` fails what waits on it with 503 and makes readiness 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import zmq
+
+from app import errors
+from app.engine import wire
+from app.errors import ModelNotFound, ModelUnavailable, ServiceError
+from app.registry.catalog import Catalog
+from app.registry.registry import ModelSlot, ModelState
+
+log = logging.getLogger(__name__)
+
+ENGINE_SILENT_S = 5.0  # three missed heartbeats and more: the engine is gone or stuck
+ERRORS: dict[str, type[ServiceError]] = {
+    cls.__name__: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, ServiceError)
+}
+
+
+def raised(failed: wire.Failed) -> ServiceError:
+    """The engine's error as the in-process path would have raised it."""
+    return ERRORS.get(failed.error, ServiceError)(failed.message, retry_after=failed.retry_after)
+
+
+class EngineClient:
+    """One front's connection to the engine at ``address``; ``identity`` names the front
+    (its metrics carry it as ``process``)."""
+
+    def __init__(self, catalog: Catalog, address: str, identity: str, exposition: Callable[[], bytes]) -> None:
+        self.catalog = catalog
+        self.hub_online = False
+        self.address = address
+        self.identity = identity
+        self.exposition = exposition
+        self._slots = {entry.name: ModelSlot(entry) for entry in catalog.models}
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[Any], str | None]] = {}
+        self._outbox: list[Any] = []
+        self._flushing = False
+        self._heard = 0.0
+        self._first_states = asyncio.Event()
+        self._socket: zmq.Socket[bytes] | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    # -- the connection -------------------------------------------------------------------
+
+    async def start(self, wait_s: float) -> None:
+        """Connect and wait (up to ``wait_s``) for the engine's first word."""
+        self.loop = asyncio.get_running_loop()
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity.encode())
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        self._socket = sock
+        self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        self.loop.add_reader(self._fd, self._readable)
+        self._send(wire.Hello(self.identity))
+        self._watch = self.loop.create_task(self._watchdog())
+        try:
+            await asyncio.wait_for(self._first_states.wait(), wait_s)
+        except TimeoutError:
+            await self.close()
+            raise RuntimeError(f"no engine answered on {self.address} within {wait_s:.0f} s") from None
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        self._fail_pending(ModelUnavailable("this server is stopping; retry the request", retry_after=1))
+        if self._socket is not None:
+            self.loop.remove_reader(self._fd)
+            self._socket.close(linger=0)
+            self._socket = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the engine spoke within ``ENGINE_SILENT_S`` (readiness asks)."""
+        return self._first_states.is_set() and time.monotonic() - self._heard < ENGINE_SILENT_S
+
+    def _send(self, op: Any) -> None:
+        self._outbox.append(op)
+        if not self._flushing:
+            self._flushing = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        ops, self._outbox = self._outbox, []
+        if self._socket is None:
+            return
+        self._socket.send(wire.encode(ops), zmq.NOBLOCK)
+        self._readable()  # the descriptor signals edges (see EngineCore._flush)
+
+    def _readable(self) -> None:
+        sock = self._socket
+        while sock is not None:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._heard = time.monotonic()
+            for op in wire.decode_from_engine(frame):
+                self._dispatch(op)
+
+    def _dispatch(self, op: Any) -> None:
+        if isinstance(op, wire.DoneRaw):
+            waiting = self._pending.pop(op.rid, None)
+            if waiting is not None and not waiting[0].done():
+                future, kind = waiting
+                assert kind is not None
+                future.set_result((wire.RESULTS[kind](op.results), op.sizes))
+        elif isinstance(op, wire.Failed):
+            waiting = self._pending.pop(op.rid, None)
+            if waiting is not None and not waiting[0].done():
+                waiting[0].set_exception(raised(op))
+        elif isinstance(op, wire.Answer):
+            waiting = self._pending.pop(op.rid, None)
+            if waiting is not None and not waiting[0].done():
+                waiting[0].set_result(op.value)
+        elif isinstance(op, wire.States):
+            self._mirror(op)
+        elif isinstance(op, wire.Expose):
+            self._send(wire.Exposition(op.rid, self.exposition().decode()))
+
+    def _mirror(self, states: wire.States) -> None:
+        self.hub_online = states.hub_online
+        for seen in states.slots:
+            slot = self._slots.get(seen.name)
+            if slot is None:
+                continue
+            slot.state, slot.device, slot.error = ModelState(seen.state), seen.device, seen.error
+            slot.memory_bytes, slot.load_seconds = seen.memory_bytes, seen.load_seconds
+            slot.reported_depth, slot.loads = seen.queue_depth, seen.loads
+        self._first_states.set()
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._send(wire.Hello(self.identity))  # the front's heartbeat
+            if self._pending and time.monotonic() - self._heard > ENGINE_SILENT_S:
+                log.error("the engine has not answered for %.0f s; failing what waits on it", ENGINE_SILENT_S)
+                self._fail_pending(ModelUnavailable("the model engine is not answering; retry", retry_after=5))
+
+    def _fail_pending(self, error: ServiceError) -> None:
+        pending, self._pending = self._pending, {}
+        for future, _ in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def _ask(self, op: Callable[[int], Any], kind: str | None = None) -> Any:
+        rid = next(self._ids)
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self._pending[rid] = (future, kind)
+        self._send(op(rid))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._pending.pop(rid, None) is not None:
+                self._send(wire.Cancel(rid))  # the client left: its queued inputs go
+            raise
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        return await self._ask(lambda rid: wire.Call(rid, op, list(args)))
+
+    # -- the models -----------------------------------------------------------------------
+
+    def slot(self, name: str) -> ModelSlot:
+        try:
+            return self._slots[name]
+        except KeyError:
+            raise ModelNotFound(f"unknown model '{name}'; the catalog has: {', '.join(self._slots)}") from None
+
+    def slots(self) -> list[ModelSlot]:
+        return list(self._slots.values())
+
+    def has(self, name: str) -> bool:
+        return name in self._slots
+
+    async def get_or_load(self, name: str) -> ModelSlot:
+        slot = self.slot(name)
+        await self._call("load", name)
+        slot.state = ModelState.loaded  # the engine's next States says more
+        return slot
+
+    async def unload(self, name: str) -> bool:
+        slot = self.slot(name)
+        unloaded: bool = await self._call("unload", name)
+        slot.state = ModelState.not_loaded
+        return unloaded
+
+    async def split_into_chunks(self, name: str, text: str) -> list[str]:
+        chunks: list[str] = await self._call("split", name, text)
+        return chunks
+
+    async def infer(
+        self,
+        name: str,
+        payloads: Sequence[Any],
+        *,
+        timeout_s: float,
+        group: Hashable = None,
+        tenant: Hashable = None,
+        sizes: list[int] | None = None,
+    ) -> list[Any]:
+        if not payloads:
+            return []
+        kind = wire.KIND_OF[type(payloads[0])]
+        struct = wire.INFER[kind]
+
+        def request(rid: int) -> wire.Infer:
+            # Each kind's struct adds its typed payloads; tenants are API keys' names, strings.
+            return struct(rid, name, timeout_s, tenant, group, payloads)  # type: ignore[call-arg, arg-type]
+
+        results, batch_sizes = await self._ask(request, kind)
+        if sizes is not None:
+            sizes.extend(batch_sizes)
+        return list(results)
+
+    async def take(self, tenant: str, inputs: int) -> None:
+        """The tenant's rate limit, held by the engine for every front (app/service/checks.py)."""
+        await self._call("take", tenant, inputs)
+
+    async def metrics(self) -> bytes:
+        """Every process's metrics, merged by the engine."""
+        text: str = await self._call("metrics")
+        return text.encode()

@@ -1,0 +1,159 @@
+"""What fronts and the engine say to each other over ZeroMQ: msgspec structs, encoded as
+MessagePack, many to a frame.
+
+A frame is a list of operations. A front sends every request it has ready in one frame (a
+single-text request is ~60 bytes) and the engine answers the requests that finished together
+in one frame, so the per-frame costs (a syscall, a wake-up) are shared. Payloads and results
+are the service's own dataclasses (app/service/types.py), which msgspec encodes and decodes
+natively; each kind of payload has its own tagged struct, so a frame decodes in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+import msgspec
+
+from app.service.types import (
+    Classification,
+    ClassifyInput,
+    Embedding,
+    EmbedInput,
+    ExtractInput,
+    FillMaskInput,
+    Generation,
+    MaskFills,
+    Seq2SeqInput,
+    ZeroShotInput,
+)
+
+# Per kind of payload: its type and the type of its results.
+KINDS: dict[str, tuple[type, type]] = {
+    "classify": (ClassifyInput, Classification),
+    "zero_shot": (ZeroShotInput, Classification),
+    "embed": (EmbedInput, Embedding),
+    "extract": (ExtractInput, Generation),
+    "seq2seq": (Seq2SeqInput, Generation),
+    "fill_mask": (FillMaskInput, MaskFills),
+}
+KIND_OF = {payload: kind for kind, (payload, _) in KINDS.items()}
+
+
+class Infer(msgspec.Struct, array_like=True, tag=True):
+    """One request's inputs for a model (the field ``payloads`` is typed per kind below).
+    ``timeout_s`` counts from when the model is loaded, as in-process; ``group`` is the
+    generation settings that inputs must share to run together."""
+
+    rid: int
+    model: str
+    timeout_s: float
+    tenant: str | None
+    group: tuple[tuple[str, Any], ...] | None
+
+
+def _infer_struct(kind: str, payload: type) -> type[Infer]:
+    fields = [("payloads", list[payload])]  # type: ignore[valid-type]
+    struct: type[Infer] = msgspec.defstruct(f"Infer_{kind}", fields, bases=(Infer,), tag=kind, array_like=True)  # type: ignore[assignment]
+    return struct
+
+
+INFER = {kind: _infer_struct(kind, payload) for kind, (payload, _) in KINDS.items()}
+
+
+class Cancel(msgspec.Struct, array_like=True, tag=True):
+    """The client left: drop the request's inputs that have not run."""
+
+    rid: int
+
+
+class Call(msgspec.Struct, array_like=True, tag=True):
+    """A control operation (app/engine/core.py: EngineCore.CALLS), answered by Answer or Failed."""
+
+    rid: int
+    op: str
+    args: list[Any]
+
+
+class Hello(msgspec.Struct, array_like=True, tag=True):
+    """A front announces itself; the engine answers with States, then sends them every second."""
+
+    front: str
+
+
+class Exposition(msgspec.Struct, array_like=True, tag=True):
+    """A front's Prometheus text, asked for by Expose."""
+
+    rid: int
+    text: str
+
+
+# The union a frame to the engine decodes as: Infer's subclasses, one per kind.
+ToEngine = Union[(*INFER.values(), Cancel, Call, Hello, Exposition)]  # type: ignore[valid-type]
+
+
+class Done(msgspec.Struct, array_like=True, tag="Done"):
+    """A request's results, in input order, and the sizes of the batches they ran in."""
+
+    rid: int
+    results: list[Any]
+    sizes: list[int]
+
+
+class DoneRaw(msgspec.Struct, array_like=True, tag="Done"):
+    """Done as a front decodes it: the results left encoded until their type is known."""
+
+    rid: int
+    results: msgspec.Raw
+    sizes: list[int]
+
+
+class Failed(msgspec.Struct, array_like=True, tag=True):
+    """A request (or call) failed with ``error``, a ServiceError type's name (app/errors.py)."""
+
+    rid: int
+    error: str
+    message: str
+    retry_after: float | None
+
+
+class Answer(msgspec.Struct, array_like=True, tag=True):
+    rid: int
+    value: Any
+
+
+class SlotState(msgspec.Struct, array_like=True):
+    """What fronts mirror of one catalog entry (app/registry/registry.py: ModelSlot)."""
+
+    name: str
+    state: str
+    device: str | None
+    error: str | None
+    memory_bytes: int
+    load_seconds: float | None
+    queue_depth: int
+    loads: int
+
+
+class States(msgspec.Struct, array_like=True, tag=True):
+    """Every catalog entry's state; sent on a change and every second (the heartbeat)."""
+
+    hub_online: bool
+    slots: list[SlotState]
+
+
+class Expose(msgspec.Struct, array_like=True, tag=True):
+    """The engine asks a front for its metrics (one front's /metrics answers for all)."""
+
+    rid: int
+
+
+FromEngine = DoneRaw | Failed | Answer | States | Expose
+
+encode = msgspec.msgpack.Encoder().encode
+decode_to_engine = msgspec.msgpack.Decoder(list[ToEngine]).decode  # type: ignore[valid-type]
+decode_from_engine = msgspec.msgpack.Decoder(list[FromEngine]).decode
+RESULTS: dict[str, Callable[[bytes], list[Any]]] = {
+    kind: msgspec.msgpack.Decoder(list[result]).decode  # type: ignore[valid-type]
+    for kind, (_, result) in KINDS.items()
+}
