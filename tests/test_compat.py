@@ -230,3 +230,12 @@ def test_compat_routes_document_their_errors_and_examples(base_url: str, ours: h
     not_found = embeddings["responses"]["404"]["content"]["application/json"]["example"]
     assert not_found["error"]["type"] == "model_not_found"
     assert {"401", "404"} <= set(paths["/v1/models/{model}"]["get"]["responses"])
+
+
+def test_an_openai_error_quoting_a_lone_surrogate_is_a_404_not_a_500(ours: httpx.Client) -> None:
+    # Valid JSON, invalid UTF-8 once decoded: the message that quotes it must still be written.
+    answer = ours.post(
+        "/v1/embeddings", content=b'{"input": "0", "model": "\\ud800"}', headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 404
+    assert "unknown model" in answer.json()["error"]["message"]

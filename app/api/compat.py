@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
+from app.api.errors import ErrorJSONResponse
 from app.api.json_route import JsonBodyRoute
 
 
@@ -66,4 +67,5 @@ def copy_headers(response: Response) -> dict[str, str]:
 
 
 def with_body(response: Response, body: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(body, status_code=response.status_code, headers=copy_headers(response))
+    # ErrorJSONResponse: the rebuilt message may quote a client's lone surrogate, as ours do.
+    return ErrorJSONResponse(body, status_code=response.status_code, headers=copy_headers(response))
