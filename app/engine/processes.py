@@ -67,20 +67,10 @@ def run_engine(settings: Settings, address: str) -> None:
 
     from app import heap, serving
 
-    if settings.torch_threads is None:
-        settings = settings.model_copy(update={"torch_threads": engine_threads(settings.workers)})
     serving.tune_process(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to act on
     with heap.young_collections_spaced_out():
         uvloop.run(_engine(settings, address))
-
-
-def engine_threads(workers: int) -> int:
-    """torch's threads in the engine when TESSERA_TORCH_THREADS leaves it open: the cores the
-    fronts leave. torch's default, every core, has idle threads spin while the fronts want
-    the CPU: on 2 cores with one front, 1 thread answered 1.2-1.3x the single-text requests
-    of 2 at 0.85-0.9x the CPU per request (bench/ceiling.py; docs/front-engine.md)."""
-    return max(1, len(os.sched_getaffinity(0)) - workers)
 
 
 async def _engine(settings: Settings, address: str) -> None:
