@@ -109,6 +109,18 @@ class Run:
     cores_busy: float = 0.0
 
 
+def per_role(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """CPU ms per request by role (engine, front ...), summed over that role's processes in
+    each run, averaged over the runs (pids change from run to run)."""
+    totals: dict[str, float] = {}
+    for run in runs:
+        for key, ms in run["cpu_ms_per_request"].items():
+            if key != "total":
+                role = key.split(":", 1)[1]
+                totals[role] = totals.get(role, 0.0) + ms
+    return {role: round(ms / len(runs), 3) for role, ms in sorted(totals.items()) if ms / len(runs) >= 0.001}
+
+
 def wrk_script(path: Path, bodies: list[str]) -> Path:
     quoted = ",\n".join("[==[" + b + "]==]" for b in bodies)
     path.write_text(
@@ -262,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         row["cpu_ms_per_request"] = round(sum(x["cpu_ms_per_request"]["total"] for x in got) / len(got), 3)
         row["cores_busy"] = round(sum(x["cores_busy"] for x in got) / len(got), 2)
         row["non_2xx"] = sum(x["non_2xx"] + x["socket_errors"] for x in got)
-        split = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in got[-1]["cpu_ms_per_request"].items() if k != "total")
+        split = ", ".join(f"{role} {ms}" for role, ms in per_role(got).items())
         print(
             f"{key:<44} {row['requests_per_s']:>8} req/s {row['texts_per_s']:>9} texts/s "
             f"{row['cpu_ms_per_request']:>7} CPU ms/req ({split}) {row['cores_busy']:>5} cores "

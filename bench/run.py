@@ -114,6 +114,8 @@ def _get(server: ServerProcess, path: str) -> dict[str, Any]:
 def served_stats(measurement: Measurement, model: str) -> Measurement:
     """The batches the served server formed during the timed requests, and its CPU per text."""
     before, after = measurement.extra.pop("server_stats")
+    if "models" not in after:  # fronts and an engine (TESSERA_WORKERS): served_app's route is not theirs
+        return measurement
     counts = [after["models"][model][k] - before["models"][model][k] for k in ("batches", "items")]
     measurement.extra["batches"], measurement.extra["items"] = counts
     measurement.extra["mean_batch_size"] = round(counts[1] / counts[0], 2) if counts[0] else None
@@ -139,7 +141,9 @@ def torch_threads(
     The served figure is what the serving lane last used: with two lanes busy, one each
     (app/batching/threads.py); a lone request gets all of them.
     """
-    threads = {"offline": offline.torch_threads, "served": _get(served, STATS)["worker_torch_threads"][model]}
+    stats = _get(served, STATS)
+    # With fronts and an engine (TESSERA_WORKERS), the route is not there: -1, unknown.
+    threads = {"offline": offline.torch_threads, "served": stats.get("worker_torch_threads", {}).get(model, -1)}
     if naive is not None:
         threads["naive"] = _get(naive, "/health")["worker_torch_threads"]
     print(f"  torch threads on the threads that run the model: {threads}", flush=True)
