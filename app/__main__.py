@@ -17,7 +17,7 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_format, settings.log_level)
-    if settings.workers:  # fronts and an engine (app/engine/processes.py)
+    if settings.front_processes:  # fronts and an engine (app/engine/processes.py)
         try:
             load_catalog(settings.catalog)  # a bad catalog stops here, not in every child
         except CatalogError as exc:

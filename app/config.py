@@ -5,6 +5,7 @@ model catalog has its own schema (app/registry/catalog.py).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -12,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.yaml")
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" or "max <period>"
 
 
 class Settings(BaseSettings):
@@ -33,12 +35,13 @@ class Settings(BaseSettings):
         30.0, ge=0, description="After a failed load, requests answer 503 for this long before a retry."
     )
 
-    workers: int = Field(
-        0,
+    workers: int | None = Field(
+        None,
         ge=0,
         le=64,
         description="Front processes (HTTP, validation, answers) in front of one engine process that "
-        "holds the models (docs/front-engine.md). 0: one process does everything.",
+        "holds the models (docs/front-engine.md); 0: one process does everything. Default: one per 4 "
+        "cores, at least 1 (0 on a single core).",
     )
 
     # Batching and backpressure (per loaded model).
@@ -121,6 +124,14 @@ class Settings(BaseSettings):
 
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
 
+    @property
+    def front_processes(self) -> int:
+        """``workers``, or the default for this machine's cores (see the field)."""
+        if self.workers is not None:
+            return self.workers
+        cores = available_cores()
+        return 0 if cores < 2 else max(1, cores // 4)
+
     @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
@@ -133,3 +144,16 @@ class Settings(BaseSettings):
         if self.request_timeout_s > self.max_request_timeout_s:
             raise ValueError("request_timeout_s must not exceed max_request_timeout_s")
         return self
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container's CPU limit, which leaves the affinity at the node's every core)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, int(int(quota) // int(period))))

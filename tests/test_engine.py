@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 import app.engine.client as client_module
+from app import config
 from app.config import Settings
 from app.engine.core import EngineCore
 from app.engine.processes import serve_engine
@@ -159,6 +160,8 @@ async def test_deadlines_disconnects_and_full_queues_hold_across_the_boundary(
                     client.post("/classify", json={"inputs": ["a", "b", "c"], "model": "bert-clf"})
                 )
                 await until(lambda: slot.queue_depth == 6, "three more queued")
+                described = (await client.get("/models/bert-clf")).json()
+                assert described["queue_depth"] == 6  # the engine's depth now, not a heartbeat ago
                 over = await client.post("/classify", json={"inputs": ["d", "e"], "model": "bert-clf"})
                 assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
                 assert "limit 6" in over.json()["message"]
@@ -297,3 +300,19 @@ def test_workers_serve_on_one_port_restart_a_dead_front_and_drain_fronts_before_
         assert log.index("engine: stopping") > log.rindex("Finished server process")
         for pid in children:
             assert not Path(f"/proc/{pid}").exists() or b"Z" in Path(f"/proc/{pid}/stat").read_bytes().split()[2]
+
+
+def test_the_default_front_count_follows_the_cores_a_container_may_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(config, "CGROUP_CPU_MAX", cpu_max)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert Settings().front_processes == 4  # no cgroup file: the affinity's 16 cores
+    cpu_max.write_text("max 100000\n")
+    assert Settings().front_processes == 4
+    cpu_max.write_text("200000 100000\n")  # a limit of 2 CPUs on a 16-core node
+    assert Settings().front_processes == 1
+    cpu_max.write_text("50000 100000\n")  # half a CPU: one process does everything
+    assert Settings().front_processes == 0
+    assert Settings(workers=3).front_processes == 3

@@ -168,6 +168,7 @@ def describe(slot: ModelSlot, defaults: dict[str, str]) -> ModelInfo:
 async def list_models(request: Request) -> ModelList:
     """Every catalog entry with its live state, and the default model of each endpoint."""
     registry = registry_of(request)
+    await registry.refresh()
     defaults = current_defaults(request)
     return ModelList(
         hub="online" if registry.hub_online else "offline",
@@ -183,7 +184,10 @@ async def list_models(request: Request) -> ModelList:
     summary="Describe a model",
 )
 async def get_model(name: str, request: Request) -> ModelInfo:
-    return describe(registry_of(request).slot(name), current_defaults(request))
+    registry = registry_of(request)
+    registry.slot(name)  # 404 for a name outside the catalog, before asking the engine
+    await registry.refresh()
+    return describe(registry.slot(name), current_defaults(request))
 
 
 @router.post(

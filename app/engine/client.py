@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+import msgspec
 import zmq
 
 from app import errors
@@ -191,6 +192,10 @@ class EngineClient:
 
     def has(self, name: str) -> bool:
         return name in self._slots
+
+    async def refresh(self) -> None:
+        """The engine's states as of now (the mirror may be up to a heartbeat old)."""
+        self._mirror(msgspec.convert(await self._call("states"), wire.States))
 
     async def get_or_load(self, name: str) -> ModelSlot:
         slot = self.slot(name)

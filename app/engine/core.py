@@ -325,6 +325,9 @@ class EngineCore:
         if self.rate_limit is not None:
             await self.rate_limit.take(tenant, inputs)
 
+    async def _current_states(self) -> wire.States:
+        return self._states()
+
     async def _metrics(self) -> str:
         """The engine's metrics and every live front's, each sample labelled with its process."""
         rid = next(self._expose_ids)
@@ -349,6 +352,7 @@ class EngineCore:
         "split": _split,
         "take": _take,
         "metrics": _metrics,
+        "states": _current_states,
     }
 
     # -- states ---------------------------------------------------------------------------

@@ -31,9 +31,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from app.config import Settings
-from app.engine.core import EngineCore
+
+if TYPE_CHECKING:  # the supervisor itself runs no model: it imports neither torch nor the engine
+    from app.engine.core import EngineCore
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,7 @@ async def serve_engine(
 
     from app.api.metrics import Metrics
     from app.cluster import merge_expositions
+    from app.engine.core import EngineCore
     from app.main import _preload, decide_hub_online
     from app.registry.catalog import load_catalog
     from app.registry.registry import ModelRegistry
@@ -147,7 +151,7 @@ class Supervisor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.workers = settings.workers
+        self.workers = settings.front_processes
         self.dir = tempfile.mkdtemp(prefix="tessera-")
         self.address = f"ipc://{self.dir}/engine"
         self.engine: subprocess.Popen[bytes] | None = None

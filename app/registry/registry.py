@@ -98,6 +98,8 @@ class Models(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    async def refresh(self) -> None: ...
+
     def slot(self, name: str) -> ModelSlot: ...
 
     def slots(self) -> list[ModelSlot]: ...
@@ -349,6 +351,9 @@ class ModelRegistry:
     def connected(self) -> bool:
         """Whether the models answer: always, in-process (a front's client may lose its engine)."""
         return True
+
+    async def refresh(self) -> None:
+        """Bring the slots' states up to date: they are live in-process (a front's client asks)."""
 
     def slots(self) -> list[ModelSlot]:
         return list(self._slots.values())
