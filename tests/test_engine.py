@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 import app.engine.client as client_module
+import app.engine.core as core_module
 from app import config
 from app.config import Settings
 from app.engine.core import EngineCore
@@ -316,3 +317,15 @@ def test_the_default_front_count_follows_the_cores_a_container_may_use(
     cpu_max.write_text("50000 100000\n")  # half a CPU: one process does everything
     assert Settings().front_processes == 0
     assert Settings(workers=3).front_processes == 3
+
+
+async def test_finished_requests_do_not_pile_up_in_the_engine(
+    make_settings: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core_module, "COMPACT_ABOVE", 8)
+    settings = make_settings()
+    with engine_thread(settings, tmp_path) as core:
+        async with front(settings, core) as client:
+            for _ in range(40):  # each with the default 60 s deadline, answered at once
+                assert (await client.post("/classify", json={"inputs": "x", "model": "bert-clf"})).status_code == 200
+            assert len(core._deadlines) <= 2 * len(core._requests) + 8 + 1

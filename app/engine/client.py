@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -64,7 +65,9 @@ class EngineClient:
         """Connect and wait (up to ``wait_s``) for the engine's first word."""
         self.loop = asyncio.get_running_loop()
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.identity.encode())
+        # Unique per process: a front started again in its place must not be answered what
+        # the engine still owed the one that died (their request ids start over).
+        sock.setsockopt(zmq.IDENTITY, f"{self.identity}/{os.getpid()}".encode())
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)

@@ -43,6 +43,7 @@ HEARTBEAT_S = 1.0  # States go to every front this often, and at once after a ch
 TICK_S = 0.2  # how often the engine looks for a change of state to send
 FRONT_SILENT_S = 5.0  # a front not heard from for this long is forgotten
 EXPOSE_WAIT_S = 1.0  # how long a metrics scrape waits for the fronts' own metrics
+COMPACT_ABOVE = 4096  # finished requests the deadline heap may hold before it is rebuilt
 
 
 class _Input:
@@ -228,7 +229,7 @@ class EngineCore:
         elif isinstance(op, wire.Exposition):
             gathering = self._exposes.get(op.rid)
             if gathering is not None:
-                gathering.add(front.decode(), op.text)
+                gathering.add(front.decode().partition("/")[0], op.text)  # "front-0/<pid>": front-0
 
     def _infer(self, front: bytes, op: wire.Infer) -> None:
         try:
@@ -281,7 +282,13 @@ class EngineCore:
         if request.finished:
             return
         request.finished = True
+        request.results, request.inputs = [], []  # the deadline heap may hold it a while yet
         self._requests.pop(request.key, None)
+        if len(self._deadlines) > 2 * len(self._requests) + COMPACT_ABOVE:
+            # Finished requests leave the heap lazily, at their deadline; under a steady load of
+            # long deadlines they would pile up (a minute's worth at the default 60 s).
+            self._deadlines = [entry for entry in self._deadlines if not entry[2].finished]
+            heapq.heapify(self._deadlines)
         request.slot.in_flight -= 1
         request.slot.last_used = time.monotonic()
 
