@@ -329,3 +329,30 @@ async def test_finished_requests_do_not_pile_up_in_the_engine(
             for _ in range(40):  # each with the default 60 s deadline, answered at once
                 assert (await client.post("/classify", json={"inputs": "x", "model": "bert-clf"})).status_code == 200
             assert len(core._deadlines) <= 2 * len(core._requests) + 8 + 1
+
+
+async def test_a_client_that_leaves_while_its_model_loads_runs_nothing(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings()
+    with engine_thread(settings, tmp_path) as core:
+        registry = core.registry
+        build = registry._build_on_one_thread
+        gate = threading.Event()
+
+        def held_build(*args: Any) -> Any:
+            gate.wait(30)
+            return build(*args)
+
+        registry._build_on_one_thread = held_build  # type: ignore[method-assign]
+        async with front(settings, core) as client:
+            leaver = asyncio.create_task(client.post("/classify", json={"inputs": "x", "model": "distilbert-clf"}))
+            await until(lambda: registry.slot("distilbert-clf").state == "loading", "the load began")
+            leaver.cancel()
+            await asyncio.sleep(0.3)  # the front's Cancel reaches the engine
+            gate.set()
+            await until(lambda: registry.slot("distilbert-clf").state == "loaded", "the load ended")
+            await asyncio.sleep(0.2)
+            batcher = registry.slot("distilbert-clf").batcher
+            assert batcher is not None and batcher.items == 0 and batcher.queue_depth == 0
+            assert registry.slot("distilbert-clf").in_flight == 0

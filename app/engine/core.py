@@ -140,6 +140,7 @@ class EngineCore:
         self.merge = merge
         self.fronts: dict[bytes, float] = {}  # identity -> when last heard from
         self._requests: dict[tuple[bytes, int], _Request] = {}
+        self._awaiting_load: dict[tuple[bytes, int], bool] = {}  # -> cancelled meanwhile
         self._deadlines: list[tuple[float, int, _Request]] = []
         self._seq = itertools.count()
         self._expiry: asyncio.TimerHandle | None = None
@@ -218,7 +219,10 @@ class EngineCore:
         if isinstance(op, wire.Infer):
             self._infer(front, op)
         elif isinstance(op, wire.Cancel):
-            request = self._requests.get((front, op.rid))
+            key = (front, op.rid)
+            if key in self._awaiting_load:
+                self._awaiting_load[key] = True
+            request = self._requests.get(key)
             if request is not None:
                 request.drop()
                 self._release(request)
@@ -240,15 +244,18 @@ class EngineCore:
         if slot.state is ModelState.loaded and slot.batcher is not None:
             self._enqueue(front, op, slot)
         else:  # the model loads first (once, however many ask), off this path
+            self._awaiting_load[(front, op.rid)] = False
             self._spawn(self._load_then_enqueue(front, op))
 
     async def _load_then_enqueue(self, front: bytes, op: wire.Infer) -> None:
         try:
             slot = await self.registry.get_or_load(op.model)
         except ServiceError as exc:
-            self._send(front, failure(op.rid, exc))
+            if not self._awaiting_load.pop((front, op.rid), False):
+                self._send(front, failure(op.rid, exc))
             return
-        self._enqueue(front, op, slot)
+        if not self._awaiting_load.pop((front, op.rid), False):  # its client left while it loaded
+            self._enqueue(front, op, slot)
 
     def _enqueue(self, front: bytes, op: wire.Infer, slot: ModelSlot) -> None:
         payloads: list[Any] = op.payloads  # type: ignore[attr-defined]  # each kind's struct has them
