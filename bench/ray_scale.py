@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn = ServerProcess(
         "uvicorn",
         ["-m", "app", "serve", "--host", "127.0.0.1", "--port", "{port}"],
-        env,
+        {**env, "TESSERA_WORKERS": "0"},  # one process, as each Serve replica is
         "/health/ready",
         work,
         timeout_s=300,
