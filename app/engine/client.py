@@ -64,13 +64,9 @@ class EngineClient:
     async def start(self, wait_s: float) -> None:
         """Connect and wait (up to ``wait_s``) for the engine's first word."""
         self.loop = asyncio.get_running_loop()
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         # Unique per process: a front started again in its place must not be answered what
         # the engine still owed the one that died (their request ids start over).
-        sock.setsockopt(zmq.IDENTITY, f"{self.identity}/{os.getpid()}".encode())
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = wire.open_socket(zmq.DEALER, f"{self.identity}/{os.getpid()}".encode())
         sock.connect(self.address)
         self._socket = sock
         self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]

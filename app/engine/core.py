@@ -157,10 +157,7 @@ class EngineCore:
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = wire.open_socket(zmq.ROUTER)
         sock.bind(self.address)
         self._socket = sock
         self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]

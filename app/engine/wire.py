@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, Union
 
 import msgspec
+import zmq
 
 from app.service.types import (
     Classification,
@@ -149,6 +150,19 @@ class Expose(msgspec.Struct, array_like=True, tag=True):
 
 
 FromEngine = DoneRaw | Failed | Answer | States | Expose
+
+
+def open_socket(kind: int, identity: bytes | None = None) -> zmq.Socket[bytes]:
+    """A ZeroMQ socket as both ends use it: unbounded queues (the batcher's queue limit is the
+    bound), nothing kept after close."""
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(kind)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock
+
 
 encode = msgspec.msgpack.Encoder().encode
 decode_to_engine = msgspec.msgpack.Decoder(list[ToEngine]).decode  # type: ignore[valid-type]
