@@ -38,7 +38,8 @@ async def live() -> Health:
     responses={
         503: {
             "model": Health,
-            "description": "Preload models still loading (or failed), or the server is draining.",
+            "description": "Preload models still loading (or failed), the server draining, or (in a front "
+            "process) the engine not answering.",
             "content": {
                 "application/json": {"example": {"status": "loading", "waiting_for": ["distilbert-sst2"], "failed": []}}
             },
@@ -47,8 +48,9 @@ async def live() -> Health:
     summary="Readiness",
 )
 async def ready(request: Request) -> Health | JSONResponse:
-    """200 once every catalog entry marked `preload` is loaded; 503 naming the missing ones, or
-    while the server drains before it stops (status `draining`)."""
+    """200 once every catalog entry marked `preload` is loaded; 503 naming the missing ones,
+    while the server drains before it stops (status `draining`), or while a front process
+    hears nothing from the engine that holds the models (status `no_engine`)."""
     if request.app.state.drain.draining:
         return JSONResponse(Health(status="draining").model_dump(), status_code=503)
     registry = registry_of(request)
