@@ -195,6 +195,7 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         child.kill()
             return
+        log.info("%s: draining the fronts, then stopping the engine", signal.Signals(sig).name)
         self.stopping = True
 
     def _watch(self) -> int:
