@@ -30,7 +30,7 @@ from app.cluster import ReplicaAgent
 from app.config import Settings
 from app.engine.client import EngineClient
 from app.errors import ServiceError
-from app.registry.catalog import load_catalog
+from app.registry.catalog import Catalog, load_catalog
 from app.registry.registry import ModelRegistry
 from app.registry.sources import hf_offline_flag, probe_hub
 from app.service.checks import rate_limit_of
@@ -82,7 +82,24 @@ async def decide_hub_online(settings: Settings) -> bool:
     return await asyncio.to_thread(probe_hub, settings.hub_probe_timeout_s)
 
 
-async def _preload(registry: ModelRegistry) -> None:
+async def open_registry(
+    settings: Settings, catalog: Catalog, metrics: Metrics, on_models_changed: Callable[[], None] | None
+) -> ModelRegistry:
+    """The registry as a serving process opens it (this app's lifespan, the engine process's):
+    the hub's reachability decided, and ``metrics`` fed by its batches and loads and reading
+    its live state."""
+    online = await decide_hub_online(settings)
+    hooks = metrics.hooks()
+    hooks.on_change = on_models_changed
+    registry = ModelRegistry(settings, catalog, hub_online=online, hooks=hooks)
+    metrics.watch(registry)
+    log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
+    return registry
+
+
+async def preload(registry: ModelRegistry) -> None:
+    """Load the catalog entries marked ``preload``, one after the other; a failure is logged
+    (readiness reports it)."""
     for slot in registry.slots():
         if slot.entry.preload:
             try:
@@ -107,15 +124,17 @@ def create_app(
     settings = settings or Settings()
     catalog = load_catalog(settings.catalog)
 
-    async def local_metrics() -> bytes:
+    def own_metrics() -> bytes:
+        """This process's exposition (a front's, a replica's, or the whole server's)."""
         return generate_latest(app.state.metrics.registry)
+
+    async def local_metrics() -> bytes:
+        return own_metrics()
 
     @asynccontextmanager
     async def front_lifespan(app: FastAPI) -> AsyncIterator[None]:
         assert engine is not None
-        client = EngineClient(
-            catalog, engine.address, engine.identity, lambda: generate_latest(app.state.metrics.registry)
-        )
+        client = EngineClient(catalog, engine.address, engine.identity, own_metrics)
         await client.start(ENGINE_WAIT_S)
         app.state.registry = client
         app.state.exposition = client.metrics
@@ -132,21 +151,16 @@ def create_app(
             async with front_lifespan(app):
                 yield
             return
-        online = await decide_hub_online(settings)
-        hooks = app.state.metrics.hooks()
-        hooks.on_change = on_models_changed
-        registry = ModelRegistry(settings, catalog, hub_online=online, hooks=hooks)
+        registry = await open_registry(settings, catalog, app.state.metrics, on_models_changed)
         app.state.registry = registry
         app.state.service = InferenceService(settings, registry, rate_limit_of(settings))
-        app.state.metrics.watch(registry)
         app.state.exposition = cluster.metrics if cluster else local_metrics
-        log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
         preloading = None
         if cluster:  # a replica takes traffic once loaded, and once it has caught up
-            await _preload(registry)
-            await cluster.start(registry, lambda: generate_latest(app.state.metrics.registry))
+            await preload(registry)
+            await cluster.start(registry, own_metrics)
         else:
-            preloading = asyncio.create_task(_preload(registry))
+            preloading = asyncio.create_task(preload(registry))
         try:
             yield
         finally:

@@ -100,18 +100,12 @@ async def serve_engine(
     from app.api.metrics import Metrics
     from app.cluster import merge_expositions
     from app.engine.core import EngineCore
-    from app.main import _preload, decide_hub_online
+    from app.main import open_registry, preload
     from app.registry.catalog import load_catalog
-    from app.registry.registry import ModelRegistry
     from app.service.checks import rate_limit_of
 
-    catalog = load_catalog(settings.catalog)
     metrics = Metrics()
-    hooks = metrics.hooks()
-    hooks.on_change = on_models_changed
-    online = await decide_hub_online(settings)
-    registry = ModelRegistry(settings, catalog, hub_online=online, hooks=hooks)
-    metrics.watch(registry)
+    registry = await open_registry(settings, load_catalog(settings.catalog), metrics, on_models_changed)
     core = EngineCore(
         registry,
         address,
@@ -120,10 +114,9 @@ async def serve_engine(
         merge=lambda texts: merge_expositions(texts, label="process"),
     )
     core.start()
-    log.info("engine: hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
     if started is not None:
         started(core)
-    preloading = asyncio.create_task(_preload(registry))
+    preloading = asyncio.create_task(preload(registry))
     await stop.wait()
     log.info("engine: stopping")
     preloading.cancel()
