@@ -43,6 +43,7 @@ HEARTBEAT_S = 1.0  # States go to every front this often, and at once after a ch
 TICK_S = 0.2  # how often the engine looks for a change of state to send
 FRONT_SILENT_S = 5.0  # a front not heard from for this long is forgotten
 EXPOSE_WAIT_S = 1.0  # how long a metrics scrape waits for the fronts' own metrics
+CHANGES_STATES = frozenset({"load", "unload"})  # calls after which fronts get the states at once
 COMPACT_ABOVE = 4096  # finished requests the deadline heap may hold before it is rebuilt
 
 
@@ -130,8 +131,8 @@ class EngineCore:
         address: str,
         *,
         exposition: Callable[[], bytes],
+        merge: Callable[[dict[str, str]], str],
         rate_limit: RateLimit | None = None,
-        merge: Callable[[dict[str, str]], str] | None = None,
     ) -> None:
         self.registry = registry
         self.address = address
@@ -255,13 +256,13 @@ class EngineCore:
             self._enqueue(front, op, slot)
 
     def _enqueue(self, front: bytes, op: wire.Infer, slot: ModelSlot) -> None:
-        payloads: list[Any] = op.payloads  # type: ignore[attr-defined]  # each kind's struct has them
-        deadline = time.monotonic() + op.timeout_s
-        request = _Request(self, (front, op.rid), slot, deadline, len(payloads))
         batcher = slot.batcher
         if batcher is None:  # unloaded between the load and now
             self._send(front, failure(op.rid, ModelUnavailable(f"model '{op.model}' was unloaded; retry")))
             return
+        payloads: list[Any] = op.payloads  # type: ignore[attr-defined]  # each kind's struct has them
+        deadline = time.monotonic() + op.timeout_s
+        request = _Request(self, (front, op.rid), slot, deadline, len(payloads))
         try:
             request.ticket = batcher.enqueue(
                 payloads, request.inputs, loop=self.loop, group=op.group, deadline=deadline, tenant=op.tenant
@@ -269,8 +270,7 @@ class EngineCore:
         except ServiceError as exc:
             self._send(front, failure(op.rid, exc))
             return
-        slot.in_flight += 1
-        slot.last_used = time.monotonic()
+        slot.hold()
         self._requests[request.key] = request
         heapq.heappush(self._deadlines, (deadline, next(self._seq), request))
         if self._deadlines[0][2] is request:
@@ -293,8 +293,7 @@ class EngineCore:
             # long deadlines they would pile up (a minute's worth at the default 60 s).
             self._deadlines = [entry for entry in self._deadlines if not entry[2].finished]
             heapq.heapify(self._deadlines)
-        request.slot.in_flight -= 1
-        request.slot.last_used = time.monotonic()
+        request.slot.let_go()
 
     def _arm(self) -> None:
         if self._expiry is not None:
@@ -321,7 +320,8 @@ class EngineCore:
             self._send(front, failure(op.rid, exc))
         else:
             self._send(front, wire.Answer(op.rid, value))
-        self._send_states_if_changed()
+        if op.op in CHANGES_STATES:  # every front learns now, not at the next tick
+            self._send_states_if_changed()
 
     async def _load(self, name: str) -> None:
         await self.registry.get_or_load(name)
@@ -351,11 +351,7 @@ class EngineCore:
                 await asyncio.wait_for(gathering.complete.wait(), EXPOSE_WAIT_S)
         finally:
             del self._exposes[rid]
-        gathered = gathering.texts
-        texts = {"engine": self.exposition().decode(), **dict(sorted(gathered.items()))}
-        if self.merge is None:
-            return "".join(texts.values())
-        return self.merge(texts)
+        return self.merge({"engine": self.exposition().decode(), **dict(sorted(gathering.texts.items()))})
 
     CALLS: dict[str, Callable[..., Any]] = {
         "load": _load,

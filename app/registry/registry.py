@@ -69,6 +69,15 @@ class ModelSlot:
     loads: int = 0
     reported_depth: int = 0  # in a front (app/engine/client.py): the engine's queue depth
 
+    def hold(self) -> None:
+        """A request uses the model: it is not evicted until ``let_go``."""
+        self.in_flight += 1
+        self.last_used = time.monotonic()
+
+    def let_go(self) -> None:
+        self.in_flight -= 1
+        self.last_used = time.monotonic()
+
     @property
     def queue_depth(self) -> int:
         """Inputs queued for this model."""
@@ -186,13 +195,11 @@ class ModelRegistry:
     async def use(self, name: str) -> AsyncIterator[ModelSlot]:
         """A loaded model that cannot be evicted while the caller holds it."""
         slot = await self.get_or_load(name)
-        slot.in_flight += 1
-        slot.last_used = time.monotonic()
+        slot.hold()
         try:
             yield slot
         finally:
-            slot.in_flight -= 1
-            slot.last_used = time.monotonic()
+            slot.let_go()
 
     async def infer(
         self,
