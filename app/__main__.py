@@ -38,21 +38,16 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def engine(args: argparse.Namespace) -> int:
-    from app.engine.processes import run_engine
+def child(args: argparse.Namespace) -> int:
+    """A process the supervisor starts (app/engine/processes.py): the engine or a front."""
+    from app.engine.processes import run_engine, run_front
 
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
-    run_engine(settings, args.address)
-    return 0
-
-
-def front(args: argparse.Namespace) -> int:
-    from app.engine.processes import run_front
-
-    settings = Settings()
-    configure_logging(settings.log_format, settings.log_level)
-    run_front(settings, args.address, args.index)
+    if args.command == "engine":
+        run_engine(settings, args.address)
+    else:
+        run_front(settings, args.address, args.index)
     return 0
 
 
@@ -121,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     on_ray.add_argument("ray_args", nargs=argparse.REMAINDER)
     on_ray.set_defaults(func=ray)
     # The supervisor's children (app/engine/processes.py), not for people to run.
-    for name, func in (("engine", engine), ("front", front)):
-        child = commands.add_parser(name)
-        child.add_argument("--address", required=True)
-        child.add_argument("--index", type=int, default=0)
-        child.set_defaults(func=func)
+    for name in ("engine", "front"):
+        started = commands.add_parser(name)
+        started.add_argument("--address", required=True)
+        started.add_argument("--index", type=int, default=0)
+        started.set_defaults(func=child)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
