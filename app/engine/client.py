@@ -22,9 +22,9 @@ import zmq
 
 from app import errors
 from app.engine import wire
-from app.errors import ModelNotFound, ModelUnavailable, ServiceError
+from app.errors import ModelUnavailable, ServiceError
 from app.registry.catalog import Catalog
-from app.registry.registry import ModelSlot, ModelState
+from app.registry.registry import CatalogSlots, ModelSlot, ModelState
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def raised(failed: wire.Failed) -> ServiceError:
     return ERRORS.get(failed.error, ServiceError)(failed.message, retry_after=failed.retry_after)
 
 
-class EngineClient:
+class EngineClient(CatalogSlots):
     """One front's connection to the engine at ``address``; ``identity`` names the front
     (its metrics carry it as ``process``)."""
 
@@ -179,18 +179,6 @@ class EngineClient:
         return await self._ask(lambda rid: wire.Call(rid, op, list(args)))
 
     # -- the models -----------------------------------------------------------------------
-
-    def slot(self, name: str) -> ModelSlot:
-        try:
-            return self._slots[name]
-        except KeyError:
-            raise ModelNotFound(f"unknown model '{name}'; the catalog has: {', '.join(self._slots)}") from None
-
-    def slots(self) -> list[ModelSlot]:
-        return list(self._slots.values())
-
-    def has(self, name: str) -> bool:
-        return name in self._slots
 
     async def refresh(self) -> None:
         """The engine's states as of now (the mirror may be up to a heartbeat old)."""

@@ -143,8 +143,27 @@ class RegistryHooks:
     on_change: Callable[[], None] | None = None
 
 
+class CatalogSlots:
+    """One slot per catalog entry, by name: the registry's own, or a front's mirror of the
+    engine's (app/engine/client.py)."""
+
+    _slots: dict[str, ModelSlot]
+
+    def slot(self, name: str) -> ModelSlot:
+        try:
+            return self._slots[name]
+        except KeyError:
+            raise ModelNotFound(f"unknown model '{name}'; the catalog has: {', '.join(self._slots)}") from None
+
+    def slots(self) -> list[ModelSlot]:
+        return list(self._slots.values())
+
+    def has(self, name: str) -> bool:
+        return name in self._slots
+
+
 @dataclass
-class ModelRegistry:
+class ModelRegistry(CatalogSlots):
     settings: Settings
     catalog: Catalog
     hub_online: bool = False
@@ -158,12 +177,6 @@ class ModelRegistry:
         self._cpu_threads = ThreadShare(budget, torch.set_num_threads)
 
     # -- choosing a model ---------------------------------------------------------------
-
-    def slot(self, name: str) -> ModelSlot:
-        try:
-            return self._slots[name]
-        except KeyError:
-            raise ModelNotFound(f"unknown model '{name}'; the catalog has: {', '.join(self._slots)}") from None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -351,9 +364,6 @@ class ModelRegistry:
         for name in list(self._slots):
             await self.unload(name)
 
-    def has(self, name: str) -> bool:
-        return name in self._slots
-
     @property
     def connected(self) -> bool:
         """Whether the models answer: always, in-process (a front's client may lose its engine)."""
@@ -361,9 +371,6 @@ class ModelRegistry:
 
     async def refresh(self) -> None:
         """Bring the slots' states up to date: they are live in-process (a front's client asks)."""
-
-    def slots(self) -> list[ModelSlot]:
-        return list(self._slots.values())
 
     # -- memory budget ------------------------------------------------------------------
 
