@@ -63,7 +63,8 @@ def past_deadline(model: str) -> DeadlineExceeded:
 
 
 class DynamicBatcher(BatchWork):
-    """Batches concurrent requests for one model; ``submit`` is the only entry point."""
+    """Batches concurrent requests for one model; ``submit`` (await the results) and
+    ``enqueue`` (results set on the caller's outcomes: the engine process) are the entry points."""
 
     def __init__(
         self,
