@@ -152,10 +152,9 @@ async def test_deadlines_disconnects_and_full_queues_hold_across_the_boundary(
                 leaver.cancel()  # the client goes away: the engine drops its input
                 await until(lambda: slot.in_flight == 1, "the engine let the leaver go")
 
-                started = time.monotonic()
                 late = await client.post("/classify", json={"inputs": "late", "model": "bert-clf", "timeout_s": 1})
                 assert late.status_code == 504 and late.json()["error"] == "deadline_exceeded"
-                assert time.monotonic() - started < 5  # answered at its deadline, not when a lane got to it
+                assert not blocker.done()  # answered at its deadline, while the only lane is still held
 
                 queued = asyncio.create_task(
                     client.post("/classify", json={"inputs": ["a", "b", "c"], "model": "bert-clf"})
