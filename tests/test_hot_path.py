@@ -1,5 +1,5 @@
 """The batch-wide steps of the engine's hot path answer exactly what the per-item code did:
-padding rows into tensors, and classification scores ranked per input."""
+tokenizing, padding rows into tensors, and classification scores ranked per input."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig
+from transformers import AutoTokenizer, BertConfig
 
 from app.registry.catalog import TextClassificationEntry
 from app.runners.classification import ClassificationRunner, default_function
-from app.runners.tokens import pad_rows
+from app.runners.tokens import TextEncoder, pad_rows
 from app.service.types import ClassifyInput
 
 
@@ -28,6 +28,62 @@ def test_pad_rows_right_pads_every_row_and_masks_only_the_padding() -> None:
         assert batch["token_type_ids"][i].tolist() == types[i] + [0] * (width - len(row))
     assert batch["input_ids"].shape == (4, 5)
     assert "token_type_ids" not in pad_rows(rows, 0, None, torch.device("cpu"))
+
+
+TEXTS = [
+    "A fine film, truly.",
+    "  Ünïcödé naïve café  ",
+    "东京 🙂 tabs\tand\nlines",
+    "",
+    "[MASK] <mask> </s> 1,234.56",
+    "long " * 80,
+]
+
+
+@pytest.mark.parametrize("model", ["bert-clf", "distilbert-clf", "bart", "t5", "marian"])
+def test_text_encoder_gives_the_tokenizers_own_ids_truncating_only_long_texts(
+    tiny_models: dict[str, Path], model: str
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models[model]))
+    encoder = TextEncoder(tokenizer, 32)
+    for (ids, types, truncated), text in zip(encoder.encode(TEXTS), TEXTS, strict=True):
+        whole = tokenizer(text)
+        if len(whole["input_ids"]) <= 32:
+            want = whole
+            assert not truncated
+        else:
+            want = tokenizer(text, truncation=True, max_length=32)
+            assert truncated and len(ids) == 32
+        assert ids == want["input_ids"]
+        assert types == want.get("token_type_ids")
+    pairs = TextEncoder(tokenizer, 128).encode(TEXTS[:2], ["a hypothesis", "another one"])
+    for (ids, types, _), text, pair in zip(pairs, TEXTS[:2], ["a hypothesis", "another one"], strict=True):
+        assert ids == tokenizer(text, pair)["input_ids"]
+        assert types == tokenizer(text, pair).get("token_type_ids")
+
+
+def test_text_encoder_reads_fast_tokenizers_directly_and_others_through_their_call(
+    tiny_models: dict[str, Path],
+) -> None:
+    assert TextEncoder(AutoTokenizer.from_pretrained(str(tiny_models["bert-clf"])), 32).direct is not None
+    # Marian's is a sentencepiece tokenizer without a Rust backend.
+    assert TextEncoder(AutoTokenizer.from_pretrained(str(tiny_models["marian"])), 32).direct is None
+
+
+def test_text_encoder_keeps_call_where_the_backend_alone_tokenizes_differently(tiny_models: dict[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert-clf"]))
+
+    class Prefixing(type(tokenizer)):  # type: ignore[misc]
+        """A tokenizer whose __call__ does more than its backend: what the probes catch."""
+
+        def __call__(self, text, *args, **kwargs):  # type: ignore[no-untyped-def]
+            texts = ["film " + t for t in text] if isinstance(text, list) else "film " + text
+            return super().__call__(texts, *args, **kwargs)
+
+    prefixing = Prefixing.from_pretrained(str(tiny_models["bert-clf"]))
+    encoder = TextEncoder(prefixing, 32)
+    assert encoder.direct is None
+    assert [ids for ids, _, _ in encoder.encode(["a fine film"])] == [prefixing("a fine film")["input_ids"]]
 
 
 @pytest.fixture(scope="module")

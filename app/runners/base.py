@@ -30,14 +30,13 @@ class Encoded:
     truncated: bool = False
     rows_type_ids: list[list[int]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Read many times while batches form: worked out once (rows_ids is never changed).
+    rows: int = field(init=False)
+    length: int = field(init=False)
 
-    @property
-    def rows(self) -> int:
-        return len(self.rows_ids)
-
-    @property
-    def length(self) -> int:
-        return max((len(ids) for ids in self.rows_ids), default=0)
+    def __post_init__(self) -> None:
+        self.rows = len(self.rows_ids)
+        self.length = max(map(len, self.rows_ids), default=0)
 
 
 class Runner(ABC):

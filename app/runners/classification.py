@@ -17,7 +17,7 @@ import torch
 from app.registry.catalog import TextClassificationEntry, ZeroShotEntry
 from app.runners.base import Encoded, Runner, load_pipeline
 from app.runners.forward import encoder_forward
-from app.runners.tokens import encode_texts, max_input_tokens, pad_id_of, pad_rows
+from app.runners.tokens import TextEncoder, pad_rows
 from app.service.types import Classification, ClassifyInput, ZeroShotInput
 
 
@@ -34,10 +34,10 @@ class ClassificationRunner(Runner):
         )
         self.default_function = entry.function_to_apply or default_function(self.model.config)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
+        self.text = TextEncoder.for_model(self.tokenizer, self.model.config, entry.max_input_tokens)
 
     def tokenize(self, payloads: Sequence[ClassifyInput]) -> list[Encoded]:
-        encoded = encode_texts(self.tokenizer, [p.text for p in payloads], self.max_tokens)
+        encoded = self.text.encode([p.text for p in payloads])
         return [Encoded([ids], truncated, [types] if types else None) for ids, types, truncated in encoded]
 
     def infer(self, payloads: Sequence[ClassifyInput], encoded: Sequence[Encoded]) -> list[Classification]:
@@ -73,12 +73,12 @@ class NliZeroShotRunner(Runner):
                 "this model has no 'entailment' label in its config; the NLI zero-shot engine needs one "
                 "(use engine: similarity for an embedding model)"
             )
-        self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
+        self.text = TextEncoder.for_model(self.tokenizer, self.model.config, entry.max_input_tokens)
 
     def tokenize(self, payloads: Sequence[ZeroShotInput]) -> list[Encoded]:
         out = []
         for p in payloads:
-            rows = encode_texts(self.tokenizer, [p.text] * len(p.hypotheses), self.max_tokens, p.hypotheses)
+            rows = self.text.encode([p.text] * len(p.hypotheses), p.hypotheses)
             type_rows = [types for _, types, _ in rows]
             out.append(
                 Encoded(
@@ -131,7 +131,7 @@ def default_function(config: Any) -> str:
 def _forward(runner: ClassificationRunner | NliZeroShotRunner, encoded: Sequence[Encoded]) -> torch.Tensor:
     rows = [ids for enc in encoded for ids in enc.rows_ids]
     types = [t for enc in encoded for t in (enc.rows_type_ids or [])]
-    batch = pad_rows(rows, pad_id_of(runner.tokenizer), types if len(types) == len(rows) else None, runner.device)
+    batch = pad_rows(rows, runner.text.pad_id, types if len(types) == len(rows) else None, runner.device)
     forward = runner.forward
     assert forward is not None  # both runners declare theirs
     with torch.inference_mode():

@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoTokenizer
 from app.registry.catalog import EmbeddingEntry, SummarizationEntry, ZeroShotEntry
 from app.runners.base import Encoded, Runner, weights_kwargs
 from app.runners.forward import encoder_forward
-from app.runners.tokens import encode_texts, max_input_tokens, pad_id_of, pad_rows
+from app.runners.tokens import TextEncoder, pad_rows
 from app.service.types import Classification, Embedding, EmbedInput, ExtractInput, Generation, ZeroShotInput
 
 _POOLING_KEYS = {
@@ -52,7 +52,7 @@ class SentenceEncoder:
         self.model.to(device).eval()
         pooling = getattr(entry, "pooling", "auto")
         self.pooling = declared_pooling(path) if pooling == "auto" else pooling
-        self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
+        self.text = TextEncoder.for_model(self.tokenizer, self.model.config, entry.max_input_tokens)
         self.device = device
         self.forward = encoder_forward(
             self.model, "last_hidden_state", self.tokenizer, entry.name, entry.torchscript, entry.packed
@@ -60,15 +60,14 @@ class SentenceEncoder:
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         return [
-            Encoded([ids], truncated, [types] if types else None)
-            for ids, types, truncated in encode_texts(self.tokenizer, texts, self.max_tokens)
+            Encoded([ids], truncated, [types] if types else None) for ids, types, truncated in self.text.encode(texts)
         ]
 
     def embed(self, encoded: Sequence[Encoded], normalize: bool = True) -> torch.Tensor:
         """One pooled vector per row of ``encoded``, float32 on the CPU."""
         rows = [ids for enc in encoded for ids in enc.rows_ids]
         types = [t for enc in encoded for t in (enc.rows_type_ids or [])]
-        batch = pad_rows(rows, pad_id_of(self.tokenizer), types if len(types) == len(rows) else None, self.device)
+        batch = pad_rows(rows, self.text.pad_id, types if len(types) == len(rows) else None, self.device)
         with torch.inference_mode():
             hidden = self.forward(batch).float()
         mask = batch["attention_mask"].unsqueeze(-1).float()

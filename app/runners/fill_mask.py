@@ -17,7 +17,7 @@ from app.errors import InputTooLarge, WrongTask
 from app.registry.catalog import FillMaskEntry
 from app.runners.base import Encoded, Runner, load_pipeline
 from app.runners.forward import encoder_forward
-from app.runners.tokens import encode_texts, max_input_tokens, pad_id_of, pad_rows
+from app.runners.tokens import TextEncoder, pad_rows
 from app.service.types import FillMaskInput, MaskFills
 
 
@@ -30,7 +30,7 @@ class FillMaskRunner(Runner):
         if self.tokenizer.mask_token_id is None:
             raise RuntimeError("this model's tokenizer has no mask token; fill-mask needs one")
         self.forward = encoder_forward(self.model, "logits", self.tokenizer, entry.name, entry.torchscript, False)
-        self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
+        self.text = TextEncoder.for_model(self.tokenizer, self.model.config, entry.max_input_tokens)
 
     def tokenize(self, payloads: Sequence[FillMaskInput]) -> list[Encoded]:
         # A text without this model's mask token is valid text this model cannot fill: a 400
@@ -39,7 +39,7 @@ class FillMaskRunner(Runner):
         for payload in payloads:
             if mask not in payload.text:
                 raise WrongTask(f"the text holds no mask token; put {mask} where a word should be predicted")
-        encoded = encode_texts(self.tokenizer, [p.text for p in payloads], self.max_tokens)
+        encoded = self.text.encode([p.text for p in payloads])
         out = [Encoded([ids], truncated, [types] if types else None) for ids, types, truncated in encoded]
         if any(self.tokenizer.mask_token_id not in enc.rows_ids[0] for enc in out):
             raise InputTooLarge(f"its mask token {mask} is past the model's maximum length; shorten the text")
@@ -48,7 +48,7 @@ class FillMaskRunner(Runner):
     def infer(self, payloads: Sequence[FillMaskInput], encoded: Sequence[Encoded]) -> list[MaskFills]:
         rows = [enc.rows_ids[0] for enc in encoded]
         types = [t for enc in encoded for t in (enc.rows_type_ids or [])]
-        batch = pad_rows(rows, pad_id_of(self.tokenizer), types if len(types) == len(rows) else None, self.device)
+        batch = pad_rows(rows, self.text.pad_id, types if len(types) == len(rows) else None, self.device)
         forward = self.forward
         assert forward is not None
         with torch.inference_mode():

@@ -20,7 +20,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from app.errors import InvalidInput
 from app.registry.catalog import SummarizationEntry, TranslationEntry
 from app.runners.base import Encoded, Runner, weights_kwargs
-from app.runners.tokens import encode_texts, max_input_tokens, pad_id_of, pad_rows
+from app.runners.tokens import TextEncoder, pad_rows
 from app.service.types import Generation, Seq2SeqInput
 
 # Room left for special tokens when packing chunks.
@@ -54,7 +54,7 @@ class Seq2SeqRunner(Runner):
                 if token_id is None or token_id == self.tokenizer.unk_token_id:
                     raise RuntimeError(f"forced_bos_token '{entry.forced_bos_token}' is not in the vocabulary")
                 self.defaults["forced_bos_token_id"] = token_id
-        self.max_tokens = max_input_tokens(self.tokenizer, self.model.config, entry.max_input_tokens)
+        self.text = TextEncoder.for_model(self.tokenizer, self.model.config, entry.max_input_tokens)
         # The decoder's positions (its start token included); None where they are relative (T5).
         self.max_output_tokens: int | None = getattr(self.model.config, "max_position_embeddings", None)
         # Chunking runs on request threads, so it gets its own tokenizer and lock: the
@@ -66,7 +66,7 @@ class Seq2SeqRunner(Runner):
     def tokenize(self, payloads: Sequence[Seq2SeqInput]) -> list[Encoded]:
         texts = [self.prefix + p.text for p in payloads]
         # generate() rejects token_type_ids (BERT-style tokenizers return them), so drop them.
-        return [Encoded([ids], truncated) for ids, _, truncated in encode_texts(self.tokenizer, texts, self.max_tokens)]
+        return [Encoded([ids], truncated) for ids, _, truncated in self.text.encode(texts)]
 
     def infer(self, payloads: Sequence[Seq2SeqInput], encoded: Sequence[Encoded]) -> list[Generation]:
         # The batcher only batches inputs of one group, i.e. one set of generation settings.
@@ -80,7 +80,7 @@ class Seq2SeqRunner(Runner):
         if "max_new_tokens" in settings and "max_length" in settings:
             settings.pop("max_length")  # max_new_tokens is the more precise of the two
         self._within_positions(settings)
-        batch = pad_rows([e.rows_ids[0] for e in encoded], pad_id_of(self.tokenizer), None, self.device)
+        batch = pad_rows([e.rows_ids[0] for e in encoded], self.text.pad_id, None, self.device)
         try:
             with torch.inference_mode():
                 output = self.model.generate(**batch, **settings)
@@ -106,7 +106,7 @@ class Seq2SeqRunner(Runner):
         """Sentence-aligned pieces that each fit the model's input; long sentences are cut by tokens."""
         with self._chunk_lock:
             prefix_tokens = len(self._chunk_tokenizer(self.prefix, add_special_tokens=False)["input_ids"])
-            budget = max(self.max_tokens - _CHUNK_MARGIN - prefix_tokens, 8)
+            budget = max(self.text.max_tokens - _CHUNK_MARGIN - prefix_tokens, 8)
             chunks: list[str] = []
             current: list[str] = []
             used = 0
