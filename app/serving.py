@@ -35,6 +35,7 @@ from fastapi import FastAPI
 from app import heap
 from app.api.drain import Drain
 from app.cluster import ReplicaAgent
+from app.coalesce import GatheringHttpToolsProtocol
 from app.config import Settings
 from app.main import Front, create_app
 
@@ -62,7 +63,14 @@ def build(settings: Settings, cluster: ReplicaAgent | None = None, engine: Front
 def run(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None) -> None:
     """Serve until SIGTERM (drained) or a second signal, young collections spaced out meanwhile;
     on ``sockets`` if given (a front's, on the shared port), else on the settings' host and port."""
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        http=GatheringHttpToolsProtocol,  # one write per response (app/coalesce.py)
+    )
     with heap.young_collections_spaced_out():
         DrainingServer(config, app.state.drain, settings.drain_timeout_s).run(sockets=sockets)
 

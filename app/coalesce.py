@@ -1,0 +1,59 @@
+"""One write per response: uvicorn's HTTP protocol, with the writes of one turn of the event
+loop sent together.
+
+uvicorn writes a response's head and its body separately, and an idle socket sends each
+write at once: two ``send`` calls, two packets, per response. Here a connection's writes
+are gathered and go out in one ``send`` once the turn that made them ends (``call_soon``),
+in order; closing the connection sends what is gathered first. Only the server's side of
+the connection changes: headers, body, keep-alive and flow control are uvicorn's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class GatheringTransport:
+    """A transport whose writes of one event-loop turn leave in one ``write``."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():  # a closed connection reads nothing more
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the transport's own
+        return getattr(self._transport, name)
+
+
+class GatheringHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol on a GatheringTransport."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(GatheringTransport(transport, self.loop))  # type: ignore[arg-type]
