@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from app.batching import batcher as batcher_module
 from app.batching.batcher import DynamicBatcher
 from app.batching.threads import ThreadShare
 from app.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, Overloaded
@@ -280,12 +281,64 @@ async def test_a_second_lane_runs_while_the_first_is_busy() -> None:
     batcher = make(runner, lanes=2)
     first = asyncio.create_task(batcher.submit(["held"], deadline=soon()))
     await wait_until(lambda: runner.running == 1)
-    # The first lane is inside its forward pass; the next input does not wait for it.
+    # The first lane is inside a forward pass that runs long (past SPREAD_ABOVE_S); the
+    # next input does not wait for it.
     assert await batcher.submit(["next"], deadline=soon()) == ["NEXT"]
     assert not first.done()
     runner.release_held.set()
     assert await first == ["HELD"]
     assert sorted(runner.lanes) == ["batcher-fake-0", "batcher-fake-1"]
+    batcher.close()
+
+
+@pytest.fixture
+def short_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running batch counts as short for 30 s: only the other reasons bring a second lane."""
+    monkeypatch.setattr(batcher_module, "SPREAD_ABOVE_S", 30.0)
+
+
+async def test_inputs_arriving_during_a_short_batch_wait_for_its_lane_and_run_as_one_batch(
+    short_batches: None,
+) -> None:
+    runner = LaneRunner()
+    batcher = make(runner, lanes=2)
+    first = asyncio.create_task(batcher.submit(["held"], deadline=soon()))
+    await wait_until(lambda: runner.running == 1)
+    rest = [asyncio.create_task(batcher.submit([f"x{i}"], deadline=soon())) for i in range(3)]
+    await wait_until(lambda: batcher.queue_depth == 4)
+    await asyncio.sleep(0.05)  # time enough for an idle lane to take them, were it to
+    assert runner.running == 1
+    runner.release_held.set()
+    assert await first == ["HELD"]
+    assert [await r for r in rest] == [["X0"], ["X1"], ["X2"]]
+    assert runner.batches == [["held"], ["x0", "x1", "x2"]]
+    assert runner.lanes == ["batcher-fake-0", "batcher-fake-0"]
+    batcher.close()
+
+
+async def test_a_full_batch_waiting_gets_a_second_lane_at_once(short_batches: None) -> None:
+    runner = LaneRunner()
+    batcher = make(runner, lanes=2, max_batch_size=2)
+    first = asyncio.create_task(batcher.submit(["held"], deadline=soon()))
+    await wait_until(lambda: runner.running == 1)
+    assert await batcher.submit(["x0", "x1"], deadline=soon()) == ["X0", "X1"]
+    assert not first.done()
+    runner.release_held.set()
+    assert await first == ["HELD"]
+    batcher.close()
+
+
+async def test_a_tenant_with_nothing_running_never_waits_behind_another_tenants_batch(
+    short_batches: None,
+) -> None:
+    runner = LaneRunner()
+    batcher = make(runner, lanes=2)
+    first = asyncio.create_task(batcher.submit(["held"], deadline=soon(), tenant="flood"))
+    await wait_until(lambda: runner.running == 1)
+    assert await batcher.submit(["light"], deadline=soon(), tenant="light") == ["LIGHT"]
+    assert not first.done()
+    runner.release_held.set()
+    assert await first == ["HELD"]
     batcher.close()
 
 

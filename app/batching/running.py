@@ -73,6 +73,7 @@ class BatchWork:
     _idle: set[int]
     _express: int
     _rate: float
+    _batch_s: float
     _closed: bool
     _incoming: list[PendingInput]
     _running: dict[int, list[PendingInput]]
@@ -190,6 +191,7 @@ class BatchWork:
                 loop.call_soon_threadsafe(_resolve_all, outcomes)
         rate = len(batch) / max(elapsed, 1e-6)
         self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+        self._batch_s = elapsed if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * elapsed
         if self._observer is not None:
             self._observer(
                 BatchRecord(
