@@ -27,7 +27,9 @@ from app import config
 from app.config import Settings
 from app.engine.core import EngineCore
 from app.engine.processes import serve_engine
+from app.errors import InvalidInput
 from app.main import Front, create_app
+from app.service.types import ClassifyInput
 from tests.conftest import serve, server_process
 
 pytestmark = pytest.mark.anyio
@@ -192,6 +194,30 @@ async def test_one_failing_input_fails_alone_through_a_front(
                 failed = await poisoned
             assert failed.status_code == 500 and failed.json()["error"] == "inference_failed"
             assert "injected failure" in failed.json()["message"]
+
+
+async def test_a_request_the_wire_cannot_carry_fails_alone_and_not_its_frame(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings()
+    with engine_thread(settings, tmp_path) as core:
+        app = create_app(settings, engine=Front(core.address, "front-0"))
+        async with serve(app) as client:
+            assert (await client.post("/models/bert-clf/load")).status_code == 200
+            models = app.state.registry
+            # Both in one turn of the loop: one frame to the engine, were they encoded together
+            # (then both were lost: neither would ever answer).
+            async with asyncio.timeout(30):
+                huge, fine = await asyncio.gather(
+                    models.infer("bert-clf", [ClassifyInput("a film", 2**70, None)], timeout_s=10),
+                    models.infer("bert-clf", [ClassifyInput("a film", 1, None)], timeout_s=10),
+                    return_exceptions=True,
+                )
+            assert isinstance(huge, InvalidInput) and "cannot pass on" in huge.message
+            assert not isinstance(fine, BaseException) and len(fine[0].labels) == 1
+            # Over HTTP such a number never gets that far: the API's bounds answer 422.
+            answer = await client.post("/classify", json={"inputs": "a film", "model": "bert-clf", "top_k": 2**70})
+            assert answer.status_code == 422 and "top_k" in answer.text
 
 
 async def test_every_process_is_in_metrics_and_the_rate_limit_is_one_per_tenant(

@@ -153,9 +153,13 @@ def integral(value: Any) -> Any:
     return value
 
 
+# The largest count a request may hold: any setting past it means "all" or "none" already,
+# and a number past 2**63 cannot travel to the engine process (MessagePack's integers).
+INT_MAX = 2**31 - 1
+
 # Constraints first, then the conversion: so the JSON schema keeps minimum/maximum.
-PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(integral)]
-NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(integral)]
+PositiveInt = Annotated[int, Field(ge=1, le=INT_MAX), BeforeValidator(integral)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=INT_MAX), BeforeValidator(integral)]
 
 
 def as_list(inputs: str | list[str]) -> list[str]:

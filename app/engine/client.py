@@ -22,7 +22,7 @@ import zmq
 
 from app import errors
 from app.engine import wire
-from app.errors import ModelUnavailable, ServiceError
+from app.errors import InvalidInput, ModelUnavailable, ServiceError
 from app.registry.catalog import Catalog
 from app.registry.registry import CatalogSlots, ModelSlot, ModelState
 
@@ -147,6 +147,7 @@ class EngineClient(CatalogSlots):
             slot.state, slot.device, slot.error = ModelState(seen.state), seen.device, seen.error
             slot.memory_bytes, slot.load_seconds = seen.memory_bytes, seen.load_seconds
             slot.reported_depth, slot.loads = seen.queue_depth, seen.loads
+            slot.backend, slot.backend_note = seen.backend, seen.backend_note
         self._first_states.set()
 
     async def _watchdog(self) -> None:
@@ -165,9 +166,17 @@ class EngineClient(CatalogSlots):
 
     async def _ask(self, op: Callable[[int], Any], kind: str | None = None) -> Any:
         rid = next(self._ids)
+        try:
+            # Encoded here, alone: a value the wire cannot carry fails this request only, not
+            # the others that share its frame.
+            encoded = msgspec.Raw(wire.encode(op(rid)))
+        except (OverflowError, msgspec.EncodeError, TypeError) as exc:
+            raise InvalidInput(
+                f"this request holds a value the server cannot pass on ({exc}); send smaller numbers"
+            ) from None
         future: asyncio.Future[Any] = self.loop.create_future()
         self._pending[rid] = (future, kind)
-        self._send(op(rid))
+        self._send(encoded)
         try:
             return await future
         except asyncio.CancelledError:
