@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
+    onnx_cache: Path | None = Field(
+        None,
+        description="Where ONNX exports of backend-onnx models are kept (default: onnx/ in the Hugging Face "
+        "cache directory, HF_HOME).",
+    )
 
     @property
     def front_processes(self) -> int:

@@ -131,8 +131,8 @@ def wrk_script(path: Path, bodies: list[str]) -> Path:
     return path
 
 
-def wrk(url: str, script: Path, seconds: float) -> dict[str, Any]:
-    cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{round(seconds)}s", "--latency", "-s", str(script), url]
+def wrk(url: str, script: Path, seconds: float, connections: int = CONNECTIONS) -> dict[str, Any]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--latency", "-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
     def number(pattern: str, default: float = 0.0) -> float:

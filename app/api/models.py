@@ -61,6 +61,10 @@ class ModelInfo(BaseModel):
     memory_bytes: int = Field(description="Weights and buffers in memory (0 when not loaded).")
     load_seconds: float | None = None
     queue_depth: int = 0
+    backend: str | None = Field(None, description="What runs the forward pass when loaded: torch, onnx, onnx-int8.")
+    backend_note: str | None = Field(
+        None, description="Why the backend is not the one the entry asked for (ONNX check failed, int8 refused)."
+    )
 
 
 class ModelList(BaseModel):
@@ -160,6 +164,8 @@ def describe(slot: ModelSlot, defaults: dict[str, str]) -> ModelInfo:
         memory_bytes=slot.memory_bytes,
         load_seconds=slot.load_seconds,
         queue_depth=slot.queue_depth,
+        backend=slot.backend if slot.state is ModelState.loaded else None,
+        backend_note=slot.backend_note if slot.state is ModelState.loaded else None,
         **extra,
     )
 

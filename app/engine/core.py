@@ -375,6 +375,8 @@ class EngineCore:
                 s.load_seconds,
                 s.queue_depth,
                 s.loads,
+                s.backend,
+                s.backend_note,
             )
             for s in self.registry.slots()
         ]

@@ -134,6 +134,8 @@ class SlotState(msgspec.Struct, array_like=True):
     load_seconds: float | None
     queue_depth: int
     loads: int
+    backend: str | None
+    backend_note: str | None
 
 
 class States(msgspec.Struct, array_like=True, tag=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -90,6 +90,25 @@ class _EntryBase(BaseModel):
         "XLM-R and DistilBERT encoders), checked against the eager model at load (falls back to padded if it "
         "differs). Default: on for CPU, off elsewhere.",
     )
+
+    backend: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="Encoder models only: run the forward pass on torch, or on ONNX Runtime (CPU; exported "
+        "from the same weights at first load and cached under TESSERA_ONNX_CACHE, checked against torch at "
+        "load: a model whose outputs differ runs on torch, and /models says why).",
+    )
+    quantize: Literal["int8"] | None = Field(
+        None,
+        description="With backend onnx: int8 weights, where the CPU has VNNI instructions and the outputs "
+        "keep the float model's (pooled vectors at cosine >= 0.99, the same best label); refused otherwise, "
+        "with the reason in /models.",
+    )
+
+    @model_validator(mode="after")
+    def _quantize_needs_onnx(self) -> Self:
+        if self.quantize is not None and self.backend != "onnx":
+            raise ValueError("quantize: int8 needs backend: onnx")
+        return self
 
     @field_validator("device")
     @classmethod

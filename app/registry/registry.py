@@ -32,7 +32,7 @@ from app.config import Settings
 from app.errors import InvalidInput, ModelNotFound, ModelUnavailable, ServiceError, WrongTask
 from app.registry.catalog import Catalog, Entry
 from app.registry.sources import locate, verify_weights
-from app.runners import Runner, build_runner, resolve_device
+from app.runners import Runner, build_runner, onnx_runtime, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class ModelSlot:
     memory_bytes: int = 0
     device: str | None = None
     loads: int = 0
+    backend: str | None = None  # what runs the forward pass: torch, onnx, onnx-int8
+    backend_note: str | None = None  # why it is not what the entry asked for
     reported_depth: int = 0  # in a front (app/engine/client.py): the engine's queue depth
 
     def hold(self) -> None:
@@ -175,6 +177,7 @@ class ModelRegistry(CatalogSlots):
         self._background: set[asyncio.Task[None]] = set()
         budget = self.settings.torch_threads or STARTUP_TORCH_THREADS
         self._cpu_threads = ThreadShare(budget, torch.set_num_threads)
+        onnx_runtime.configure(self.settings.onnx_cache, budget)
 
     # -- choosing a model ---------------------------------------------------------------
 
@@ -283,6 +286,7 @@ class ModelRegistry(CatalogSlots):
         )
         slot.memory_bytes = runner.memory_bytes()
         slot.device = str(runner.device)
+        slot.backend, slot.backend_note = runner.backend, runner.backend_note
         slot.load_seconds = time.monotonic() - started
         slot.state, slot.loads, slot.last_used = ModelState.loaded, slot.loads + 1, time.monotonic()
         log.info("model %s loaded on %s in %.1fs", entry.name, slot.device, slot.load_seconds)
@@ -332,6 +336,7 @@ class ModelRegistry(CatalogSlots):
             return False
         batcher, runner = slot.batcher, slot.runner
         slot.state, slot.runner, slot.batcher, slot.memory_bytes = ModelState.not_loaded, None, None, 0
+        slot.backend = slot.backend_note = None
         stopped = True
         if batcher is not None:
             stopped = await asyncio.to_thread(batcher.close)

@@ -65,12 +65,23 @@ class Runner(ABC):
     def infer(self, payloads: Sequence[Any], encoded: Sequence[Encoded]) -> list[Any]: ...
 
     @property
+    def backend(self) -> str:
+        """What runs the forward pass: torch, onnx or onnx-int8."""
+        return self.forward.backend if self.forward is not None else "torch"
+
+    @property
+    def backend_note(self) -> str | None:
+        """Why the backend is not the one the entry asked for."""
+        return self.forward.note if self.forward is not None else None
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def memory_bytes(self) -> int:
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        extra = self.forward.memory_bytes() if self.forward is not None else 0
+        return sum(t.numel() * t.element_size() for t in tensors) + extra
 
     @property
     def padding_slack(self) -> int:

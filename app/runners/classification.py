@@ -16,7 +16,7 @@ import torch
 
 from app.registry.catalog import TextClassificationEntry, ZeroShotEntry
 from app.runners.base import Encoded, Runner, load_pipeline
-from app.runners.forward import encoder_forward
+from app.runners.forward import encoder_forward, onnx_options
 from app.runners.tokens import TextEncoder, pad_rows
 from app.service.types import Classification, ClassifyInput, ZeroShotInput
 
@@ -30,7 +30,13 @@ class ClassificationRunner(Runner):
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
         self.forward = encoder_forward(
-            self.model, "logits", self.tokenizer, entry.name, entry.torchscript, entry.packed
+            self.model,
+            "logits",
+            self.tokenizer,
+            entry.name,
+            entry.torchscript,
+            entry.packed,
+            **onnx_options(entry, path),
         )
         self.default_function = entry.function_to_apply or default_function(self.model.config)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
@@ -66,7 +72,13 @@ class NliZeroShotRunner(Runner):
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
         self.forward = encoder_forward(
-            self.model, "logits", self.tokenizer, entry.name, entry.torchscript, entry.packed
+            self.model,
+            "logits",
+            self.tokenizer,
+            entry.name,
+            entry.torchscript,
+            entry.packed,
+            **onnx_options(entry, path),
         )
         if self.pipe.entailment_id == -1:
             raise RuntimeError(

@@ -53,7 +53,7 @@ class ForwardCheck:
         if self._expected is None:
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")
-                batches = [_synthetic(self.model, lengths, self.uses_types) for lengths in CHECK_LENGTHS]
+                batches = [synthetic_batch(self.model, lengths, self.uses_types) for lengths in CHECK_LENGTHS]
                 self._expected = [(batch, self.model(**batch)[self.output].float()) for batch in batches]
         return self._expected
 
@@ -86,7 +86,7 @@ class ForwardCheck:
             warnings.simplefilter("ignore")  # deprecation and "might not generalise": the check decides
             traced = torch.jit.trace(
                 module,
-                example_kwarg_inputs=_synthetic(self.model, TRACE_LENGTHS, self.uses_types),
+                example_kwarg_inputs=synthetic_batch(self.model, TRACE_LENGTHS, self.uses_types),
                 strict=False,
                 check_trace=False,
                 _store_inputs=False,
@@ -135,7 +135,7 @@ def detach(traced: Any) -> None:
             tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
 
 
-def _synthetic(model: Any, lengths: tuple[int, ...], uses_types: bool) -> dict[str, torch.Tensor]:
+def synthetic_batch(model: Any, lengths: tuple[int, ...], uses_types: bool) -> dict[str, torch.Tensor]:
     """A right-padded batch of random token ids with the given lengths."""
     generator = torch.Generator().manual_seed(sum(lengths))
     high = max(int(getattr(model.config, "vocab_size", 0) or 0), 2)
