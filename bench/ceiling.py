@@ -156,6 +156,18 @@ def wrk(url: str, script: Path, seconds: float, connections: int = CONNECTIONS) 
     }
 
 
+def parse_wrk_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The options every wrk benchmark takes (--seconds, --rounds, --out), parsed; stops
+    with what to install where wrk is missing."""
+    parser.add_argument("--seconds", type=float, default=15, help="per measurement (default 15)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        parser.error("needs wrk, a C load generator (Debian/Ubuntu: apt-get install wrk)")
+    return args
+
+
 def measure(way: str, server: ServerProcess, body: str, script: Path, texts: int, seconds: float) -> Run:
     assert server.process is not None
     url = server.url + "/classify"
@@ -217,12 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="a way of serving this checkout (repeatable; variables separated by spaces)",
     )
-    parser.add_argument("--seconds", type=float, default=15, help="per measurement (default 15)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
-    args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        parser.error("needs wrk, a C load generator (Debian/Ubuntu: apt-get install wrk)")
+    args = parse_wrk_arguments(parser, argv)
 
     ways: dict[str, tuple[dict[str, str], Path | None]] = {}
     for option in args.env or [""]:  # "NAME=VALUE", or several separated by spaces

@@ -16,7 +16,7 @@ import torch
 
 from app.registry.catalog import TextClassificationEntry, ZeroShotEntry
 from app.runners.base import Encoded, Runner, load_pipeline
-from app.runners.forward import encoder_forward, onnx_options
+from app.runners.forward import entry_forward
 from app.runners.tokens import TextEncoder, pad_rows
 from app.service.types import Classification, ClassifyInput, ZeroShotInput
 
@@ -29,15 +29,7 @@ class ClassificationRunner(Runner):
         self.pipe = load_pipeline("text-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
-        self.forward = encoder_forward(
-            self.model,
-            "logits",
-            self.tokenizer,
-            entry.name,
-            entry.torchscript,
-            entry.packed,
-            **onnx_options(entry, path),
-        )
+        self.forward = entry_forward(self.model, "logits", self.tokenizer, entry, path)
         self.default_function = entry.function_to_apply or default_function(self.model.config)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.text = TextEncoder.for_model(self.tokenizer, self.model.config, entry.max_input_tokens)
@@ -71,15 +63,7 @@ class NliZeroShotRunner(Runner):
         self.pipe = load_pipeline("zero-shot-classification", entry, path, device, dtype)
         self.model = self.pipe.model.eval()
         self.tokenizer = self.pipe.tokenizer
-        self.forward = encoder_forward(
-            self.model,
-            "logits",
-            self.tokenizer,
-            entry.name,
-            entry.torchscript,
-            entry.packed,
-            **onnx_options(entry, path),
-        )
+        self.forward = entry_forward(self.model, "logits", self.tokenizer, entry, path)
         if self.pipe.entailment_id == -1:
             raise RuntimeError(
                 "this model has no 'entailment' label in its config; the NLI zero-shot engine needs one "

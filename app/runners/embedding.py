@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from app.registry.catalog import EmbeddingEntry, SummarizationEntry, ZeroShotEntry
 from app.runners.base import Encoded, Runner, weights_kwargs
-from app.runners.forward import encoder_forward, onnx_options
+from app.runners.forward import entry_forward
 from app.runners.tokens import TextEncoder, pad_rows
 from app.service.types import Classification, Embedding, EmbedInput, ExtractInput, Generation, ZeroShotInput
 
@@ -54,15 +54,7 @@ class SentenceEncoder:
         self.pooling = declared_pooling(path) if pooling == "auto" else pooling
         self.text = TextEncoder.for_model(self.tokenizer, self.model.config, entry.max_input_tokens)
         self.device = device
-        self.forward = encoder_forward(
-            self.model,
-            "last_hidden_state",
-            self.tokenizer,
-            entry.name,
-            entry.torchscript,
-            entry.packed,
-            **onnx_options(entry, path),
-        )
+        self.forward = entry_forward(self.model, "last_hidden_state", self.tokenizer, entry, path)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         return [

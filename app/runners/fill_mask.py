@@ -16,7 +16,7 @@ import torch
 from app.errors import InputTooLarge, WrongTask
 from app.registry.catalog import FillMaskEntry
 from app.runners.base import Encoded, Runner, load_pipeline
-from app.runners.forward import encoder_forward, onnx_options
+from app.runners.forward import entry_forward
 from app.runners.tokens import TextEncoder, pad_rows
 from app.service.types import FillMaskInput, MaskFills
 
@@ -29,9 +29,7 @@ class FillMaskRunner(Runner):
         self.tokenizer: Any = self.pipe.tokenizer
         if self.tokenizer.mask_token_id is None:
             raise RuntimeError("this model's tokenizer has no mask token; fill-mask needs one")
-        self.forward = encoder_forward(
-            self.model, "logits", self.tokenizer, entry.name, entry.torchscript, False, **onnx_options(entry, path)
-        )
+        self.forward = entry_forward(self.model, "logits", self.tokenizer, entry, path, packed=False)
         self.text = TextEncoder.for_model(self.tokenizer, self.model.config, entry.max_input_tokens)
 
     def tokenize(self, payloads: Sequence[FillMaskInput]) -> list[Encoded]:

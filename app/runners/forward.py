@@ -166,9 +166,23 @@ def encoder_forward(
     return EncoderForward(model, output, traced, keys, packer, note=note)
 
 
-def onnx_options(entry: Any, path: Path) -> dict[str, Any]:
-    """An entry's backend settings, as ``encoder_forward`` takes them."""
-    return {"backend": entry.backend, "quantize": entry.quantize, "path": path}
+def entry_forward(
+    model: Any, output: str, tokenizer: Any, entry: Any, path: Path, packed: bool | None = None
+) -> EncoderForward:
+    """``encoder_forward`` as a catalog entry sets it up (name, torchscript, packed, backend,
+    quantize), for the model loaded from ``path``; ``packed=False``: a runner whose output the
+    packed forward cannot give."""
+    return encoder_forward(
+        model,
+        output,
+        tokenizer,
+        entry.name,
+        entry.torchscript,
+        entry.packed if packed is None else packed,
+        backend=entry.backend,
+        quantize=entry.quantize,
+        path=path,
+    )
 
 
 def _onnx_session(
