@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.main import create_app
-from app.registry.catalog import EmbeddingEntry, TextClassificationEntry
+from app.registry.catalog import EmbeddingEntry, SummarizationEntry, TextClassificationEntry, TranslationEntry
 from app.runners import onnx_runtime
 from app.runners.classification import ClassificationRunner
 from app.runners.embedding import EmbeddingRunner
@@ -153,9 +153,19 @@ def test_the_int8_quality_guard_compares_labels_and_pooled_vectors() -> None:
     )
 
 
-def test_quantize_without_backend_onnx_is_refused_at_start_up() -> None:
+def test_settings_the_backend_cannot_honour_are_refused_at_start_up() -> None:
     with pytest.raises(ValidationError, match="quantize: int8 needs backend: onnx"):
         TextClassificationEntry(name="x", task="text-classification", source={"path": "unused"}, quantize="int8")
+    with pytest.raises(ValidationError, match="encoder entries only"):
+        TranslationEntry(
+            name="x", task="translation", source={"path": "unused"}, source_lang="en", target_lang="de", backend="onnx"
+        )
+    with pytest.raises(ValidationError, match="encoder entries only"):
+        SummarizationEntry(name="x", task="summarization", source={"path": "unused"}, backend="onnx")
+    extractive = SummarizationEntry(
+        name="x", task="summarization", engine="extractive", source={"path": "unused"}, backend="onnx"
+    )
+    assert extractive.backend == "onnx"
 
 
 async def test_models_shows_the_backend_that_runs_and_why_it_is_not_the_one_asked_for(

@@ -105,9 +105,12 @@ class _EntryBase(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _quantize_needs_onnx(self) -> Self:
+    def _backend_applies(self) -> Self:
         if self.quantize is not None and self.backend != "onnx":
             raise ValueError("quantize: int8 needs backend: onnx")
+        generates = getattr(self, "task", None) == "translation" or getattr(self, "engine", None) == "abstractive"
+        if self.backend == "onnx" and generates:
+            raise ValueError("backend: onnx applies to encoder entries only; generate() runs on torch")
         return self
 
     @field_validator("device")
