@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -299,6 +300,16 @@ def test_replicas_behind_nginx_share_the_traffic(stack: Stack, context: tuple[Pa
     replicas.env["NGINX_IMAGE"] = nginx_image()
     try:
         replicas.up("--no-build", "--scale", "tessera=2")
+        # `up --wait` waits for the replicas' health; nginx has none, and may not listen yet.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{replicas.base_url}/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"nginx did not answer\n{replicas.logs()}"
+            time.sleep(0.5)
         for _ in range(20):
             response = httpx.post(
                 f"{replicas.base_url}/classify", json={"inputs": "I love this movie"}, headers=auth(), timeout=120
