@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from ceiling import parse_wrk_arguments, server, wrk, wrk_script
@@ -85,10 +86,6 @@ def main(argv: list[str] | None = None) -> int:
                         "non_2xx": one["non_2xx"] + many["non_2xx"] + one["socket_errors"] + many["socket_errors"],
                     }
                 )
-
-    def median(values: list[float]) -> float:
-        ordered = sorted(values)
-        return ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1 :][:2]) / 2
 
     print(f"\nall-MiniLM-L6-v2 /embed, 5-60 words, wrk -t1, {args.seconds:.0f} s per measurement, {args.rounds} rounds")
     print(f"{'way':<10} {'ran':<10} {'c=1 p50 ms':>10} {'c=64 texts/s':>13} {'load s (first, later)':>22}  non-2xx")

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 MAX_LINGER_S = 0.05
 LINGER_FRACTION = 0.05
 
-# Batches longer than this (smoothed) are spread over every lane at once (see _wake_for).
+# Batches longer than this (smoothed) are spread over every lane at once (see _leave_to_others).
 SPREAD_ABOVE_S = 0.05
 
 # Inputs in one batch of the express lane (see DynamicBatcher._serve_express).

@@ -204,7 +204,7 @@ def _onnx_session(
     inputs = ["input_ids", "attention_mask", *(["token_type_ids"] if uses_types else [])]
     example = synthetic_batch(model, TRACE_LENGTHS, uses_types)
     try:
-        session = onnx.build(model, path, output, inputs, example, None)
+        session = onnx.build(model, path, output, inputs, example)
     except Exception as exc:  # an architecture the exporter cannot take: torch serves
         return None, f"ONNX export failed ({type(exc).__name__}: {str(exc)[:200]}); running on torch"
     if not check.matches(session):
@@ -214,7 +214,7 @@ def _onnx_session(
     if not onnx.cpu_has_int8_dot_product():
         return session, "int8 refused: this CPU has no VNNI instructions, where int8 is no faster; running float32"
     try:
-        quantized = onnx.build(model, path, output, inputs, example, "int8")
+        quantized = onnx.quantized(session)
     except Exception as exc:
         return session, f"int8 quantization failed ({type(exc).__name__}: {exc}); running float32"
     lost = onnx.int8_keeps_quality(output, onnx.quality_batches(model, tokenizer, output, inputs), quantized)

@@ -115,7 +115,7 @@ class OnnxForward:
 
     def __call__(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
         feeds = {name: batch[name].numpy() for name in self.inputs}
-        session = self.session(min(torch.get_num_threads(), _settings.threads or torch.get_num_threads()))
+        session = self.session(torch.get_num_threads())  # the lane's share (ThreadShare sets it)
         # run() returns arrays of its own: nothing of torch's is freed under them.
         return {self.output: torch.from_numpy(session.run(None, feeds)[0])}
 
@@ -131,21 +131,22 @@ class _Keywords(nn.Module):
         return getattr(self.model(**dict(zip(self.inputs, tensors, strict=True))), self.output)
 
 
-def build(
-    model: Any, path: Path, output: str, inputs: list[str], example: dict[str, torch.Tensor], quantize: str | None
-) -> OnnxForward:
+def build(model: Any, path: Path, output: str, inputs: list[str], example: dict[str, torch.Tensor]) -> OnnxForward:
     """The sessions for ``model`` (loaded from ``path``), exported or taken from the cache."""
-    folder = cache_root() / _key(model, path, output, inputs)
-    graph = folder / "model.onnx"
+    graph = cache_root() / _key(model, path, output, inputs) / "model.onnx"
     with _export_lock:
         if not graph.is_file():
             _export(model, output, inputs, example, graph)
-        if quantize == "int8":
-            quantized = folder / "model.int8.onnx"
-            if not quantized.is_file():
-                _quantize(graph, quantized)
-            graph = quantized
-    return OnnxForward(graph, output, inputs, "onnx-int8" if quantize == "int8" else "onnx")
+    return OnnxForward(graph, output, inputs, "onnx")
+
+
+def quantized(float_forward: OnnxForward) -> OnnxForward:
+    """Its int8 twin, quantized beside the float graph or taken from there."""
+    graph = float_forward.graph.with_name("model.int8.onnx")
+    with _export_lock:
+        if not graph.is_file():
+            _quantize(float_forward.graph, graph)
+    return OnnxForward(graph, float_forward.output, float_forward.inputs, "onnx-int8")
 
 
 def _session(graph: Path, threads: int) -> Any:

@@ -58,7 +58,7 @@ class TextEncoder:
         self, texts: Sequence[str], pairs: Sequence[str] | None = None
     ) -> list[tuple[list[int], list[int] | None, bool]]:
         """(ids, token_type_ids or None, truncated) per text (per text/pair with ``pairs``)."""
-        full = self._direct(texts, pairs) if self.direct is not None else self._call(texts, pairs)
+        full = self._direct(self.direct, texts, pairs) if self.direct is not None else self._call(texts, pairs)
         out: list[tuple[list[int], list[int] | None, bool]] = []
         for i, (ids, type_ids) in enumerate(full):
             if len(ids) <= self.max_tokens:
@@ -78,10 +78,11 @@ class TextEncoder:
         types = full["token_type_ids"] if "token_type_ids" in full else itertools.repeat(None)
         return list(zip(full["input_ids"], types, strict=False))  # types may repeat None
 
-    def _direct(self, texts: Sequence[str], pairs: Sequence[str] | None) -> list[tuple[list[int], list[int] | None]]:
-        assert self.direct is not None
+    def _direct(
+        self, direct: Any, texts: Sequence[str], pairs: Sequence[str] | None
+    ) -> list[tuple[list[int], list[int] | None]]:
         inputs = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
-        encodings = self.direct.encode_batch_fast(inputs, add_special_tokens=True)
+        encodings = direct.encode_batch_fast(inputs, add_special_tokens=True)
         return [(e.ids, e.type_ids if self.types else None) for e in encodings]
 
     def _direct_backend(self) -> Any:
@@ -92,14 +93,10 @@ class TextEncoder:
             direct = type(backend).from_str(backend.to_str())
             direct.no_truncation()
             direct.no_padding()
-            self.direct = direct
-            for texts, pairs in _PROBES:
-                if self._direct(texts, pairs) != self._call(texts, pairs):
-                    return None
+            if any(self._direct(direct, texts, pairs) != self._call(texts, pairs) for texts, pairs in _PROBES):
+                return None
         except Exception:  # a backend this version cannot copy or call: __call__ serves
             return None
-        finally:
-            self.direct = None
         return direct
 
 
