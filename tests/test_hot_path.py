@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer, BertConfig
 
 from app.registry.catalog import TextClassificationEntry
 from app.runners.classification import ClassificationRunner, default_function
 from app.runners.tokens import TextEncoder, pad_rows
+from app.runners.wordpiece import PlainWordPiece
 from app.service.types import ClassifyInput
 
 
@@ -82,8 +85,80 @@ def test_text_encoder_keeps_call_where_the_backend_alone_tokenizes_differently(t
 
     prefixing = Prefixing.from_pretrained(str(tiny_models["bert-clf"]))
     encoder = TextEncoder(prefixing, 32)
-    assert encoder.direct is None
+    assert encoder.direct is None and encoder.plain is None
     assert [ids for ids, _, _ in encoder.encode(["a fine film"])] == [prefixing("a fine film")["input_ids"]]
+
+
+# Plain ASCII as clients send it: words (in the test vocabulary or not, any case), digits,
+# every punctuation character, runs of spaces, tabs and line ends; and raw characters.
+_WORDS = st.sampled_from(["film", "Fine", "RIVER", "flooded", "unbelievable", "zzyzx", "x" * 101, "42", "3.14"])
+_PLAIN_CHARS = st.sampled_from([*"abcXYZ019 \t\n\r", *"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"])
+PLAIN_TEXTS = st.lists(st.one_of(_WORDS, _PLAIN_CHARS), max_size=40).map("".join)
+
+
+@pytest.fixture(scope="module")
+def encoders(tiny_models: dict[str, Path]) -> dict[str, TextEncoder]:
+    return {
+        m: TextEncoder(AutoTokenizer.from_pretrained(str(tiny_models[m])), 512) for m in ("bert-clf", "distilbert-clf")
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(PLAIN_TEXTS, min_size=1, max_size=4), pairs=st.lists(PLAIN_TEXTS, min_size=4, max_size=4))
+def test_plain_ascii_texts_get_the_tokenizers_own_ids_from_the_python_path(
+    encoders: dict[str, TextEncoder], texts: list[str], pairs: list[str]
+) -> None:
+    for encoder in encoders.values():
+        tokenizer, plain = encoder.tokenizer, encoder.plain
+        assert plain is not None
+        for text in texts:
+            got = plain.encode(text)
+            if "[" not in text:  # "[" may start an added token ([MASK]): those go to Rust
+                assert got is not None
+        want = tokenizer(texts)
+        assert [ids for ids, _, _ in encoder.encode(texts)] == want["input_ids"]
+        pair = tokenizer(texts, pairs[: len(texts)])
+        got_pairs = encoder.encode(texts, pairs[: len(texts)])
+        assert [ids for ids, _, _ in got_pairs] == pair["input_ids"]
+        assert [types for _, types, _ in got_pairs] == pair.get("token_type_ids", [None] * len(texts))
+
+
+def test_texts_that_are_not_plain_ascii_go_to_the_rust_tokenizer(encoders: dict[str, TextEncoder]) -> None:
+    encoder = encoders["bert-clf"]
+    assert encoder.plain is not None
+    others = [
+        "a [MASK] film",
+        "[cls] lower case",
+        "café",
+        "东京",
+        "🙂 fine",
+        "nul\x00byte",
+        "tab\x0bvertical",
+        "del\x7f",
+    ]
+    for text in others:
+        assert encoder.plain.encode(text) is None
+        assert encoder.plain.encode("a fine film", text) is None
+    mixed = ["a fine film", *others]
+    assert [ids for ids, _, _ in encoder.encode(mixed)] == encoder.tokenizer(mixed)["input_ids"]
+
+
+def test_the_python_path_is_kept_only_where_it_gives_the_tokenizers_ids(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert-clf"]))
+    monkeypatch.setattr(PlainWordPiece, "_split", lambda self, word: self.unk)  # words it lacks: [UNK]
+    encoder = TextEncoder(tokenizer, 32)
+    assert encoder.plain is None and encoder.direct is not None  # the probes' unknown words caught it
+    assert [ids for ids, _, _ in encoder.encode(["zzyzx film"])] == [tokenizer("zzyzx film")["input_ids"]]
+
+
+@pytest.mark.parametrize("model", ["bart", "t5", "marian"])
+def test_the_python_path_serves_only_bert_wordpiece_tokenizers(tiny_models: dict[str, Path], model: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models[model]))
+    assert TextEncoder(tokenizer, 32).plain is None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    assert backend is None or PlainWordPiece.of(backend) is None
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.runners.wordpiece import PlainWordPiece
+
 # A tokenizer whose model_max_length is unset reports this huge sentinel.
 _UNSET_MAX = 1_000_000
 
@@ -36,10 +38,12 @@ class TextEncoder:
     objects): MiniLM's tokenizer on texts of 5-60 words, 56 us per text where ``__call__``
     took 132 for one text, 53 against 71 for 16; with the cached lengths and pad id, the
     engine's CPU per request on bench/ceiling.py 0.91x (single texts and 32-text requests,
-    side by side in one run). The copy is kept only where it gives exactly ``__call__``'s
-    ids and token types on probe texts (pairs included); any other tokenizer, and one
-    without a Rust backend, is tokenized by ``__call__``. Not thread-safe: its owner holds
-    its tokenizer lock.
+    side by side in one run). A BERT WordPiece tokenizer's plain ASCII texts skip Rust too
+    (``plain``, app/runners/wordpiece.py): engine CPU per request 0.79x again, 32-text
+    requests 0.72x (bench/ceiling.py against 8ab6112). Each path is kept only where it gives
+    exactly ``__call__``'s ids and token types on probe texts (pairs included); any other
+    tokenizer, and one without a Rust backend, is tokenized by ``__call__``. Not
+    thread-safe: its owner holds its tokenizer lock.
     """
 
     def __init__(self, tokenizer: Any, max_tokens: int) -> None:
@@ -48,6 +52,7 @@ class TextEncoder:
         self.pad_id = pad_id_of(tokenizer)
         self.types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
         self.direct = self._direct_backend()
+        self.plain = self._plain_path()
 
     @classmethod
     def for_model(cls, tokenizer: Any, config: Any, override: int | None) -> TextEncoder:
@@ -58,7 +63,9 @@ class TextEncoder:
         self, texts: Sequence[str], pairs: Sequence[str] | None = None
     ) -> list[tuple[list[int], list[int] | None, bool]]:
         """(ids, token_type_ids or None, truncated) per text (per text/pair with ``pairs``)."""
-        full = self._direct(self.direct, texts, pairs) if self.direct is not None else self._call(texts, pairs)
+        full = (
+            self._direct(self.direct, self.plain, texts, pairs) if self.direct is not None else self._call(texts, pairs)
+        )
         out: list[tuple[list[int], list[int] | None, bool]] = []
         for i, (ids, type_ids) in enumerate(full):
             if len(ids) <= self.max_tokens:
@@ -79,6 +86,24 @@ class TextEncoder:
         return list(zip(full["input_ids"], types, strict=False))  # types may repeat None
 
     def _direct(
+        self, direct: Any, plain: PlainWordPiece | None, texts: Sequence[str], pairs: Sequence[str] | None
+    ) -> list[tuple[list[int], list[int] | None]]:
+        if plain is None:
+            return self._rust(direct, texts, pairs)
+        answers = [plain.encode(text, pairs[i] if pairs is not None else None) for i, text in enumerate(texts)]
+        rest = [i for i, got in enumerate(answers) if got is None]  # not plain: to Rust, in one call
+        rust = iter(
+            self._rust(direct, [texts[i] for i in rest], [pairs[i] for i in rest] if pairs is not None else None)
+            if rest
+            else ()
+        )
+        out: list[tuple[list[int], list[int] | None]] = []
+        for got in answers:
+            ids, types = got if got is not None else next(rust)
+            out.append((ids, types if self.types else None))
+        return out
+
+    def _rust(
         self, direct: Any, texts: Sequence[str], pairs: Sequence[str] | None
     ) -> list[tuple[list[int], list[int] | None]]:
         inputs = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
@@ -93,15 +118,28 @@ class TextEncoder:
             direct = type(backend).from_str(backend.to_str())
             direct.no_truncation()
             direct.no_padding()
-            if any(self._direct(direct, texts, pairs) != self._call(texts, pairs) for texts, pairs in _PROBES):
+            if any(self._direct(direct, None, texts, pairs) != self._call(texts, pairs) for texts, pairs in _PROBES):
                 return None
         except Exception:  # a backend this version cannot copy or call: __call__ serves
             return None
         return direct
 
+    def _plain_path(self) -> PlainWordPiece | None:
+        """The Python path for plain ASCII texts, kept where it gives ``__call__``'s ids."""
+        if self.direct is None:
+            return None
+        plain = PlainWordPiece.of(self.direct)
+        if plain is None:
+            return None
+        if any(self._direct(self.direct, plain, texts, pairs) != self._call(texts, pairs) for texts, pairs in _PROBES):
+            return None
+        return plain
 
-# Texts on which the direct path must give __call__'s ids: case, accents, CJK, emoji,
-# punctuation, runs of spaces, an empty text, special-token look-alikes, and pairs.
+
+# Texts on which the direct paths must give __call__'s ids: case, accents, CJK, emoji,
+# punctuation, runs of spaces, an empty text, special-token look-alikes, and pairs; for the
+# plain ASCII path, words the vocabulary lacks, a word past WordPiece's longest, digits,
+# tabs and line ends.
 _PROBES: list[tuple[list[str], list[str] | None]] = [
     (
         [
@@ -110,6 +148,8 @@ _PROBES: list[tuple[list[str], list[str] | None]] = [
             "東京は日本の首都です。 emoji 🙂👍 and tabs\tnew\nlines",
             "",
             "[CLS] <s> </s> <pad> [MASK] <mask> 1,234.56 e-mail@example.com",
+            "The QUICK fox's e-mail: fox@example.com; costs $1,234.56 (approx.)\tto-day\r\nOK?!~`^_|",
+            "Supercalifragilistic antidisestablishmentarianism zzyzx " + "x" * 120,
         ],
         None,
     ),
