@@ -35,8 +35,8 @@ from fastapi import FastAPI
 from app import heap
 from app.api.drain import Drain
 from app.cluster import ReplicaAgent
-from app.coalesce import GatheringHttpToolsProtocol
 from app.config import Settings
+from app.http_protocol import HttpProtocol
 from app.main import Front, create_app
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def run(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = 
         port=settings.port,
         log_config=None,
         access_log=False,
-        http=GatheringHttpToolsProtocol,  # one write per response (app/coalesce.py)
+        http=HttpProtocol,  # one write per response, disconnects told at once (app/http_protocol.py)
     )
     with heap.young_collections_spaced_out():
         DrainingServer(config, app.state.drain, settings.drain_timeout_s).run(sockets=sockets)

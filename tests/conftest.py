@@ -233,9 +233,9 @@ def server_process(env: dict[str, str]) -> Iterator[ServerProcess]:
 
 
 @contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free port in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+def running(app: FastAPI, http: Any = "auto") -> Iterator[str]:
+    """Serve ``app`` with uvicorn (its ``http`` protocol) on a free port in a thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=http))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

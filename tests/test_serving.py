@@ -1,7 +1,7 @@
 """The serve entry point (app/serving.py) turns the process's knobs, and only it: the garbage
 collector (a frozen long-lived heap, young collections spaced out while serving) and the
 tokenizers' thread pool. An app made by create_app alone, embedded in another process,
-leaves them as they were. Its HTTP server sends each response in one write (app/coalesce.py)."""
+leaves them as they were. Its HTTP server sends each response in one write (app/http_protocol.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from app import serving
-from app.coalesce import GatheringHttpToolsProtocol, GatheringTransport
 from app.config import Settings
 from app.heap import YOUNG_THRESHOLD
+from app.http_protocol import ON_DISCONNECT, GatheringTransport, HttpProtocol
 from app.main import create_app
 from tests.conftest import serve
 
@@ -109,8 +109,8 @@ async def answer(request: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 async def test_a_response_leaves_in_one_write_with_its_head_and_body() -> None:
-    config = uvicorn.Config(answer, log_config=None, access_log=False, http=GatheringHttpToolsProtocol)
-    protocol = GatheringHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    config = uvicorn.Config(answer, log_config=None, access_log=False, http=HttpProtocol)
+    protocol = HttpProtocol(config, ServerState(), {}, asyncio.get_running_loop())
     transport = RecordingTransport()
     protocol.connection_made(transport)
     for _ in range(2):  # a second request on the kept-alive connection: one write again
@@ -122,6 +122,32 @@ async def test_a_response_leaves_in_one_write_with_its_head_and_body() -> None:
         head, _, body = written.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK") and b"content-type: text/plain" in head
         assert body == b"hello"
+
+
+async def test_a_client_leaving_mid_request_is_told_to_the_app_and_one_leaving_after_is_not() -> None:
+    told: list[str] = []
+    release = asyncio.Event()
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope["extensions"][ON_DISCONNECT].append(lambda: told.append(scope["path"]))
+        await release.wait()
+        await answer(scope, receive, send)
+
+    config = uvicorn.Config(slow, log_config=None, access_log=False, http=HttpProtocol)
+    for path, leaves_first in (("/left", True), ("/stayed", False)):
+        protocol = HttpProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+        transport = RecordingTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(f"GET {path} HTTP/1.1\r\nhost: test\r\n\r\n".encode())
+        await asyncio.sleep(0)
+        if not leaves_first:
+            release.set()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert transport.writes  # answered in full
+        protocol.connection_lost(None)
+    release.set()
+    assert told == ["/left"]
 
 
 async def test_writes_gathered_go_out_in_order_before_close_and_none_after_it() -> None:
@@ -144,4 +170,4 @@ def test_the_server_speaks_http_through_the_gathering_protocol(
     monkeypatch.setattr(serving.DrainingServer, "run", lambda self, sockets=None: seen.append(self.config.http))
     settings = make_settings()
     serving.run(serving.build(settings), settings)
-    assert seen == [GatheringHttpToolsProtocol]
+    assert seen == [HttpProtocol]
