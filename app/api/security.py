@@ -104,11 +104,11 @@ async def require_admin(request: Request) -> None:
 def tenant_of(request: Request) -> str:
     """Whom a request counts against for fair batching and the rate limit: its key's tenant,
     or without keys the client's address."""
-    key: Key | None = getattr(request.state, "key", None)
+    key: Key | None = request.scope.get("state", {}).get("key")  # request.state.key, without an AttributeError
     if key is not None:
         return key.tenant
-    client = request.client
-    return f"client-{client.host}" if client else "client"
+    client = request.scope.get("client")
+    return f"client-{client[0]}" if client else "client"
 
 
 class BodySizeLimit:

@@ -14,9 +14,15 @@ from app.tasks import Endpoint, can_serve
 class ModelChoice:
     def __init__(self, registry: Models) -> None:
         self.registry = registry
+        self._names: dict[Endpoint, list[str]] = {}  # the catalog is fixed once the server starts
 
     def names_for(self, endpoint: Endpoint) -> list[str]:
-        return [s.entry.name for s in self.registry.slots() if can_serve(s.entry, endpoint)]
+        names = self._names.get(endpoint)
+        if names is None:
+            names = self._names[endpoint] = [
+                s.entry.name for s in self.registry.slots() if can_serve(s.entry, endpoint)
+            ]
+        return names
 
     def resolve(self, name: str | None, endpoint: Endpoint) -> Entry:
         """The entry that answers ``endpoint``: the named one, else the endpoint's default."""
