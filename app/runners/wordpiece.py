@@ -53,7 +53,11 @@ class PlainWordPiece:
     def _template(self, backend: Any) -> None:
         """Where the special tokens and token types go, read off the backend's own encoding of
         one word (and of a pair of it)."""
-        word = next(w for w, i in sorted(self.vocab.items(), key=lambda kv: kv[1]) if re.fullmatch("[a-z]{2,}", w))
+        word = next(
+            (w for w, _ in sorted(self.vocab.items(), key=lambda kv: kv[1]) if re.fullmatch("[a-z]{2,}", w)), None
+        )
+        if word is None:
+            raise ValueError("the vocabulary has no plain word to read the template with")
         wid = self.vocab[word]
         one, two = backend.encode(word), backend.encode(word, word)
         if one.ids.count(wid) != 1 or two.ids.count(wid) != 2:
