@@ -1,11 +1,12 @@
 """The server's HTTP protocol: uvicorn's httptools protocol with one write per response, and
 a client's disconnect told to the app at once.
 
-**One write per response.** uvicorn writes a response's head and its body separately, and an idle socket sends each
-write at once: two ``send`` calls, two packets, per response. Here a connection's writes
-are gathered and go out in one ``send`` once the turn that made them ends (``call_soon``),
-in order; closing the connection sends what is gathered first. Only the server's side of
-the connection changes: headers, body, keep-alive and flow control are uvicorn's.
+**One write per response.** uvicorn writes a response's head and its body separately, and
+an idle socket sends each write at once: two ``send`` calls, two packets, per response.
+Here a connection's writes are gathered and go out in one ``send`` once the turn that made
+them ends (``call_soon``), in order; closing the connection sends what is gathered first.
+Only the server's side of the connection changes: headers, body, keep-alive and flow
+control are uvicorn's.
 
 **Disconnects.** A plain ASGI app learns of a client gone only by awaiting ``receive()``
 (app/api/calls.py ``until_disconnect``: a watcher task per request). Here a request's scope
