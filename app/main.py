@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -31,10 +32,12 @@ from app.config import Settings
 from app.engine.client import EngineClient
 from app.errors import ServiceError
 from app.registry.catalog import Catalog, load_catalog
-from app.registry.registry import ModelRegistry
 from app.registry.sources import hf_offline_flag, probe_hub
 from app.service.checks import rate_limit_of
 from app.service.service import InferenceService
+
+if TYPE_CHECKING:
+    from app.registry.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,8 @@ async def open_registry(
     """The registry as a serving process opens it (this app's lifespan, the engine process's):
     the hub's reachability decided, and ``metrics`` fed by its batches and loads and reading
     its live state."""
+    from app.registry.registry import ModelRegistry  # here: a front process imports no torch
+
     online = await decide_hub_online(settings)
     hooks = metrics.hooks()
     hooks.on_change = on_models_changed

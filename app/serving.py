@@ -28,7 +28,6 @@ import socket
 from collections.abc import Iterator
 from types import FrameType
 
-import torch
 import uvicorn
 from fastapi import FastAPI
 
@@ -48,6 +47,8 @@ CLOSE_CONNECTIONS_S = 5
 
 def tune_process(settings: Settings) -> None:
     """The knobs of a process that runs models (see the module)."""
+    import torch  # here, not above: a front process runs no model and imports no torch
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -55,8 +56,10 @@ def tune_process(settings: Settings) -> None:
 
 def build(settings: Settings, cluster: ReplicaAgent | None = None, engine: Front | None = None) -> FastAPI:
     """The app as the serve entry point runs it (also a Ray Serve replica, app/ray_serve.py,
-    and a front process, app/engine/processes.py): the process's knobs turned, then create_app."""
-    tune_process(settings)
+    and a front process, app/engine/processes.py): the knobs of a process that runs models
+    turned (not a front's), then create_app."""
+    if engine is None:
+        tune_process(settings)
     return create_app(settings, on_models_changed=heap.collect_all, cluster=cluster, engine=engine)
 
 

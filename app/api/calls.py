@@ -13,7 +13,7 @@ from fastapi import Request
 from app.api.errors import error_responses
 from app.api.security import tenant_of
 from app.http_protocol import ON_DISCONNECT
-from app.registry.registry import Models
+from app.registry.slots import Models
 from app.service.requests import Answer
 from app.service.service import InferenceService
 

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.calls import registry_of
-from app.registry.registry import Models, ModelState
+from app.registry.slots import Models, ModelState
 
 router = APIRouter(tags=["health"])
 

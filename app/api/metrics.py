@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from app.api.errors import error_responses
 from app.batching.running import BatchRecord
-from app.registry.registry import Models, ModelState, RegistryHooks
+from app.registry.slots import Models, ModelState, RegistryHooks
 
 router = APIRouter(tags=["operations"])
 

@@ -12,7 +12,7 @@ from app.api.errors import error_responses
 from app.api.security import require_admin
 from app.errors import ModelNotFound, ModelUnavailable
 from app.registry.catalog import TranslationEntry, ZeroShotEntry
-from app.registry.registry import ModelSlot, ModelState
+from app.registry.slots import ModelSlot, ModelState
 from app.tasks import Endpoint
 
 router = APIRouter(tags=["models"])

@@ -24,7 +24,7 @@ from app import errors
 from app.engine import wire
 from app.errors import InvalidInput, ModelUnavailable, ServiceError
 from app.registry.catalog import Catalog
-from app.registry.registry import CatalogSlots, ModelSlot, ModelState
+from app.registry.slots import CatalogSlots, ModelSlot, ModelState
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ import zmq
 from app.batching.batcher import past_deadline
 from app.engine import wire
 from app.errors import InferenceFailed, ModelUnavailable, ServiceError
-from app.registry.registry import ModelRegistry, ModelSlot, ModelState
+from app.registry.registry import ModelRegistry
+from app.registry.slots import ModelSlot, ModelState
 from app.service.checks import RateLimit
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
@@ -29,8 +28,9 @@ from app.batching.batcher import DynamicBatcher
 from app.batching.running import BatchRecord
 from app.batching.threads import ThreadShare
 from app.config import Settings
-from app.errors import InvalidInput, ModelNotFound, ModelUnavailable, ServiceError, WrongTask
+from app.errors import InvalidInput, ModelUnavailable, ServiceError, WrongTask
 from app.registry.catalog import Catalog, Entry
+from app.registry.slots import CatalogSlots, Chunking, ModelSlot, ModelState, RegistryHooks
 from app.registry.sources import locate, verify_weights
 from app.runners import Runner, build_runner, onnx_runtime, resolve_device
 
@@ -40,128 +40,6 @@ GIB = 1024**3
 # torch's intra-op threads as the process started (or TESSERA_TORCH_THREADS); read once,
 # because lanes change the count that threads started later inherit.
 STARTUP_TORCH_THREADS = torch.get_num_threads()
-
-
-class ModelState(StrEnum):
-    not_loaded = "not_loaded"
-    loading = "loading"
-    loaded = "loaded"
-    failed = "failed"
-
-
-@dataclass(eq=False)
-class ModelSlot:
-    """One catalog entry and, once loaded, its runner and batcher."""
-
-    entry: Entry
-    state: ModelState = ModelState.not_loaded
-    runner: Runner | None = None
-    batcher: DynamicBatcher | None = None
-    error: str | None = None
-    failed_at: float = 0.0
-    loading: asyncio.Task[None] | None = None
-    in_flight: int = 0
-    waiting: int = 0  # requests waiting for this model's load to finish
-    last_used: float = 0.0
-    load_seconds: float | None = None
-    memory_bytes: int = 0
-    device: str | None = None
-    loads: int = 0
-    backend: str | None = None  # what runs the forward pass: torch, onnx, onnx-int8
-    backend_note: str | None = None  # why it is not what the entry asked for
-    reported_depth: int = 0  # in a front (app/engine/client.py): the engine's queue depth
-
-    def hold(self) -> None:
-        """A request uses the model: it is not evicted until ``let_go``."""
-        self.in_flight += 1
-        self.last_used = time.monotonic()
-
-    def let_go(self) -> None:
-        self.in_flight -= 1
-        self.last_used = time.monotonic()
-
-    @property
-    def queue_depth(self) -> int:
-        """Inputs queued for this model."""
-        return self.batcher.queue_depth if self.batcher is not None else self.reported_depth
-
-    @property
-    def busy(self) -> bool:
-        # Waiters count too: a model must not be evicted between its load and their first use.
-        queued = self.batcher is not None and self.batcher.queue_depth > 0
-        return self.in_flight > 0 or self.waiting > 0 or queued
-
-
-@runtime_checkable
-class Chunking(Protocol):
-    """A runner that splits a long document into pieces its model reads whole (seq2seq)."""
-
-    def split_into_chunks(self, text: str) -> list[str]: ...
-
-
-class Models(Protocol):
-    """What the service and the routes use of the models: the registry in-process, its
-    client in a front process (app/engine/client.py)."""
-
-    catalog: Catalog
-    hub_online: bool
-
-    @property
-    def connected(self) -> bool: ...
-
-    async def refresh(self) -> None: ...
-
-    def slot(self, name: str) -> ModelSlot: ...
-
-    def slots(self) -> list[ModelSlot]: ...
-
-    def has(self, name: str) -> bool: ...
-
-    async def get_or_load(self, name: str) -> ModelSlot: ...
-
-    async def unload(self, name: str) -> bool: ...
-
-    async def infer(
-        self,
-        name: str,
-        payloads: Sequence[Any],
-        *,
-        timeout_s: float,
-        group: Hashable = None,
-        tenant: Hashable = None,
-        sizes: list[int] | None = None,
-    ) -> list[Any]: ...
-
-    async def split_into_chunks(self, name: str, text: str) -> list[str]: ...
-
-
-@dataclass
-class RegistryHooks:
-    """Observers the metrics layer plugs in; the registry works without them."""
-
-    on_batch: Callable[[str, BatchRecord], None] | None = None
-    on_load: Callable[[str, float, bool], None] | None = None
-    # After a model is loaded or unloaded, on a worker thread (the serve entry point's heap).
-    on_change: Callable[[], None] | None = None
-
-
-class CatalogSlots:
-    """One slot per catalog entry, by name: the registry's own, or a front's mirror of the
-    engine's (app/engine/client.py)."""
-
-    _slots: dict[str, ModelSlot]
-
-    def slot(self, name: str) -> ModelSlot:
-        try:
-            return self._slots[name]
-        except KeyError:
-            raise ModelNotFound(f"unknown model '{name}'; the catalog has: {', '.join(self._slots)}") from None
-
-    def slots(self) -> list[ModelSlot]:
-        return list(self._slots.values())
-
-    def has(self, name: str) -> bool:
-        return name in self._slots
 
 
 @dataclass

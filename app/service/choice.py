@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from app.errors import ModelNotFound, WrongTask
 from app.registry.catalog import Entry, TranslationEntry
-from app.registry.registry import Models, ModelState
+from app.registry.slots import Models, ModelState
 from app.registry.sources import is_local
 from app.tasks import Endpoint, can_serve
 

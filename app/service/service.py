@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from app.config import Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
 from app.registry.catalog import SummarizationEntry, TranslationEntry, ZeroShotEntry
-from app.registry.registry import Models
+from app.registry.slots import Models
 from app.service.checks import Limiter, check_generation, check_inputs, timeout_of
 from app.service.choice import ModelChoice, translates
 from app.service.requests import Answer, Classify, Embed, FillMask, Summarize, Summary, Translate
