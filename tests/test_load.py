@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import socket
 import threading
@@ -220,7 +221,7 @@ async def test_a_thousand_concurrent_mixed_requests_are_all_answered_correctly(
 @pytest.mark.faults
 @pytest.mark.parametrize("http", ["auto", HttpProtocol], ids=["uvicorn's protocol", "tessera's protocol"])
 def test_a_client_that_hangs_up_over_a_real_socket_has_its_queued_work_dropped(
-    app_factory: Callable[..., FastAPI], http: Any
+    app_factory: Callable[..., FastAPI], http: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     # uvicorn's own protocol: the route's watcher hears the disconnect; Tessera's: the server
     # cancels the route itself (app/http_protocol.py).
@@ -255,6 +256,11 @@ def test_a_client_that_hangs_up_over_a_real_socket_has_its_queued_work_dropped(
             gate.set()
             blocker.join(30)
             neighbour = httpx.post(f"{url}/classify", json={"inputs": "after", "model": "bert-clf"}, timeout=30)
+            metrics = httpx.get(f"{url}/metrics", timeout=30).text
         assert neighbour.status_code == 200
         assert "hangs up" not in seen
         assert batcher.queue_depth == 0
+        # A client hanging up is not a server error: 499 in the metrics, no traceback in the log.
+        assert 'route="/classify",status="499"} 1.0' in metrics
+        assert 'status="500"' not in metrics
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

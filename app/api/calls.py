@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from app.api.errors import error_responses
+from app.api.errors import ClientLeft, error_responses
 from app.api.security import tenant_of
 from app.http_protocol import ON_DISCONNECT
 from app.registry.slots import Models
@@ -45,26 +45,38 @@ def tenant(request: Request) -> str:
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client goes away first."""
+    """Await ``work``, cancelling it if the client goes away first (then ClientLeft: the
+    access log and the metrics record 499, not a server error)."""
     request_task = asyncio.current_task()
     assert request_task is not None
+    left = False
+
+    def leave() -> None:
+        nonlocal left
+        left = True
+        request_task.cancel()  # the client is gone: so is its work
+
     told: list[Callable[[], Any]] | None = request.scope.get("extensions", {}).get(ON_DISCONNECT)
+    watcher: asyncio.Task[None] | None = None
     if told is not None:  # Tessera's own server calls us when the client leaves: no watcher
-        told.append(request_task.cancel)
-        try:
-            return await work
-        finally:
-            told.remove(request_task.cancel)
+        told.append(leave)
+    else:
 
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                request_task.cancel()  # the client is gone: so is its work
-                return
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            leave()
 
-    watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(watch())
     try:
         return await work
+    except asyncio.CancelledError:
+        if not left:
+            raise  # cancelled for another reason (the server stopping): it stays cancelled
+        request_task.uncancel()
+        raise ClientLeft() from None
     finally:
-        watcher.cancel()
+        if told is not None:
+            told.remove(leave)
+        if watcher is not None:
+            watcher.cancel()

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -34,6 +34,15 @@ from app.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+# nginx's code for a request whose client closed the connection before the answer: what the
+# access log and the metrics record for it (nobody is there to read a response).
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientLeft(Exception):
+    """The client hung up before its answer; its work was dropped (app/api/calls.py)."""
+
 
 STATUS: dict[type[ServiceError], int] = {
     WrongTask: 400,
@@ -203,6 +212,10 @@ def install_error_handlers(app: FastAPI) -> None:
             status, "http_error"
         )
         return error_response(request, status, code, message, headers=headers)
+
+    @app.exception_handler(ClientLeft)
+    async def _client_left(request: Request, exc: ClientLeft) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # the server sends it nowhere
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
