@@ -282,7 +282,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_workers_serve_on_one_port_restart_a_dead_front_and_drain_fronts_before_the_engine(
+def test_workers_serve_on_one_port_without_torch_restart_a_dead_front_and_drain_fronts_before_the_engine(
     catalog_path: Path,
 ) -> None:
     env = {"TESSERA_CATALOG": str(catalog_path), "TESSERA_WORKERS": "2", "TESSERA_HUB": "offline"}
@@ -304,6 +304,10 @@ def test_workers_serve_on_one_port_restart_a_dead_front_and_drain_fronts_before_
         children = _children(supervisor)
         assert len(children) == 3  # the engine and two fronts
         fronts = [p for p in children if b"front" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        [engine] = set(children) - set(fronts)
+        # Only the engine runs models: a front that has served requests has not loaded torch.
+        assert "libtorch" in Path(f"/proc/{engine}/maps").read_text()
+        assert all("libtorch" not in Path(f"/proc/{front}/maps").read_text() for front in fronts)
         os.kill(fronts[0], signal.SIGKILL)
         deadline = time.monotonic() + 60
         while not (len(_children(supervisor)) == 3 and fronts[0] not in _children(supervisor)):
