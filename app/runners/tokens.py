@@ -40,7 +40,7 @@ class TextEncoder:
     engine's CPU per request on bench/ceiling.py 0.91x (single texts and 32-text requests,
     side by side in one run). A BERT WordPiece tokenizer's plain ASCII texts skip Rust too
     (``plain``, app/runners/wordpiece.py): engine CPU per request 0.79x again, 32-text
-    requests 0.72x (bench/ceiling.py against 8ab6112). Each path is kept only where it gives
+    requests 0.74x (bench/ceiling.py against 8ab6112). Each path is kept only where it gives
     exactly ``__call__``'s ids and token types on probe texts (pairs included); any other
     tokenizer, and one without a Rust backend, is tokenized by ``__call__``. Not
     thread-safe: its owner holds its tokenizer lock.

@@ -40,15 +40,13 @@ class PlainWordPiece:
 
     @classmethod
     def of(cls, backend: Any) -> PlainWordPiece | None:
-        """The path for ``backend``, or None where it is not a BERT WordPiece tokenizer."""
-        try:
-            spec = json.loads(backend.to_str())
-            kinds = [(spec.get(part) or {}).get("type") for part in ("model", "normalizer", "pre_tokenizer")]
-            if kinds != ["WordPiece", "BertNormalizer", "BertPreTokenizer"]:
-                return None
-            return cls(spec, backend)
-        except (KeyError, TypeError, ValueError):  # a layout this code does not know
+        """The path for ``backend``, or None where it is not a BERT WordPiece tokenizer (a
+        layout this code cannot read raises: TextEncoder then leaves every text to Rust)."""
+        spec = json.loads(backend.to_str())
+        kinds = [(spec.get(part) or {}).get("type") for part in ("model", "normalizer", "pre_tokenizer")]
+        if kinds != ["WordPiece", "BertNormalizer", "BertPreTokenizer"]:
             return None
+        return cls(spec, backend)
 
     def _template(self, backend: Any) -> None:
         """Where the special tokens and token types go, read off the backend's own encoding of
