@@ -7,10 +7,10 @@ import argparse
 import os
 import sys
 
+from app.catalog import CatalogError, load_catalog
 from app.config import Settings
 from app.errors import ModelUnavailable
 from app.logs import configure_logging
-from app.registry.catalog import CatalogError, load_catalog
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -40,13 +40,15 @@ def serve(args: argparse.Namespace) -> int:
 
 def child(args: argparse.Namespace) -> int:
     """A process the supervisor starts (app/engine/processes.py): the engine or a front."""
-    from app.engine.processes import run_engine, run_front
+    from app.engine.processes import run_engine
 
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "engine":
         run_engine(settings, args.address)
     else:
+        from app.serving import run_front
+
         run_front(settings, args.address, args.index)
     return 0
 

@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.metrics import merge_expositions
+
 log = logging.getLogger(__name__)
 
 POLL_S = 5.0  # a replica's long poll returns at least this often
@@ -200,36 +202,3 @@ class ReplicaAgent:
     async def metrics(self, timeout_s: float = 10.0) -> bytes:
         texts: dict[str, str] = await self.call("collect_metrics", timeout_s)
         return merge_expositions(texts).encode()
-
-
-def merge_expositions(texts: dict[str, str], label: str = "replica") -> str:
-    """Prometheus text expositions of several replicas (or processes) as one: each family's
-    HELP and TYPE once, then every one's samples of it, each labelled ``<label>="<id>"``."""
-    families: dict[str, list[str]] = {}
-    headers: dict[str, list[str]] = {}
-    for replica, text in texts.items():
-        current = ""
-        for line in text.splitlines():
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
-                current = line.split(" ", 3)[2]
-                seen = headers.setdefault(current, [])
-                families.setdefault(current, [])
-                if line not in seen:
-                    seen.append(line)
-            elif line and not line.startswith("#"):
-                families.setdefault(current, []).append(_labelled(line, f'{label}="{replica}"'))
-    lines = []
-    for name, samples in families.items():
-        lines += headers.get(name, [])
-        lines += samples
-    return "\n".join(lines) + "\n"
-
-
-def _labelled(sample: str, label: str) -> str:
-    name_end = next(i for i, ch in enumerate(sample) if ch in "{ ")
-    name, rest = sample[:name_end], sample[name_end:]
-    if rest.startswith("{}"):
-        return f"{name}{{{label}}}{rest[2:]}"
-    if rest.startswith("{"):
-        return f"{name}{{{label},{rest[1:]}"
-    return f"{name}{{{label}}}{rest}"

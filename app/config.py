@@ -1,6 +1,6 @@
 """Server settings, read from the environment (prefix ``TESSERA_``) or a ``.env`` file and
 validated once at start-up: a bad value stops the server with a message naming it. The
-model catalog has its own schema (app/registry/catalog.py).
+model catalog has its own schema (app/catalog.py).
 """
 
 from __future__ import annotations

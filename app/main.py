@@ -1,19 +1,19 @@
 """The application factory: ``create_app(settings)`` builds the FastAPI app.
 
 The catalog is validated here, before anything serves, so a bad entry stops start-up
-with a message naming it. The lifespan decides whether the hub is reachable, starts
-the registry, preloads the entries marked ``preload`` in the background (liveness
-answers at once; readiness waits for them), and unloads everything on shutdown.
+with a message naming it. The lifespan opens the engine's client: in one process (and a
+Ray replica) it starts the engine core itself (app/engine/core.py: the hub's reachability
+decided, preload entries loading in the background: liveness answers at once, readiness
+waits for them) and drives it in-process; in a front process it connects to the engine
+process over ZeroMQ. Either way the service and the routes see one interface.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,21 +23,16 @@ from app.api import compat_hf, compat_openai, docs, health, metrics, models, nat
 from app.api.compat_hf import hf_tasks
 from app.api.drain import Drain
 from app.api.errors import install_error_handlers
-from app.api.metrics import Metrics
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import build_openapi
 from app.api.security import BodySizeLimit, Keys, require_api_key
+from app.catalog import load_catalog
 from app.cluster import ReplicaAgent
 from app.config import Settings
-from app.engine.client import EngineClient
-from app.errors import ServiceError
-from app.registry.catalog import Catalog, load_catalog
-from app.registry.sources import hf_offline_flag, probe_hub
-from app.service.checks import rate_limit_of
+from app.engine.client import InprocClient
+from app.engine.zmq_client import ZmqClient
+from app.metrics import Metrics
 from app.service.service import InferenceService
-
-if TYPE_CHECKING:
-    from app.registry.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -77,42 +72,6 @@ TAGS = [
 ]
 
 
-async def decide_hub_online(settings: Settings) -> bool:
-    if settings.hub == "offline" or hf_offline_flag():
-        return False
-    if settings.hub == "online":
-        return True
-    return await asyncio.to_thread(probe_hub, settings.hub_probe_timeout_s)
-
-
-async def open_registry(
-    settings: Settings, catalog: Catalog, metrics: Metrics, on_models_changed: Callable[[], None] | None
-) -> ModelRegistry:
-    """The registry as a serving process opens it (this app's lifespan, the engine process's):
-    the hub's reachability decided, and ``metrics`` fed by its batches and loads and reading
-    its live state."""
-    from app.registry.registry import ModelRegistry  # here: a front process imports no torch
-
-    online = await decide_hub_online(settings)
-    hooks = metrics.hooks()
-    hooks.on_change = on_models_changed
-    registry = ModelRegistry(settings, catalog, hub_online=online, hooks=hooks)
-    metrics.watch(registry)
-    log.info("hub %s; %d catalog models", "online" if online else "offline", len(catalog.models))
-    return registry
-
-
-async def preload(registry: ModelRegistry) -> None:
-    """Load the catalog entries marked ``preload``, one after the other; a failure is logged
-    (readiness reports it)."""
-    for slot in registry.slots():
-        if slot.entry.preload:
-            try:
-                await registry.get_or_load(slot.entry.name)
-            except ServiceError as exc:
-                log.error("preloading %s failed: %s", slot.entry.name, exc.message)
-
-
 def create_app(
     settings: Settings | None = None,
     on_models_changed: Callable[[], None] | None = None,
@@ -139,12 +98,11 @@ def create_app(
     @asynccontextmanager
     async def front_lifespan(app: FastAPI) -> AsyncIterator[None]:
         assert engine is not None
-        client = EngineClient(catalog, engine.address, engine.identity, own_metrics)
+        client = ZmqClient(catalog, engine.address, engine.identity, own_metrics)
         await client.start(ENGINE_WAIT_S)
         app.state.registry = client
         app.state.exposition = client.metrics
-        # The rate limit is the engine's: one bucket per tenant, whichever front it reaches.
-        app.state.service = InferenceService(settings, client, client if settings.rate_limit_inputs_per_s else None)
+        app.state.service = InferenceService(settings, client)
         try:
             yield
         finally:
@@ -156,24 +114,23 @@ def create_app(
             async with front_lifespan(app):
                 yield
             return
-        registry = await open_registry(settings, catalog, app.state.metrics, on_models_changed)
-        app.state.registry = registry
-        app.state.service = InferenceService(settings, registry, rate_limit_of(settings))
+        from app.engine.startup import open_engine  # here: a front process imports no torch
+
+        core = await open_engine(settings, catalog, app.state.metrics, on_models_changed)
+        client = InprocClient(core)
+        app.state.registry = client
+        app.state.service = InferenceService(settings, client)
         app.state.exposition = cluster.metrics if cluster else local_metrics
-        preloading = None
+        core.start(preload=not cluster)
         if cluster:  # a replica takes traffic once loaded, and once it has caught up
-            await preload(registry)
-            await cluster.start(registry, own_metrics)
-        else:
-            preloading = asyncio.create_task(preload(registry))
+            await core.preload()
+            await cluster.start(client, own_metrics)
         try:
             yield
         finally:
-            if preloading:
-                preloading.cancel()
             if cluster:
                 await cluster.stop()
-            await registry.close()
+            await core.close()
 
     app = FastAPI(
         title="Tessera inference server",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 from collections.abc import Iterator
@@ -35,6 +34,8 @@ from app import heap
 from app.api.drain import Drain
 from app.cluster import ReplicaAgent
 from app.config import Settings
+from app.engine.processes import listening_socket
+from app.engine.startup import tune_process
 from app.http_protocol import HttpProtocol
 from app.main import Front, create_app
 
@@ -45,13 +46,11 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 CLOSE_CONNECTIONS_S = 5
 
 
-def tune_process(settings: Settings) -> None:
-    """The knobs of a process that runs models (see the module)."""
-    import torch  # here, not above: a front process runs no model and imports no torch
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+def run_front(settings: Settings, address: str, index: int) -> None:
+    """A front process (app/engine/processes.py): the app with the engine's client, on its own
+    socket on the shared port."""
+    app = build(settings, engine=Front(address, f"front-{index}"))
+    run(app, settings, sockets=[listening_socket(settings.host, settings.port)])
 
 
 def build(settings: Settings, cluster: ReplicaAgent | None = None, engine: Front | None = None) -> FastAPI:

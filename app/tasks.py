@@ -2,7 +2,7 @@
 that loads it, the routes it answers and the Hugging Face Inference API task it speaks.
 
 Adding a task is a row here, a runner (app/runners), a catalog entry type
-(app/registry/catalog.py), a service method (app/service/service.py) and its routes; the
+(app/catalog.py), a service method (app/service/service.py) and its routes; the
 README's development section lists the steps. Runners are named, not imported: this table
 is read by the API layer, which never imports torch through it.
 """
@@ -13,6 +13,19 @@ import importlib
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+from app.payloads import (
+    Classification,
+    ClassifyInput,
+    Embedding,
+    EmbedInput,
+    ExtractInput,
+    FillMaskInput,
+    Generation,
+    MaskFills,
+    Seq2SeqInput,
+    ZeroShotInput,
+)
 
 
 class Endpoint(StrEnum):
@@ -33,11 +46,19 @@ class Task:
     runner: str  # "module:Class" in app.runners, imported when a model of this kind loads
     endpoints: tuple[Endpoint, ...]
     hf_task: str  # the HF Inference API task that POST /models/<name> speaks
+    payload: type  # what the service sends its runner per input (app/payloads.py)
+    result: type  # what the runner answers per input; both travel to the engine (app/engine/wire.py)
 
 
 TASKS: tuple[Task, ...] = (
     Task(
-        "text-classification", None, "classification:ClassificationRunner", (Endpoint.classify,), "text-classification"
+        "text-classification",
+        None,
+        "classification:ClassificationRunner",
+        (Endpoint.classify,),
+        "text-classification",
+        ClassifyInput,
+        Classification,
     ),
     # /classify takes a zero-shot model only with labels of its own (can_serve).
     Task(
@@ -46,6 +67,8 @@ TASKS: tuple[Task, ...] = (
         "classification:NliZeroShotRunner",
         (Endpoint.zero_shot, Endpoint.classify),
         "zero-shot-classification",
+        ZeroShotInput,
+        Classification,
     ),
     Task(
         "zero-shot-classification",
@@ -53,12 +76,32 @@ TASKS: tuple[Task, ...] = (
         "embedding:SimilarityZeroShotRunner",
         (Endpoint.zero_shot, Endpoint.classify),
         "zero-shot-classification",
+        ZeroShotInput,
+        Classification,
     ),
-    Task("translation", None, "seq2seq:Seq2SeqRunner", (Endpoint.translate,), "translation"),
-    Task("summarization", "abstractive", "seq2seq:Seq2SeqRunner", (Endpoint.summarize,), "summarization"),
-    Task("summarization", "extractive", "embedding:ExtractiveSummaryRunner", (Endpoint.summarize,), "summarization"),
-    Task("embedding", None, "embedding:EmbeddingRunner", (Endpoint.embed,), "feature-extraction"),
-    Task("fill-mask", None, "fill_mask:FillMaskRunner", (Endpoint.fill_mask,), "fill-mask"),
+    Task("translation", None, "seq2seq:Seq2SeqRunner", (Endpoint.translate,), "translation", Seq2SeqInput, Generation),
+    Task(
+        "summarization",
+        "abstractive",
+        "seq2seq:Seq2SeqRunner",
+        (Endpoint.summarize,),
+        "summarization",
+        Seq2SeqInput,
+        Generation,
+    ),
+    Task(
+        "summarization",
+        "extractive",
+        "embedding:ExtractiveSummaryRunner",
+        (Endpoint.summarize,),
+        "summarization",
+        ExtractInput,
+        Generation,
+    ),
+    Task(
+        "embedding", None, "embedding:EmbeddingRunner", (Endpoint.embed,), "feature-extraction", EmbedInput, Embedding
+    ),
+    Task("fill-mask", None, "fill_mask:FillMaskRunner", (Endpoint.fill_mask,), "fill-mask", FillMaskInput, MaskFills),
 )
 _BY_KIND = {(t.task, t.engine): t for t in TASKS}
 

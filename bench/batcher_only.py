@@ -4,7 +4,7 @@
 
 The served runner and ``DynamicBatcher`` (two lanes and the padding slack, as the server
 sets them on a CPU) are driven in this process by ``--concurrency`` asyncio tasks, one
-text per submit, over the classification scenario's texts; the offline limit runs the
+text per request, over the classification scenario's texts; the offline limit runs the
 same texts as in ``run.py``. The ratio separates the cost of batching only the texts in
 flight from the cost of HTTP, which ``run.py``'s served figure adds on top.
 """
@@ -30,18 +30,21 @@ from workloads import build_minilm_classifier, make_texts
 from app.batching.batcher import DynamicBatcher
 from app.batching.running import BatchRecord
 from app.batching.threads import ThreadShare
-from app.registry.catalog import TextClassificationEntry
+from app.catalog import TextClassificationEntry
+from app.payloads import ClassifyInput
 from app.runners.classification import ClassificationRunner
-from app.service.types import ClassifyInput
 
 
 async def drive(batcher: DynamicBatcher, texts: list[str], concurrency: int) -> tuple[float, float]:
-    """Texts per second and process CPU ms per text, ``concurrency`` submits in flight."""
+    """Texts per second and process CPU ms per text, ``concurrency`` requests in flight."""
     pending = iter(texts)
 
     async def client() -> None:
-        for text in pending:
-            await batcher.submit([ClassifyInput(text)], deadline=time.monotonic() + 600)
+        loop = asyncio.get_running_loop()
+        for text in pending:  # one request of one text, enqueued as the engine does (app/engine/core.py)
+            future = loop.create_future()
+            batcher.enqueue([ClassifyInput(text)], [future], loop=loop, deadline=time.monotonic() + 600)
+            await future
 
     started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(client() for _ in range(concurrency)))

@@ -39,9 +39,9 @@ def build_runner_noting_threads(entry: Any, path: Path) -> Any:
     runner = _build_runner(entry, path)
     infer = runner.infer
 
-    def infer_noting_threads(payloads: Any, encoded: Any) -> Any:
+    def infer_noting_threads(payloads: Any, encoded: Any, wanted: Any = None) -> Any:
         worker_torch_threads[entry.name] = torch.get_num_threads()
-        return infer(payloads, encoded)
+        return infer(payloads, encoded, wanted)
 
     runner.infer = infer_noting_threads  # type: ignore[method-assign]
     return runner

@@ -6,6 +6,7 @@ all-MiniLM-L6-v2 (packaged) backs the quality tests. Nothing here reaches a netw
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ import yaml
 from fastapi import FastAPI
 
 from app.config import Settings
-from app.main import create_app
+from app.engine.core import EngineCore
+from app.engine.processes import serve_engine
+from app.engine.server import EngineServer
+from app.main import Front, create_app
 from tests.tiny_models import build_all
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -177,15 +181,91 @@ async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
+# The process layouts every route-level test runs in: one process (the engine core driven
+# in-process), and the default of `python -m app serve` on two cores or more: a front whose
+# engine runs elsewhere (here in a thread with its own event loop, over ZeroMQ, the code the
+# engine process runs). Layouts differ only in the client that reaches the one engine core.
+LAYOUTS = ["one-process", "fronts+engine"]
+
+
+@contextmanager
+def engine_thread(settings: Settings, folder: Path) -> Iterator[EngineCore]:
+    """An engine serving ``settings``' catalog on an ipc socket in ``folder``, in a thread,
+    until the end; its core has ``address``, ``server`` and ``thread_loop`` (its event loop)."""
+    address = f"ipc://{folder}/engine"
+    started: list[EngineCore] = []
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    def note(server: EngineServer) -> None:
+        core = server.core
+        core.address, core.server, core.thread_loop = address, server, loop  # type: ignore[attr-defined]
+        started.append(core)
+        ready.set()
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(serve_engine(settings, address, stop, note)))
+    thread.start()
+    try:
+        assert ready.wait(60), "the engine did not start"
+        yield started[0]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(60)
+        loop.close()
+
+
+def core_of(app: FastAPI) -> EngineCore:
+    """The engine core that serves ``app``, in either layout (for tests that reach below the API)."""
+    core: EngineCore = getattr(app.state, "engine_core", None) or app.state.registry.core
+    return core
+
+
+class AppFactory:
+    """Apps in one layout: ``make(**settings)`` is the app a test serves; in the fronts+engine
+    layout each comes with its engine, stopped when the test ends."""
+
+    def __init__(self, layout: str, make_settings: Callable[..., Settings], folder: Path) -> None:
+        self.layout, self.make_settings, self.folder = layout, make_settings, folder
+        self._engines = ExitStack()
+        self._count = 0
+
+    def __call__(self, **overrides: Any) -> FastAPI:
+        settings = self.make_settings(**overrides)
+        if self.layout == "one-process":
+            return create_app(settings)
+        self._count += 1
+        folder = self.folder / f"engine-{self._count}"
+        folder.mkdir()
+        core = self._engines.enter_context(engine_thread(settings, folder))
+        app = create_app(settings, engine=Front(core.address, "front-0"))  # type: ignore[attr-defined]
+        app.state.engine_core = core
+        return app
+
+    def close(self) -> None:
+        self._engines.close()
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-async def client(make_settings: Callable[..., Settings]) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve(create_app(make_settings())) as c:
+def app_factory(layout: str, make_settings: Callable[..., Settings]) -> Iterator[AppFactory]:
+    # A short folder: an ipc:// path must fit a Unix socket's 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="tessera-test-") as folder:
+        factory = AppFactory(layout, make_settings, Path(folder))
+        try:
+            yield factory
+        finally:
+            factory.close()
+
+
+@pytest.fixture
+async def client(app_factory: AppFactory) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(app_factory()) as c:
         yield c
-
-
-@pytest.fixture
-def app_factory(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., FastAPI]]:
-    yield lambda **overrides: create_app(make_settings(**overrides))
 
 
 @dataclass

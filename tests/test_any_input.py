@@ -7,7 +7,9 @@ hand, each pinned to its answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,8 @@ from hypothesis import strategies as st
 
 from app.api.fields import text_problem
 from app.config import Settings
-from app.main import create_app
-from tests.conftest import LOCAL, running
+from app.main import Front, create_app
+from tests.conftest import LAYOUTS, LOCAL, core_of, engine_thread, running
 
 
 def small_settings(catalog: Path) -> Settings:
@@ -36,10 +38,19 @@ def small_settings(catalog: Path) -> Settings:
     )
 
 
-@pytest.fixture(scope="module")
-def api(local_catalog: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(small_settings(local_catalog)), raise_server_exceptions=False) as client:
-        yield client
+@pytest.fixture(scope="module", params=LAYOUTS)
+def api(local_catalog: Path, request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    settings = small_settings(local_catalog)
+    with contextlib.ExitStack() as stack:
+        if request.param == "one-process":
+            app = create_app(settings)
+        else:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="tessera-test-"))
+            core = stack.enter_context(engine_thread(settings, Path(folder)))
+            app = create_app(settings, engine=Front(core.address, "front-0"))  # type: ignore[attr-defined]
+            app.state.engine_core = core
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client
 
 
 # -- what a client may send ---------------------------------------------------------------
@@ -340,7 +351,7 @@ def test_inputs_found_by_hand_answer_422_naming_what_to_change(
 
 
 def test_a_tokenizer_that_fails_on_one_input_fails_only_that_input_with_its_index(api: TestClient) -> None:
-    slot = api.app.state.registry.slot("bert-clf")  # type: ignore[attr-defined]
+    slot = core_of(api.app).registry.slot("bert-clf")  # type: ignore[arg-type]
     api.post("/models/bert-clf/load")
     runner = slot.runner
     real = runner.tokenize

@@ -40,7 +40,7 @@ class FakeRunner:
         self.encoded.extend(payloads)
         return [Enc(len(p.split())) for p in payloads]
 
-    def infer(self, payloads: Sequence[str], encoded: Sequence[Any]) -> list[str]:
+    def infer(self, payloads: Sequence[str], encoded: Sequence[Any], wanted: Any = None) -> list[str]:
         self.entered.set()
         self.gate.wait(10)
         if self.oom_above is not None and len(payloads) > self.oom_above:
@@ -55,6 +55,26 @@ def make(runner: FakeRunner, **limits: int) -> DynamicBatcher:
     options = {"max_batch_size": 8, "max_batch_tokens": 10_000, "max_queue_items": 100, "lanes": 1}
     options |= {"padding_slack": 4} | limits
     return DynamicBatcher(runner, name="fake", **options)
+
+
+async def submit(
+    batcher: DynamicBatcher, payloads: Sequence[Any], *, deadline: float, group: Any = None, tenant: Any = None
+) -> list[Any]:
+    """One request through ``enqueue``, as the engine makes it (app/engine/core.py), with a
+    future per input: its results, DeadlineExceeded at the deadline; cancelling it cancels the
+    request in the batcher."""
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in payloads]
+    ticket = batcher.enqueue(payloads, futures, loop=loop, group=group, deadline=deadline, tenant=tenant)
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return list(await asyncio.gather(*futures))
+    except TimeoutError:
+        raise DeadlineExceeded("past the deadline") from None
+    finally:
+        for future in futures:
+            future.cancel()
+        batcher.cancel(ticket)
 
 
 def soon(seconds: float = 10) -> float:
@@ -72,9 +92,9 @@ async def test_an_idle_batcher_runs_a_request_at_once_and_batches_what_arrives_m
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner)
-    first = asyncio.create_task(batcher.submit(["a"], deadline=soon()))
+    first = asyncio.create_task(submit(batcher, ["a"], deadline=soon()))
     await asyncio.to_thread(runner.entered.wait, 5)  # ran alone: no waiting for a batch to fill
-    later = [asyncio.create_task(batcher.submit([f"b{i}"], deadline=soon())) for i in range(5)]
+    later = [asyncio.create_task(submit(batcher, [f"b{i}"], deadline=soon())) for i in range(5)]
     await wait_until(lambda: batcher.queue_depth == 6)
     runner.gate.set()
     assert await first == ["A"]
@@ -87,7 +107,7 @@ async def test_a_large_request_is_split_across_batches_and_reassembled_in_order(
     runner = FakeRunner()
     batcher = make(runner, max_batch_size=4)
     texts = [" ".join(["w"] * (1 + (i * 7) % 13)) + f" {i}" for i in range(30)]
-    assert await batcher.submit(texts, deadline=soon()) == [t.upper() for t in texts]
+    assert await submit(batcher, texts, deadline=soon()) == [t.upper() for t in texts]
     assert max(len(b) for b in runner.batches) <= 4
     assert sum(len(b) for b in runner.batches) == 30
     batcher.close()
@@ -97,10 +117,10 @@ async def test_batches_group_similar_lengths_within_the_token_budget() -> None:
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner, max_batch_size=8, max_batch_tokens=39)
-    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    blocker = asyncio.create_task(submit(batcher, ["hold"], deadline=soon()))
     await asyncio.to_thread(runner.entered.wait, 5)
     texts = ["x " * 2, "x " * 20, "x " * 3, "x " * 19, "x " * 2, "x " * 18]
-    task = asyncio.create_task(batcher.submit([t.strip() for t in texts], deadline=soon()))
+    task = asyncio.create_task(submit(batcher, [t.strip() for t in texts], deadline=soon()))
     await wait_until(lambda: batcher.queue_depth == 7)
     runner.gate.set()
     await blocker
@@ -114,10 +134,10 @@ async def test_a_ragged_pool_becomes_two_tight_batches_rather_than_one_padded_on
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner, max_batch_size=32)
-    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    blocker = asyncio.create_task(submit(batcher, ["hold"], deadline=soon()))
     await asyncio.to_thread(runner.entered.wait, 5)
     texts = [" ".join(["w"] * n) for n in (60, 5, 62, 6, 5, 61)]
-    task = asyncio.create_task(batcher.submit(texts, deadline=soon()))
+    task = asyncio.create_task(submit(batcher, texts, deadline=soon()))
     await wait_until(lambda: batcher.queue_depth == 7)
     runner.gate.set()
     await blocker
@@ -133,10 +153,10 @@ async def test_the_padding_slack_lets_short_inputs_stretch_a_batch(slack: int, e
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner, max_batch_size=32, padding_slack=slack)
-    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    blocker = asyncio.create_task(submit(batcher, ["hold"], deadline=soon()))
     await asyncio.to_thread(runner.entered.wait, 5)
     texts = [" ".join(["w"] * n) for n in (5, 14, 6, 16)]
-    task = asyncio.create_task(batcher.submit(texts, deadline=soon()))
+    task = asyncio.create_task(submit(batcher, texts, deadline=soon()))
     await wait_until(lambda: batcher.queue_depth == 5)
     runner.gate.set()
     await blocker
@@ -149,10 +169,10 @@ async def test_inputs_with_different_generation_settings_are_never_batched_toget
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner)
-    blocker = asyncio.create_task(batcher.submit(["hold"], group="g0", deadline=soon()))
+    blocker = asyncio.create_task(submit(batcher, ["hold"], group="g0", deadline=soon()))
     await asyncio.to_thread(runner.entered.wait, 5)
-    a = asyncio.create_task(batcher.submit(["a1", "a2"], group=("num_beams", 1), deadline=soon()))
-    b = asyncio.create_task(batcher.submit(["b1", "b2"], group=("num_beams", 4), deadline=soon()))
+    a = asyncio.create_task(submit(batcher, ["a1", "a2"], group=("num_beams", 1), deadline=soon()))
+    b = asyncio.create_task(submit(batcher, ["b1", "b2"], group=("num_beams", 4), deadline=soon()))
     await wait_until(lambda: batcher.queue_depth == 5)
     runner.gate.set()
     await asyncio.gather(blocker, a, b)
@@ -164,17 +184,17 @@ async def test_a_poisoned_input_fails_alone_and_its_batch_neighbours_succeed() -
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner)
-    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    blocker = asyncio.create_task(submit(batcher, ["hold"], deadline=soon()))
     await asyncio.to_thread(runner.entered.wait, 5)
-    good = [asyncio.create_task(batcher.submit([f"ok{i}"], deadline=soon())) for i in range(5)]
-    bad = asyncio.create_task(batcher.submit(["poison"], deadline=soon()))
+    good = [asyncio.create_task(submit(batcher, [f"ok{i}"], deadline=soon())) for i in range(5)]
+    bad = asyncio.create_task(submit(batcher, ["poison"], deadline=soon()))
     await wait_until(lambda: batcher.queue_depth == 7)
     runner.gate.set()
     await blocker
     assert [await t for t in good] == [[f"OK{i}"] for i in range(5)]
     with pytest.raises(InferenceFailed, match="poisoned input"):
         await bad
-    assert await batcher.submit(["after"], deadline=soon()) == ["AFTER"]  # the worker carries on
+    assert await submit(batcher, ["after"], deadline=soon()) == ["AFTER"]  # the worker carries on
     batcher.close()
 
 
@@ -183,12 +203,12 @@ async def test_out_of_memory_halves_the_batch_down_to_one_item() -> None:
     runner.oom_above = 2
     batcher = make(runner, max_batch_size=16)
     texts = [f"t{i}" for i in range(11)]
-    assert await batcher.submit(texts, deadline=soon()) == [t.upper() for t in texts]
+    assert await submit(batcher, texts, deadline=soon()) == [t.upper() for t in texts]
     assert max(len(b) for b in runner.batches) <= 2
 
     runner.oom_above = 0  # even one item is too much
     with pytest.raises(ModelUnavailable, match="out of memory on this input alone"):
-        await batcher.submit(["huge"], deadline=soon())
+        await submit(batcher, ["huge"], deadline=soon())
     batcher.close()
 
 
@@ -196,10 +216,10 @@ async def test_a_full_queue_answers_overloaded_without_queueing_anything() -> No
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner, max_queue_items=3)
-    held = asyncio.create_task(batcher.submit(["a", "b", "c"], deadline=soon()))
+    held = asyncio.create_task(submit(batcher, ["a", "b", "c"], deadline=soon()))
     await asyncio.to_thread(runner.entered.wait, 5)
     with pytest.raises(Overloaded) as err:
-        await batcher.submit(["d"], deadline=soon())
+        await submit(batcher, ["d"], deadline=soon())
     assert err.value.retry_after is not None and err.value.retry_after >= 1
     runner.gate.set()
     assert await held == ["A", "B", "C"]
@@ -211,14 +231,15 @@ async def test_a_cancelled_request_is_dropped_and_a_late_one_misses_its_deadline
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner)
-    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    blocker = asyncio.create_task(submit(batcher, ["hold"], deadline=soon()))
     await asyncio.to_thread(runner.entered.wait, 5)
-    gone = asyncio.create_task(batcher.submit(["gone"], deadline=soon()))
-    stays = asyncio.create_task(batcher.submit(["stays"], deadline=soon()))
+    gone = asyncio.create_task(submit(batcher, ["gone"], deadline=soon()))
+    stays = asyncio.create_task(submit(batcher, ["stays"], deadline=soon()))
     await wait_until(lambda: batcher.queue_depth == 3)
     gone.cancel()
+    await wait_until(lambda: batcher.queue_depth == 2)  # dropped at once, not when a lane reaches it
     with pytest.raises(DeadlineExceeded):
-        await batcher.submit(["late"], deadline=time.monotonic() + 0.05)
+        await submit(batcher, ["late"], deadline=time.monotonic() + 0.05)
     runner.gate.set()
     assert await stays == ["STAYS"]
     await blocker
@@ -232,9 +253,9 @@ async def test_closing_fails_queued_requests_instead_of_hanging() -> None:
     runner = FakeRunner()
     runner.gate.clear()
     batcher = make(runner)
-    blocker = asyncio.create_task(batcher.submit(["hold"], deadline=soon()))
+    blocker = asyncio.create_task(submit(batcher, ["hold"], deadline=soon()))
     await asyncio.to_thread(runner.entered.wait, 5)
-    queued = asyncio.create_task(batcher.submit(["queued"], deadline=soon()))
+    queued = asyncio.create_task(submit(batcher, ["queued"], deadline=soon()))
     await wait_until(lambda: batcher.queue_depth == 2)
     closing = asyncio.create_task(asyncio.to_thread(batcher.close))
     await wait_until(lambda: batcher.closed)
@@ -244,7 +265,7 @@ async def test_closing_fails_queued_requests_instead_of_hanging() -> None:
     with pytest.raises(ModelUnavailable, match="unloaded"):
         await queued
     with pytest.raises(ModelUnavailable):
-        await batcher.submit(["new"], deadline=soon())
+        await submit(batcher, ["new"], deadline=soon())
 
 
 # -- lanes -------------------------------------------------------------------------------
@@ -261,7 +282,7 @@ class LaneRunner(FakeRunner):
         self.release_held = threading.Event()
         self._count = threading.Lock()
 
-    def infer(self, payloads: Sequence[str], encoded: Sequence[Any]) -> list[str]:
+    def infer(self, payloads: Sequence[str], encoded: Sequence[Any], wanted: Any = None) -> list[str]:
         with self._count:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
@@ -279,11 +300,11 @@ class LaneRunner(FakeRunner):
 async def test_a_second_lane_runs_while_the_first_is_busy() -> None:
     runner = LaneRunner()
     batcher = make(runner, lanes=2)
-    first = asyncio.create_task(batcher.submit(["held"], deadline=soon()))
+    first = asyncio.create_task(submit(batcher, ["held"], deadline=soon()))
     await wait_until(lambda: runner.running == 1)
     # The first lane is inside a forward pass that runs long (past SPREAD_ABOVE_S); the
     # next input does not wait for it.
-    assert await batcher.submit(["next"], deadline=soon()) == ["NEXT"]
+    assert await submit(batcher, ["next"], deadline=soon()) == ["NEXT"]
     assert not first.done()
     runner.release_held.set()
     assert await first == ["HELD"]
@@ -302,9 +323,9 @@ async def test_inputs_arriving_during_a_short_batch_wait_for_its_lane_and_run_as
 ) -> None:
     runner = LaneRunner()
     batcher = make(runner, lanes=2)
-    first = asyncio.create_task(batcher.submit(["held"], deadline=soon()))
+    first = asyncio.create_task(submit(batcher, ["held"], deadline=soon()))
     await wait_until(lambda: runner.running == 1)
-    rest = [asyncio.create_task(batcher.submit([f"x{i}"], deadline=soon())) for i in range(3)]
+    rest = [asyncio.create_task(submit(batcher, [f"x{i}"], deadline=soon())) for i in range(3)]
     await wait_until(lambda: batcher.queue_depth == 4)
     await asyncio.sleep(0.05)  # time enough for an idle lane to take them, were it to
     assert runner.running == 1
@@ -319,9 +340,9 @@ async def test_inputs_arriving_during_a_short_batch_wait_for_its_lane_and_run_as
 async def test_a_full_batch_waiting_gets_a_second_lane_at_once(short_batches: None) -> None:
     runner = LaneRunner()
     batcher = make(runner, lanes=2, max_batch_size=2)
-    first = asyncio.create_task(batcher.submit(["held"], deadline=soon()))
+    first = asyncio.create_task(submit(batcher, ["held"], deadline=soon()))
     await wait_until(lambda: runner.running == 1)
-    assert await batcher.submit(["x0", "x1"], deadline=soon()) == ["X0", "X1"]
+    assert await submit(batcher, ["x0", "x1"], deadline=soon()) == ["X0", "X1"]
     assert not first.done()
     runner.release_held.set()
     assert await first == ["HELD"]
@@ -333,9 +354,9 @@ async def test_a_tenant_with_nothing_running_never_waits_behind_another_tenants_
 ) -> None:
     runner = LaneRunner()
     batcher = make(runner, lanes=2)
-    first = asyncio.create_task(batcher.submit(["held"], deadline=soon(), tenant="flood"))
+    first = asyncio.create_task(submit(batcher, ["held"], deadline=soon(), tenant="flood"))
     await wait_until(lambda: runner.running == 1)
-    assert await batcher.submit(["light"], deadline=soon(), tenant="light") == ["LIGHT"]
+    assert await submit(batcher, ["light"], deadline=soon(), tenant="light") == ["LIGHT"]
     assert not first.done()
     runner.release_held.set()
     assert await first == ["HELD"]
@@ -346,7 +367,7 @@ async def test_at_low_load_the_first_lane_does_all_the_work() -> None:
     runner = LaneRunner()
     batcher = make(runner, lanes=3)
     for i in range(30):
-        assert await batcher.submit([f"t{i}"], deadline=soon()) == [f"T{i}"]
+        assert await submit(batcher, [f"t{i}"], deadline=soon()) == [f"T{i}"]
     assert set(runner.lanes) == {"batcher-fake-0"}  # its torch threads stay warm; no other pool is made
     batcher.close()
 
@@ -355,7 +376,7 @@ async def test_many_lanes_answer_a_crowd_of_split_requests_in_order() -> None:
     runner = LaneRunner()
     batcher = make(runner, lanes=3, max_batch_size=4, max_queue_items=2000)
     requests = [[f"r{r} " + "w " * ((r * 5 + i) % 9) + f"i{i}" for i in range(1 + r % 5)] for r in range(200)]
-    answers = await asyncio.gather(*(batcher.submit(texts, deadline=soon()) for texts in requests))
+    answers = await asyncio.gather(*(submit(batcher, texts, deadline=soon()) for texts in requests))
     assert answers == [[t.upper() for t in texts] for texts in requests]
     assert runner.most_at_once >= 2
     assert len(set(runner.lanes)) >= 2
@@ -417,7 +438,7 @@ def test_only_the_lead_lane_runs_multithreaded_and_only_when_it_runs_alone() -> 
 
 async def holding(batcher: DynamicBatcher, runner: FakeRunner, texts: list[str], tenant: str) -> asyncio.Task[Any]:
     """A request of ``tenant`` inside its (held) forward pass when this returns."""
-    task = asyncio.create_task(batcher.submit(texts, deadline=soon(), tenant=tenant))
+    task = asyncio.create_task(submit(batcher, texts, deadline=soon(), tenant=tenant))
     assert await asyncio.to_thread(runner.entered.wait, 5)
     return task
 
@@ -427,9 +448,9 @@ async def test_a_light_tenant_is_served_ahead_of_a_flooders_backlog() -> None:
     runner.gate.clear()
     batcher = make(runner, max_batch_size=4, express_lane=False)  # the order of the regular lanes alone
     blocker = await holding(batcher, runner, ["hold"], "flood")
-    flood = [asyncio.create_task(batcher.submit([f"f{i}"], deadline=soon(), tenant="flood")) for i in range(12)]
+    flood = [asyncio.create_task(submit(batcher, [f"f{i}"], deadline=soon(), tenant="flood")) for i in range(12)]
     await wait_until(lambda: batcher.queue_depth == 13)
-    light = asyncio.create_task(batcher.submit(["light"], deadline=soon(), tenant="light"))
+    light = asyncio.create_task(submit(batcher, ["light"], deadline=soon(), tenant="light"))
     await wait_until(lambda: batcher.queue_depth == 14)
     runner.gate.set()
     await asyncio.gather(blocker, light, *flood)
@@ -445,14 +466,14 @@ async def test_a_full_queue_still_admits_a_tenant_below_an_equal_share_of_it() -
     runner.gate.clear()
     batcher = make(runner, max_queue_items=8)
     blocker = await holding(batcher, runner, ["hold"], "a")
-    filling = asyncio.create_task(batcher.submit(["a"] * 7, deadline=soon(), tenant="a"))
+    filling = asyncio.create_task(submit(batcher, ["a"] * 7, deadline=soon(), tenant="a"))
     await wait_until(lambda: batcher.queue_depth == 8)
     with pytest.raises(Overloaded, match="8 of them yours"):
-        await batcher.submit(["a again"], deadline=soon(), tenant="a")
-    admitted = asyncio.create_task(batcher.submit(["b"] * 3, deadline=soon(), tenant="b"))  # 3 <= 8 / 2
+        await submit(batcher, ["a again"], deadline=soon(), tenant="a")
+    admitted = asyncio.create_task(submit(batcher, ["b"] * 3, deadline=soon(), tenant="b"))  # 3 <= 8 / 2
     await wait_until(lambda: batcher.queue_depth == 11)
     with pytest.raises(Overloaded, match="3 of them yours"):
-        await batcher.submit(["b"] * 2, deadline=soon(), tenant="b")  # 5 > 8 / 2
+        await submit(batcher, ["b"] * 2, deadline=soon(), tenant="b")  # 5 > 8 / 2
     runner.gate.set()
     assert await admitted == ["B"] * 3
     await asyncio.gather(blocker, filling)
@@ -463,7 +484,7 @@ async def test_a_full_queue_still_admits_a_tenant_below_an_equal_share_of_it() -
 class HoldingRunner(FakeRunner):
     """Holds only the batches holding "hold"; every other batch runs at once."""
 
-    def infer(self, payloads: Sequence[str], encoded: Sequence[Any]) -> list[str]:
+    def infer(self, payloads: Sequence[str], encoded: Sequence[Any], wanted: Any = None) -> list[str]:
         if "hold" in payloads:
             return super().infer(payloads, encoded)
         self.batches.append(list(payloads))
@@ -475,10 +496,10 @@ async def test_a_light_tenant_runs_on_the_express_lane_while_a_flood_holds_every
     runner.gate.clear()
     batcher = make(runner, lanes=1)
     hold = await holding(batcher, runner, ["hold", "f0"], "flood")
-    backlog = asyncio.create_task(batcher.submit(["f1", "f2", "f3"], deadline=soon(), tenant="flood"))
+    backlog = asyncio.create_task(submit(batcher, ["f1", "f2", "f3"], deadline=soon(), tenant="flood"))
     await wait_until(lambda: batcher.queue_depth == 5)
     # The flood's batch is still running: the light request does not wait for it, nor run inside one.
-    assert await asyncio.wait_for(batcher.submit(["light"], deadline=soon(), tenant="light"), 5) == ["LIGHT"]
+    assert await asyncio.wait_for(submit(batcher, ["light"], deadline=soon(), tenant="light"), 5) == ["LIGHT"]
     assert runner.batches == [["light"]]
     assert not hold.done() and not backlog.done()
     runner.gate.set()
@@ -491,7 +512,7 @@ async def test_a_lone_tenant_never_uses_the_express_lane() -> None:
     runner.gate.clear()
     batcher = make(runner, lanes=1)
     hold = await holding(batcher, runner, ["hold"], "only")
-    more = asyncio.create_task(batcher.submit(["more"], deadline=soon(), tenant="only"))
+    more = asyncio.create_task(submit(batcher, ["more"], deadline=soon(), tenant="only"))
     await wait_until(lambda: batcher.queue_depth == 2)
     await asyncio.sleep(0.1)
     assert runner.batches == [] and not more.done()  # it waits for the lane, as it always did

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from app.catalog import CatalogError, load_catalog
 from app.config import DEFAULT_CATALOG, Settings
 from app.main import create_app
-from app.registry.catalog import CatalogError, load_catalog
 from app.tasks import Endpoint
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from app.cluster import Coordinator, ReplicaAgent, merge_expositions
+from app.cluster import Coordinator, ReplicaAgent
+from app.metrics import merge_expositions
 
 
 @dataclass

@@ -21,42 +21,17 @@ from typing import Any
 import httpx
 import pytest
 
-import app.engine.client as client_module
 import app.engine.core as core_module
+import app.engine.zmq_client as client_module
 from app import config
 from app.config import Settings
 from app.engine.core import EngineCore
-from app.engine.processes import serve_engine
 from app.errors import InvalidInput
 from app.main import Front, create_app
-from app.service.types import ClassifyInput
-from tests.conftest import serve, server_process
+from app.payloads import ClassifyInput
+from tests.conftest import engine_thread, serve, server_process
 
 pytestmark = pytest.mark.anyio
-
-
-@contextmanager
-def engine_thread(settings: Settings, tmp_path: Path) -> Iterator[EngineCore]:
-    """An engine serving ``settings``' catalog on an ipc socket, in a thread, until the end."""
-    address = f"ipc://{tmp_path}/engine"
-    started: list[EngineCore] = []
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-
-    def note(core: EngineCore) -> None:
-        started.append(core)
-        ready.set()
-
-    thread = threading.Thread(target=lambda: loop.run_until_complete(serve_engine(settings, address, stop, note)))
-    thread.start()
-    try:
-        assert ready.wait(30), "the engine did not start"
-        yield started[0]
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
-        loop.close()
 
 
 @asynccontextmanager
@@ -74,13 +49,13 @@ def held(core: EngineCore, name: str) -> Iterator[tuple[threading.Event, threadi
     real = runner.infer
     gate, entered, seen = threading.Event(), threading.Event(), []
 
-    def infer(payloads: Any, encoded: Any) -> Any:
+    def infer(payloads: Any, encoded: Any, wanted: Any = None) -> Any:
         entered.set()
         gate.wait(30)
         seen.extend(p.text for p in payloads)
         if any("POISON" in p.text for p in payloads):
             raise RuntimeError("injected failure")
-        return real(payloads, encoded)
+        return real(payloads, encoded, wanted)
 
     runner.infer = infer  # type: ignore[method-assign]
     try:
@@ -140,8 +115,8 @@ def _rounded(value: Any) -> Any:
 async def test_deadlines_disconnects_and_full_queues_hold_across_the_boundary(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    # The leaver's and the late input still count until a lane drops them: 3 + 3 queued fill 6.
-    settings = make_settings(lanes_per_model=1, max_queue_items=6)
+    # The leaver's and the late input are dropped at once: the blocker and 3 more fill 4.
+    settings = make_settings(lanes_per_model=1, max_queue_items=4)
     with engine_thread(settings, tmp_path) as core:
         async with front(settings, core) as client:
             assert (await client.post("/models/bert-clf/load")).status_code == 200
@@ -153,20 +128,22 @@ async def test_deadlines_disconnects_and_full_queues_hold_across_the_boundary(
                 await until(lambda: slot.queue_depth == 2, "the leaver queued")
                 leaver.cancel()  # the client goes away: the engine drops its input
                 await until(lambda: slot.in_flight == 1, "the engine let the leaver go")
+                assert slot.queue_depth == 1  # at once, not when the lane comes to it
 
                 late = await client.post("/classify", json={"inputs": "late", "model": "bert-clf", "timeout_s": 1})
                 assert late.status_code == 504 and late.json()["error"] == "deadline_exceeded"
                 assert not blocker.done()  # answered at its deadline, while the only lane is still held
+                await until(lambda: slot.queue_depth == 1, "the late input dropped")
 
                 queued = asyncio.create_task(
                     client.post("/classify", json={"inputs": ["a", "b", "c"], "model": "bert-clf"})
                 )
-                await until(lambda: slot.queue_depth == 6, "three more queued")
+                await until(lambda: slot.queue_depth == 4, "three more queued")
                 described = (await client.get("/models/bert-clf")).json()
-                assert described["queue_depth"] == 6  # the engine's depth now, not a heartbeat ago
+                assert described["queue_depth"] == 4  # the engine's depth now, not a heartbeat ago
                 over = await client.post("/classify", json={"inputs": ["d", "e"], "model": "bert-clf"})
                 assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
-                assert "limit 6" in over.json()["message"]
+                assert "limit 4" in over.json()["message"]
 
                 gate.set()
                 assert (await blocker).status_code == 200
@@ -269,7 +246,9 @@ async def test_a_front_whose_engine_is_gone_fails_fast_and_is_not_ready(
             with held(core, "bert-clf") as (gate, entered, _):
                 waiting = asyncio.create_task(client.post("/classify", json={"inputs": "x", "model": "bert-clf"}))
                 assert await asyncio.to_thread(entered.wait, 10)
-                await core.close()  # the engine stops answering (as a killed process would)
+                # The engine stops answering (as a killed process would).
+                stopped = asyncio.run_coroutine_threadsafe(core.server.close(), core.thread_loop)  # type: ignore[attr-defined]
+                await asyncio.wrap_future(stopped)
                 answer = await asyncio.wait_for(waiting, 10)
                 assert answer.status_code == 503 and answer.json()["error"] == "model_unavailable"
                 ready = await client.get("/health/ready")

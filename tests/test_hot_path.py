@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, BertConfig
 
-from app.registry.catalog import TextClassificationEntry
+from app.catalog import TextClassificationEntry
+from app.payloads import ClassifyInput
 from app.runners.classification import ClassificationRunner, default_function
 from app.runners.tokens import TextEncoder, pad_rows
 from app.runners.wordpiece import PlainWordPiece
-from app.service.types import ClassifyInput
 
 
 def test_pad_rows_right_pads_every_row_and_masks_only_the_padding() -> None:
@@ -226,9 +226,9 @@ def test_softmax_rows_sum_to_one_even_for_huge_logits() -> None:
 
 
 def test_a_batch_mixing_normalized_and_raw_vectors_answers_each_as_alone(tiny_models: dict[str, Path]) -> None:
-    from app.registry.catalog import EmbeddingEntry
+    from app.catalog import EmbeddingEntry
+    from app.payloads import EmbedInput
     from app.runners.embedding import EmbeddingRunner
-    from app.service.types import EmbedInput
 
     entry = EmbeddingEntry(name="hot-path-embed", task="embedding", source={"path": "unused"})
     runner = EmbeddingRunner(entry, tiny_models["bert-embed"], torch.device("cpu"), torch.float32)

@@ -37,8 +37,8 @@ import yaml
 from referencing import Registry, Resource
 from starlette.routing import Match
 
+from app.catalog import load_catalog
 from app.config import Settings
-from app.registry.catalog import load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 import app.batching.batcher as batcher_module
 from app.http_protocol import HttpProtocol
-from tests.conftest import running, serve
+from tests.conftest import core_of, running, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -31,19 +31,19 @@ def held(app: FastAPI, name: str) -> Iterator[tuple[threading.Event, list[str]]]
     The tests that hold a model run it on one lane (``lanes_per_model=1``), so that
     holding its forward pass holds the model and later requests queue.
     """
-    slot = app.state.registry.slot(name)
+    slot = core_of(app).registry.slot(name)
     runner = slot.runner
     real = runner.infer
     gate, seen = threading.Event(), []
     slot.entered = threading.Event()
 
-    def infer(payloads: Any, encoded: Any) -> Any:
+    def infer(payloads: Any, encoded: Any, wanted: Any = None) -> Any:
         slot.entered.set()
         gate.wait(30)
         seen.extend(p.text for p in payloads)
         if any("POISON" in p.text for p in payloads):
             raise RuntimeError("injected failure")
-        return real(payloads, encoded)
+        return real(payloads, encoded, wanted)
 
     runner.infer = infer
     try:
@@ -56,14 +56,14 @@ def held(app: FastAPI, name: str) -> Iterator[tuple[threading.Event, list[str]]]
 async def start_blocker(app: FastAPI, client: httpx.AsyncClient) -> asyncio.Task[httpx.Response]:
     """A request on bert-clf that is inside its (held) forward pass when this returns."""
     blocker = asyncio.create_task(client.post("/classify", json={"inputs": "hold", "model": "bert-clf"}))
-    entered = app.state.registry.slot("bert-clf").entered
+    entered = core_of(app).registry.slot("bert-clf").entered
     assert await asyncio.to_thread(entered.wait, 10)
     return blocker
 
 
 async def wait_for_queue(app: FastAPI, name: str, depth: int) -> None:
     for _ in range(500):
-        if app.state.registry.slot(name).batcher.queue_depth >= depth:
+        if core_of(app).registry.slot(name).batcher.queue_depth >= depth:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"queue of {name} never reached {depth}")
@@ -76,7 +76,7 @@ async def test_full_queue_answers_429_with_retry_after(app_factory: Callable[...
         with held(app, "bert-clf") as (gate, _):
             first = asyncio.create_task(client.post("/classify", json={"inputs": ["a", "b", "c"], "model": "bert-clf"}))
             await wait_for_queue(app, "bert-clf", 3)
-            assert await asyncio.to_thread(app.state.registry.slot("bert-clf").entered.wait, 10)
+            assert await asyncio.to_thread(core_of(app).registry.slot("bert-clf").entered.wait, 10)
             over = await client.post("/classify", json={"inputs": ["d", "e"], "model": "bert-clf"})
             assert over.status_code == 429
             assert int(over.headers["retry-after"]) >= 1
@@ -119,7 +119,7 @@ async def test_a_disconnecting_client_does_not_disturb_its_neighbours(
             answer = await neighbour
         assert answer.status_code == 200 and answer.json() == expected
         assert "leaver" not in seen
-        batcher = app.state.registry.slot("bert-clf").batcher
+        batcher = core_of(app).registry.slot("bert-clf").batcher
         for _ in range(100):  # the worker drops the cancelled item on its next pass
             if batcher.queue_depth == 0:
                 break
@@ -156,7 +156,7 @@ async def test_a_lane_that_dies_fails_its_requests_with_503_and_the_model_reload
     async with serve(app) as client:
         await client.post("/models/bert-clf/load")
         expected = (await client.post("/classify", json={"inputs": "after", "model": "bert-clf"})).json()
-        first = app.state.registry.slot("bert-clf").batcher
+        first = core_of(app).registry.slot("bert-clf").batcher
         with held(app, "bert-clf") as (gate, _):
             blocker = await start_blocker(app, client)
             queued = asyncio.create_task(client.post("/classify", json={"inputs": "queued", "model": "bert-clf"}))
@@ -174,7 +174,7 @@ async def test_a_lane_that_dies_fails_its_requests_with_503_and_the_model_reload
         assert answers[1].status_code == 503, answers[1].text
         assert "stopped serving (RuntimeError: a bug in batch formation)" in answers[1].json()["message"]
         assert "Retry-After" in answers[1].headers
-        slot = app.state.registry.slot("bert-clf")
+        slot = core_of(app).registry.slot("bert-clf")
         for _ in range(500):  # the model is reloaded in the background
             if slot.state == "loaded" and slot.batcher is not first:
                 break
@@ -234,7 +234,7 @@ def test_a_client_that_hangs_up_over_a_real_socket_has_its_queued_work_dropped(
                 target=httpx.post, args=(f"{url}/classify",), kwargs={"json": {"inputs": "hold", "model": "bert-clf"}}
             )
             blocker.start()
-            assert app.state.registry.slot("bert-clf").entered.wait(10)
+            assert core_of(app).registry.slot("bert-clf").entered.wait(10)
             body = json.dumps({"inputs": "hangs up", "model": "bert-clf"}).encode()
             with socket.create_connection(("127.0.0.1", port)) as raw:
                 raw.sendall(
@@ -242,7 +242,7 @@ def test_a_client_that_hangs_up_over_a_real_socket_has_its_queued_work_dropped(
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
                 )
-                batcher = app.state.registry.slot("bert-clf").batcher
+                batcher = core_of(app).registry.slot("bert-clf").batcher
                 for _ in range(500):
                     if batcher.queue_depth == 2:
                         break
@@ -250,7 +250,7 @@ def test_a_client_that_hangs_up_over_a_real_socket_has_its_queued_work_dropped(
                 assert batcher.queue_depth == 2
             # The socket is closed: the server notices the disconnect and cancels the request.
             for _ in range(500):
-                if batcher.queue_depth == 1 or app.state.registry.slot("bert-clf").in_flight == 1:
+                if batcher.queue_depth == 1 or core_of(app).registry.slot("bert-clf").in_flight == 1:
                     break
                 time.sleep(0.01)
             gate.set()

@@ -16,13 +16,13 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from app.catalog import EmbeddingEntry, SummarizationEntry, TextClassificationEntry, TranslationEntry
 from app.config import Settings
 from app.main import create_app
-from app.registry.catalog import EmbeddingEntry, SummarizationEntry, TextClassificationEntry, TranslationEntry
+from app.payloads import ClassifyInput, EmbedInput
 from app.runners import onnx_runtime
 from app.runners.classification import ClassificationRunner
 from app.runners.embedding import EmbeddingRunner
-from app.service.types import ClassifyInput, EmbedInput
 from tests.conftest import serve
 
 pytestmark = pytest.mark.anyio

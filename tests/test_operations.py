@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from app.config import Settings
 from app.logs import JsonFormatter, configure_logging
 from app.main import create_app
-from tests.conftest import serve
+from tests.conftest import core_of, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -178,9 +178,9 @@ async def test_a_key_that_fills_a_models_queue_does_not_lock_another_key_out(
     app = app_factory(api_keys="flooder,light", max_queue_items=4, lanes_per_model=1)
     async with serve(app) as client:
         await client.post("/classify", json={"inputs": "warm", "model": "bert-clf"}, headers=bearer("flooder"))
-        slot = app.state.registry.slot("bert-clf")
+        slot = core_of(app).registry.slot("bert-clf")
         gate, real = threading.Event(), slot.runner.infer
-        slot.runner.infer = lambda payloads, encoded: gate.wait(30) and real(payloads, encoded)
+        slot.runner.infer = lambda payloads, encoded, wanted=None: gate.wait(30) and real(payloads, encoded, wanted)
         try:
             body = {"inputs": ["a", "b", "c", "d"], "model": "bert-clf"}
             flood = asyncio.create_task(client.post("/classify", json=body, headers=bearer("flooder")))

@@ -21,12 +21,12 @@ from transformers import (
 )
 
 import app.runners.traced as traced_module
-from app.registry.catalog import TextClassificationEntry
+from app.catalog import TextClassificationEntry
 from app.runners.classification import ClassificationRunner
 from app.runners.forward import PACKED_PADDING_SLACK, attention_width, encoder_forward
 from app.runners.packed import PackedEncoder, packable
 from app.runners.tokens import pad_rows
-from tests.conftest import serve
+from tests.conftest import core_of, serve
 
 RAGGED = (12, 3, 7, 1)
 
@@ -178,7 +178,7 @@ async def test_served_ragged_inputs_match_the_transformers_pipeline(
     app = app_factory()
     async with serve(app) as client:
         served = (await client.post("/classify", json=body)).json()["results"]
-        slot = app.state.registry.slot("bert-clf")
+        slot = core_of(app).registry.slot("bert-clf")
         assert slot.runner.forward.packed and slot.runner.padding_slack == PACKED_PADDING_SLACK
         assert slot.batcher.padding_slack == PACKED_PADDING_SLACK
     reference = pipeline("text-classification", model=str(tiny_models["bert-clf"]), top_k=None)

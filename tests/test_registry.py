@@ -22,7 +22,7 @@ import app.registry.sources as sources_module
 import app.runners.traced as traced_module
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import serve
+from tests.conftest import core_of, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -211,7 +211,7 @@ async def test_pinned_or_busy_models_are_never_evicted(tmp_path: Path, tiny_mode
     async with serve(app) as client:
         await client.post("/models/pinned/load")
         await client.post("/models/busy/load")
-        registry = app.state.registry
+        registry = core_of(app).registry
         async with registry.use("busy"):  # a request in flight on "busy"
             r = await client.post("/models/third/load")
         assert r.status_code == 503
@@ -225,12 +225,12 @@ async def test_pinned_or_busy_models_are_never_evicted(tmp_path: Path, tiny_mode
 
 def weights_of(app: FastAPI, name: str) -> list[weakref.ref[Any]]:
     """Weak references to a loaded model's module and every one of its weight tensors."""
-    model = app.state.registry.slot(name).runner.model
+    model = core_of(app).registry.slot(name).runner.model
     return [weakref.ref(model), *(weakref.ref(t) for t in (*model.parameters(), *model.buffers()))]
 
 
 def kept_traces(app: FastAPI, name: str) -> list[Any]:
-    forward = app.state.registry.slot(name).runner.encoder.forward
+    forward = core_of(app).registry.slot(name).runner.encoder.forward
     return [t for t in (forward._traced, forward._packed) if isinstance(t, torch.jit.ScriptModule)]
 
 
@@ -282,7 +282,7 @@ async def test_a_model_that_cannot_be_traced_runs_eager_with_the_same_results(
 async def _trace_refused(app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
     body = {"inputs": "I love this movie", "model": "distilbert-clf", "parameters": {"top_k": None}}
     traced = (await client.post("/classify", json=body)).json()
-    assert app.state.registry.slot("distilbert-clf").runner.forward.traced
+    assert core_of(app).registry.slot("distilbert-clf").runner.forward.traced
     await client.post("/models/distilbert-clf/unload")
     monkeypatch.setattr(traced_module, "_traces", {})  # as if never traced in this process
 
@@ -291,7 +291,7 @@ async def _trace_refused(app: FastAPI, client: httpx.AsyncClient, monkeypatch: p
 
     monkeypatch.setattr("torch.jit.trace", refuse)
     eager = (await client.post("/classify", json=body)).json()
-    assert not app.state.registry.slot("distilbert-clf").runner.forward.traced
+    assert not core_of(app).registry.slot("distilbert-clf").runner.forward.traced
     pairs = list(zip(eager["results"][0], traced["results"][0], strict=True))
     assert [x["label"] for x, _ in pairs] == [y["label"] for _, y in pairs]
     assert [x["score"] for x, _ in pairs] == pytest.approx([y["score"] for _, y in pairs], abs=1e-5)

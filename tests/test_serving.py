@@ -21,7 +21,7 @@ from app.config import Settings
 from app.heap import YOUNG_THRESHOLD
 from app.http_protocol import ON_DISCONNECT, GatheringTransport, HttpProtocol
 from app.main import create_app
-from tests.conftest import serve
+from tests.conftest import core_of, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -45,7 +45,7 @@ async def test_a_loaded_model_stays_out_of_garbage_collections_yet_unloading_fre
     try:
         async with serve(app) as client:
             await client.post("/classify", json={"inputs": "hello", "model": "bert-clf"})
-            model = app.state.registry.slot("bert-clf").runner.model
+            model = core_of(app).registry.slot("bert-clf").runner.model
             # Frozen (app/heap.py): no collection walks the model's objects while it serves.
             assert gc.get_freeze_count() > 0
             assert not any(obj is model for obj in gc.get_objects())

@@ -21,7 +21,7 @@ from app.api.calls import TASK_ERRORS, call, registry_of, service_of, tenant
 from app.api.compat import ReshapedErrorsRoute, error_body
 from app.api.fields import as_list
 from app.api.hf_bodies import EMBEDDING_FIELDS, HfBody, body_for, parse_body
-from app.registry.catalog import Catalog
+from app.catalog import Catalog
 from app.service.requests import FILL_MASK_TOP_K, Classify, Embed, FillMask, Summarize, Translate
 from app.service.service import InferenceService
 from app.tasks import task_of

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.calls import registry_of, service_of
 from app.api.errors import error_responses
 from app.api.security import require_admin
+from app.catalog import TranslationEntry, ZeroShotEntry
 from app.errors import ModelNotFound, ModelUnavailable
-from app.registry.catalog import TranslationEntry, ZeroShotEntry
 from app.registry.slots import ModelSlot, ModelState
 from app.tasks import Endpoint
 

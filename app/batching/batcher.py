@@ -36,13 +36,15 @@ from typing import Any
 
 from app.batching.fairness import FairShares
 from app.batching.forming import Outcome, PendingInput, Ticket, form_batch
-from app.batching.running import BatchRecord, BatchRunner, BatchWork
+from app.batching.running import BatchRecord, BatchRunner, describe_failure, post_results, reject
 from app.batching.threads import ThreadShare
 from app.errors import (
     DeadlineExceeded,
     InputTooLarge,
+    InvalidInput,
     ModelUnavailable,
     Overloaded,
+    ServiceError,
 )
 
 log = logging.getLogger(__name__)
@@ -65,9 +67,9 @@ def past_deadline(model: str) -> DeadlineExceeded:
     )
 
 
-class DynamicBatcher(BatchWork):
-    """Batches concurrent requests for one model; ``submit`` (await the results) and
-    ``enqueue`` (results set on the caller's outcomes: the engine process) are the entry points."""
+class DynamicBatcher:
+    """Batches concurrent requests for one model: ``enqueue`` queues a request's inputs (their
+    results are set on the caller's outcomes), ``cancel`` drops them."""
 
     def __init__(
         self,
@@ -135,38 +137,6 @@ class DynamicBatcher(BatchWork):
     def closed(self) -> bool:
         return self._closed
 
-    async def submit(
-        self,
-        payloads: Sequence[Any],
-        *,
-        group: Hashable = None,
-        deadline: float,
-        tenant: Hashable = None,
-        sizes: list[int] | None = None,
-    ) -> list[Any]:
-        """Run ``payloads`` (one request's inputs) and return their results in order; ``sizes``
-        gets the sizes of the batches they ran in.
-
-        Raises Overloaded when the queue is full (for ``tenant``: app/batching/fairness.py),
-        DeadlineExceeded past ``deadline`` (a ``time.monotonic()`` instant). Cancelling the
-        caller drops its queued items.
-        """
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in payloads]
-        ticket = self.enqueue(payloads, futures, loop=loop, group=group, deadline=deadline, tenant=tenant)
-        try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                results = [await futures[0]] if len(futures) == 1 else list(await asyncio.gather(*futures))
-            if sizes is not None:
-                sizes.extend(ticket.batch_sizes)
-            return results
-        except TimeoutError:
-            raise past_deadline(self.name) from None
-        finally:
-            for fut in futures:
-                if not fut.done():
-                    fut.cancel()  # a lane drops cancelled items instead of running them
-
     def enqueue(
         self,
         payloads: Sequence[Any],
@@ -178,14 +148,11 @@ class DynamicBatcher(BatchWork):
         tenant: Hashable = None,
     ) -> Ticket:
         """Queue one request's inputs and return at once: each input's result or error is set
-        on its entry of ``outcomes`` (asyncio futures, or anything with their ``done``,
-        ``set_result``, ``set_exception``), on ``loop``'s thread. An outcome that is done
-        before its input runs (cancelled: the client left) drops the input. The engine
-        process (app/engine/core.py) queues requests this way, without a task per request;
-        inputs still queued at ``deadline`` fail when a lane reaches them, so a caller that
-        must answer at the deadline keeps its own clock, as ``submit`` does.
-
-        Raises ModelUnavailable (closing), InputTooLarge, Overloaded, as ``submit``."""
+        on its entry of ``outcomes`` (anything with an asyncio future's ``done``, ``set_result``
+        and ``set_exception``: the engine's per-input slots, app/engine/core.py), on ``loop``'s
+        thread. An outcome that is done before its input runs drops the input; inputs still
+        queued at ``deadline`` fail when a lane reaches them (the engine answers 504 at the
+        instant itself). Raises ModelUnavailable (closing), InputTooLarge, Overloaded."""
         ticket = Ticket()
         items = [
             PendingInput(ticket, p, group, outcome, loop, deadline, next(self._seq), index, tenant)
@@ -211,6 +178,18 @@ class DynamicBatcher(BatchWork):
             if not self._wake_one() and tenant not in self._running_tenants:
                 self._wake_express()
         return ticket
+
+    def cancel(self, ticket: Ticket) -> int:
+        """Drop the request's inputs that wait (queued or tokenized) at once; those a lane holds
+        are dropped or discarded by it, since their outcomes are done. The inputs dropped here."""
+        with self._lock:
+            gone = [item for item in (*self._incoming, *self._pool) if item.ticket is ticket]
+            if gone:
+                self._incoming = [item for item in self._incoming if item.ticket is not ticket]
+                self._pool = [item for item in self._pool if item.ticket is not ticket]
+                for item in gone:
+                    self._release_locked(item)
+        return len(gone)
 
     def close(self, timeout: float = 60) -> bool:
         """Stop the lanes; queued requests fail with 503 rather than hang. True once they stopped."""
@@ -408,3 +387,145 @@ class DynamicBatcher(BatchWork):
         chosen = set(batch)
         self._pool = [item for item in self._pool if item not in chosen]
         return batch
+
+    # -- what a lane does with inputs ------------------------------------------------------
+
+    def _crash(self, exc: BaseException) -> None:
+        """A lane died: every input this batcher holds fails now (503, retry), the other lanes
+        stop, and ``on_crash`` tells the owner, which reloads the model."""
+        with self._lock:
+            self._closed = True
+            held = self._incoming + self._pool + [item for batch in self._running.values() for item in batch]
+            self._incoming, self._pool, self._running = [], [], {}
+            for wake in self._wakes:
+                wake.notify()
+        error = ModelUnavailable(
+            f"model '{self.name}' stopped serving ({type(exc).__name__}: {exc}) and is being reloaded; retry",
+            retry_after=5,
+        )
+        for item in held:
+            self._fail(item, error)
+        if self._on_crash is not None:
+            self._on_crash(exc)
+
+    def _admit(self, new: list[PendingInput]) -> None:
+        """Tokenize ``new`` (one input a tokenizer cannot read fails alone, with a 422 naming
+        it) and pool the inputs within their request's token limit."""
+        live = [item for item in new if not self._drop_if_done(item)]
+        if not live:
+            return
+        try:
+            encoded: list[Any] = list(self._runner.encode([item.payload for item in live]))
+        except Exception:
+            # One undecodable input must not fail the others: encode each on its own.
+            encoded = [self._encode_one(item) for item in live]
+        admitted = []
+        for item, enc in zip(live, encoded, strict=True):
+            if enc is not None:
+                item.encoded = enc
+                item.ticket.tokens += enc.rows * enc.length
+                admitted.append(item)
+        # A request's items all arrive in one enqueue, so they are all encoded by now.
+        pooled = []
+        limit = self.max_request_tokens
+        for item in admitted:
+            if limit is not None and item.ticket.tokens > limit:
+                self._fail(
+                    item,
+                    InputTooLarge(
+                        f"this request has {item.ticket.tokens} tokens after truncation; the limit is "
+                        f"{limit} (TESSERA_MAX_TOKENS_PER_REQUEST): send fewer or shorter inputs"
+                    ),
+                )
+            else:
+                pooled.append(item)
+        with self._lock:
+            for item in pooled:
+                if not item.released:  # not cancelled while it was tokenized
+                    self._shares.tag(item)
+                    self._pool.append(item)
+
+    def _encode_one(self, item: PendingInput) -> Any:
+        try:
+            return self._runner.encode([item.payload])[0]
+        except ServiceError as exc:  # the runner's own word on what is wrong with the text
+            self._fail(item, type(exc)(f"input {item.index}: {exc.message}", retry_after=exc.retry_after))
+            return None
+        except Exception as exc:
+            # What a tokenizer cannot read is the client's text: a 422 that names it.
+            log.info("model %s could not tokenize input %d: %s: %s", self.name, item.index, type(exc).__name__, exc)
+            self._fail(
+                item,
+                InvalidInput(
+                    f"input {item.index} could not be tokenized by model '{self.name}' ({type(exc).__name__}: "
+                    f"{exc}); send plain UTF-8 text"
+                ),
+            )
+            return None
+
+    def _drop_if_done(self, item: PendingInput) -> bool:
+        if item.future.done():  # the client went away or its deadline passed
+            self._release(item)
+            return True
+        if item.deadline <= time.monotonic():
+            self._fail(item, DeadlineExceeded("the request's deadline passed while it was queued"))
+            return True
+        return False
+
+    def _execute(self, batch: list[PendingInput], lane: int) -> float:
+        """Run ``batch`` on ``lane`` and post its results; the seconds it took. A failing batch
+        is halved until the failing input is alone (an out-of-memory error shrinks it so too)."""
+        started = time.monotonic()
+        try:
+            results = self._runner.infer(
+                [i.payload for i in batch], [i.encoded for i in batch], lambda: [not i.future.done() for i in batch]
+            )
+        except Exception as exc:
+            if len(batch) > 1:
+                log.warning("batch of %d failed on %s (%s); splitting", len(batch), self.name, exc)
+                middle = len(batch) // 2
+                return self._execute(batch[:middle], lane) + self._execute(batch[middle:], lane)
+            self._fail(batch[0], describe_failure(self.name, exc))
+            return time.monotonic() - started
+        elapsed = time.monotonic() - started
+        for item in batch:
+            item.ticket.batch_sizes.append(len(batch))
+        rate = len(batch) / max(elapsed, 1e-6)
+        self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+        self._batch_s = elapsed if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * elapsed
+        if self._observer is not None:  # before the answers: a client that has one sees its batch counted
+            self._observer(
+                BatchRecord(
+                    size=len(batch),
+                    tokens=sum(i.cost for i in batch),
+                    padded_tokens=sum(i.encoded.rows for i in batch) * max(i.encoded.length for i in batch),
+                    queue_wait_s=started - min(i.enqueued for i in batch),
+                    infer_s=elapsed,
+                    queue_depth=self._depth,
+                )
+            )
+        with self._lock:
+            # Its clients answer at once; their next inputs should find this lane, which is
+            # about to look for work, rather than wake another one.
+            if lane != self._express:
+                self._idle.add(lane)
+            for item in batch:
+                self._release_locked(item)
+            self.batches += 1
+            self.items += len(batch)
+        post_results(batch, results)
+        return elapsed
+
+    def _fail(self, item: PendingInput, error: ServiceError) -> None:
+        reject(item, error)
+        self._release(item)
+
+    def _release(self, item: PendingInput) -> None:
+        with self._lock:
+            self._release_locked(item)
+
+    def _release_locked(self, item: PendingInput) -> None:
+        if not item.released:
+            item.released = True
+            self._depth -= 1
+            self._shares.left(item.tenant)

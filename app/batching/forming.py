@@ -64,6 +64,7 @@ class PendingInput:
     enqueued: float = field(default_factory=time.monotonic)
     encoded: Any = None  # a Tokenized, once a lane has tokenized it
     start: float = 0.0  # its fair-queueing start tag, once tokenized
+    released: bool = False  # no longer counted in the queue's depth and its tenant's share
 
     @property
     def cost(self) -> int:

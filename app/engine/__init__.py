@@ -1,5 +1,6 @@
-"""Front processes and an engine: with ``TESSERA_WORKERS`` > 0, ``python -m app serve`` runs
-one engine process (the registry, its batchers and the models: app/engine/core.py) and that
-many front processes (HTTP, the service's rules, the answers' shapes: the app with an
-EngineClient, app/engine/client.py, where the registry was), joined by ZeroMQ
-(app/engine/wire.py) and started, watched and stopped by app/engine/supervisor.py."""
+"""The engine: one implementation of a request's lifecycle (app/engine/core.py) under every
+process layout, and its clients. In one process (and a Ray replica) the app drives the core
+in-process (app/engine/client.py: InprocClient); with ``TESSERA_WORKERS`` > 0, ``python -m app
+serve`` runs the core in an engine process (app/engine/server.py) and the app in front
+processes that reach it over ZeroMQ (app/engine/zmq_client.py, app/engine/wire.py), started,
+watched and stopped by the supervisor in app/engine/processes.py."""

@@ -1,213 +1,115 @@
-"""A front's view of the engine: what the service and the routes use of the models (the
-registry's surface, app/registry/registry.py: Models), over one ZeroMQ DEALER socket.
-
-Requests leave in bulk: ``infer`` queues its request and every request a front has ready
-by the end of the event loop's turn goes in one frame (app/engine/wire.py). The catalog's
-states are a mirror the engine refreshes on every change and every second; an engine
-silent for ``ENGINE_SILENT_S`` fails what waits on it with 503 and makes readiness 503.
+"""How the service and the routes reach the engine: one interface (app/registry/slots.py:
+Models), two clients. ``InprocClient`` drives an EngineCore (app/engine/core.py) in this
+process: the one-process layout and Ray replicas. ``ZmqClient`` (app/engine/zmq_client.py)
+drives the engine process's core over ZeroMQ from a front process. Both send the same
+operations (app/engine/wire.py) and read the same events back: a request is a stream of
+events whose final one (Done or Failed) ends it, and a request whose caller is cancelled
+(its client left) sends Cancel, so the engine drops what it has not run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
-import os
-import time
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
-
-import msgspec
-import zmq
+from typing import TYPE_CHECKING, Any
 
 from app import errors
+from app.catalog import Catalog
 from app.engine import wire
-from app.errors import InvalidInput, ModelUnavailable, ServiceError
-from app.registry.catalog import Catalog
-from app.registry.slots import CatalogSlots, ModelSlot, ModelState
+from app.errors import ServiceError
+from app.registry.slots import CatalogSlots, ModelSlot
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from app.engine.core import EngineCore
 
-ENGINE_SILENT_S = 5.0  # three missed heartbeats and more: the engine is gone or stuck
 ERRORS: dict[str, type[ServiceError]] = {
     cls.__name__: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, ServiceError)
 }
+INPROC = "inproc"  # the origin an in-process client's operations carry
 
 
 def raised(failed: wire.Failed) -> ServiceError:
-    """The engine's error as the in-process path would have raised it."""
+    """The engine's error, raised again where the request was made."""
     return ERRORS.get(failed.error, ServiceError)(failed.message, retry_after=failed.retry_after)
 
 
 class EngineClient(CatalogSlots):
-    """One front's connection to the engine at ``address``; ``identity`` names the front
-    (its metrics carry it as ``process``)."""
+    """What both clients share: request ids, the requests waiting for their final event, and
+    the operations. A transport sends (``_send``) and feeds events back (``_dispatch``)."""
 
-    def __init__(self, catalog: Catalog, address: str, identity: str, exposition: Callable[[], bytes]) -> None:
-        self.catalog = catalog
-        self.hub_online = False
-        self.address = address
-        self.identity = identity
-        self.exposition = exposition
-        self._slots = {entry.name: ModelSlot(entry) for entry in catalog.models}
+    catalog: Catalog
+    hub_online: bool
+
+    def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[Any], str | None]] = {}
-        self._outbox: list[Any] = []
-        self._flushing = False
-        self._heard = 0.0
-        self._first_states = asyncio.Event()
-        self._socket: zmq.Socket[bytes] | None = None
-        self._watch: asyncio.Task[None] | None = None
-
-    # -- the connection -------------------------------------------------------------------
-
-    async def start(self, wait_s: float) -> None:
-        """Connect and wait (up to ``wait_s``) for the engine's first word."""
-        self.loop = asyncio.get_running_loop()
-        # Unique per process: a front started again in its place must not be answered what
-        # the engine still owed the one that died (their request ids start over).
-        sock = wire.open_socket(zmq.DEALER, f"{self.identity}/{os.getpid()}".encode())
-        sock.connect(self.address)
-        self._socket = sock
-        self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
-        self.loop.add_reader(self._fd, self._readable)
-        self._send(wire.Hello(self.identity))
-        self._watch = self.loop.create_task(self._watchdog())
-        try:
-            await asyncio.wait_for(self._first_states.wait(), wait_s)
-        except TimeoutError:
-            await self.close()
-            raise RuntimeError(f"no engine answered on {self.address} within {wait_s:.0f} s") from None
-
-    async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-        self._fail_pending(ModelUnavailable("this server is stopping; retry the request", retry_after=1))
-        if self._socket is not None:
-            self.loop.remove_reader(self._fd)
-            self._socket.close(linger=0)
-            self._socket = None
-
-    @property
-    def connected(self) -> bool:
-        """Whether the engine spoke within ``ENGINE_SILENT_S`` (readiness asks)."""
-        return self._first_states.is_set() and time.monotonic() - self._heard < ENGINE_SILENT_S
 
     def _send(self, op: Any) -> None:
-        self._outbox.append(op)
-        if not self._flushing:
-            self._flushing = True
-            self.loop.call_soon(self._flush)
+        raise NotImplementedError
 
-    def _flush(self) -> None:
-        self._flushing = False
-        ops, self._outbox = self._outbox, []
-        if self._socket is None:
-            return
-        self._socket.send(wire.encode(ops), zmq.NOBLOCK)
-        self._readable()  # the descriptor signals edges (see EngineCore._flush)
+    def _prepare(self, op: Any) -> Any:
+        """The operation as it travels (a front encodes it here, alone: see ZmqClient)."""
+        return op
 
-    def _readable(self) -> None:
-        sock = self._socket
-        while sock is not None:
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._heard = time.monotonic()
-            for op in wire.decode_from_engine(frame):
-                self._dispatch(op)
-
-    def _dispatch(self, op: Any) -> None:
-        if isinstance(op, wire.DoneRaw):
-            waiting = self._pending.pop(op.rid, None)
-            if waiting is not None and not waiting[0].done():
-                future, kind = waiting
+    def _dispatch(self, event: Any) -> None:
+        """An event from the engine: the final one of a request or call resolves its waiter."""
+        if isinstance(event, wire.Done | wire.DoneRaw | wire.Failed | wire.Answer):
+            waiting = self._pending.pop(event.rid, None)
+            if waiting is None or waiting[0].done():
+                return  # its caller left
+            future, kind = waiting
+            if isinstance(event, wire.Failed):
+                future.set_exception(raised(event))
+            elif isinstance(event, wire.Answer):
+                future.set_result(event.value)
+            elif isinstance(event, wire.DoneRaw):
                 assert kind is not None
-                future.set_result((wire.RESULTS[kind](op.results), op.sizes))
-        elif isinstance(op, wire.Failed):
-            waiting = self._pending.pop(op.rid, None)
-            if waiting is not None and not waiting[0].done():
-                waiting[0].set_exception(raised(op))
-        elif isinstance(op, wire.Answer):
-            waiting = self._pending.pop(op.rid, None)
-            if waiting is not None and not waiting[0].done():
-                waiting[0].set_result(op.value)
-        elif isinstance(op, wire.States):
-            self._mirror(op)
-        elif isinstance(op, wire.Expose):
-            self._send(wire.Exposition(op.rid, self.exposition().decode()))
+                future.set_result((wire.RESULTS[kind](event.results), event.sizes))
+            else:
+                future.set_result((event.results, event.sizes))
+        else:
+            self._event(event)
 
-    def _mirror(self, states: wire.States) -> None:
-        self.hub_online = states.hub_online
-        for seen in states.slots:
-            slot = self._slots.get(seen.name)
-            if slot is None:
-                continue
-            slot.state, slot.device, slot.error = ModelState(seen.state), seen.device, seen.error
-            slot.memory_bytes, slot.load_seconds = seen.memory_bytes, seen.load_seconds
-            slot.reported_depth, slot.loads = seen.queue_depth, seen.loads
-            slot.backend, slot.backend_note = seen.backend, seen.backend_note
-        self._first_states.set()
-
-    async def _watchdog(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self._send(wire.Hello(self.identity))  # the front's heartbeat
-            if self._pending and time.monotonic() - self._heard > ENGINE_SILENT_S:
-                log.error("the engine has not answered for %.0f s; failing what waits on it", ENGINE_SILENT_S)
-                self._fail_pending(ModelUnavailable("the model engine is not answering; retry", retry_after=5))
-
-    def _fail_pending(self, error: ServiceError) -> None:
-        pending, self._pending = self._pending, {}
-        for future, _ in pending.values():
-            if not future.done():
-                future.set_exception(error)
+    def _event(self, event: Any) -> None:
+        """An event that answers no request (a front's: states, metrics asked for)."""
 
     async def _ask(self, op: Callable[[int], Any], kind: str | None = None) -> Any:
         rid = next(self._ids)
-        try:
-            # Encoded here, alone: a value the wire cannot carry fails this request only, not
-            # the others that share its frame.
-            encoded = msgspec.Raw(wire.encode(op(rid)))
-        except (OverflowError, msgspec.EncodeError, TypeError) as exc:
-            raise InvalidInput(
-                f"this request holds a value the server cannot pass on ({exc}); send smaller numbers"
-            ) from None
-        future: asyncio.Future[Any] = self.loop.create_future()
+        prepared = self._prepare(op(rid))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (future, kind)
-        self._send(encoded)
+        self._send(prepared)
         try:
             return await future
         except asyncio.CancelledError:
             if self._pending.pop(rid, None) is not None:
-                self._send(wire.Cancel(rid))  # the client left: its queued inputs go
+                self._send(wire.Cancel(rid))  # the client left: the engine drops its work
             raise
 
     async def _call(self, op: str, *args: Any) -> Any:
         return await self._ask(lambda rid: wire.Call(rid, op, list(args)))
 
-    # -- the models -----------------------------------------------------------------------
-
-    async def refresh(self) -> None:
-        """The engine's states as of now (the mirror may be up to a heartbeat old)."""
-        self._mirror(msgspec.convert(await self._call("states"), wire.States))
+    # -- the models ----------------------------------------------------------------------
 
     async def get_or_load(self, name: str) -> ModelSlot:
-        slot = self.slot(name)
+        slot = self.slot(name)  # 404 for a name outside the catalog, before asking the engine
         await self._call("load", name)
-        slot.state = ModelState.loaded  # the engine's next States says more
         return slot
 
     async def unload(self, name: str) -> bool:
-        slot = self.slot(name)
+        self.slot(name)
         unloaded: bool = await self._call("unload", name)
-        slot.state = ModelState.not_loaded
         return unloaded
 
     async def split_into_chunks(self, name: str, text: str) -> list[str]:
+        self.slot(name)
         chunks: list[str] = await self._call("split", name, text)
         return chunks
+
+    async def take(self, tenant: str, inputs: int) -> None:
+        """The tenant's rate limit, held by the engine (app/engine/rate.py)."""
+        await self._call("take", tenant, inputs)
 
     async def infer(
         self,
@@ -219,6 +121,9 @@ class EngineClient(CatalogSlots):
         tenant: Hashable = None,
         sizes: list[int] | None = None,
     ) -> list[Any]:
+        """Run one request's inputs on a model (loaded first if need be); the deadline starts
+        once it is loaded. ``tenant``: whom the inputs count against (fairness); ``sizes`` gets
+        the sizes of the batches they ran in."""
         if not payloads:
             return []
         kind = wire.KIND_OF[type(payloads[0])]
@@ -233,11 +138,26 @@ class EngineClient(CatalogSlots):
             sizes.extend(batch_sizes)
         return list(results)
 
-    async def take(self, tenant: str, inputs: int) -> None:
-        """The tenant's rate limit, held by the engine for every front (app/service/checks.py)."""
-        await self._call("take", tenant, inputs)
 
-    async def metrics(self) -> bytes:
-        """Every process's metrics, merged by the engine."""
-        text: str = await self._call("metrics")
-        return text.encode()
+class InprocClient(EngineClient):
+    """The engine core in this process: operations are handed to it directly, events come
+    back as calls, and the slots are the registry's own (live, nothing to mirror)."""
+
+    def __init__(self, core: EngineCore) -> None:
+        super().__init__()
+        self.core = core
+        self.catalog = core.registry.catalog
+        self.hub_online = core.registry.hub_online  # decided once, as the registry opened
+        self._slots = {slot.entry.name: slot for slot in core.registry.slots()}
+        core.deliver = lambda origin, event: self._dispatch(event)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the models answer: always, in-process."""
+        return True
+
+    async def refresh(self) -> None:
+        """The slots are the registry's own: always up to date."""
+
+    def _send(self, op: Any) -> None:
+        self.core.handle(INPROC, op)

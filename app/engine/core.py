@@ -1,51 +1,47 @@
-"""The engine: the registry, its batchers and the models, behind a ZeroMQ ROUTER socket, in
-a process of its own; fronts (app/engine/client.py) send it requests in bulk.
+"""The engine core: the one implementation of a request's lifecycle, whatever the process
+layout. Intake, load-on-first-use, slot holds, deadlines, cancellation and the rate limit
+live here; batching and fairness are the model's batcher's (app/batching/batcher.py).
 
-A frame of requests costs the engine one read and one decode; each request then goes
-straight into its model's batcher (``DynamicBatcher.enqueue``) with one small slot object
-per input where the in-process path has an asyncio task, a timeout and a future per
-input. A lane sets the results on those slots (on this loop, one wake-up per batch); a
-request whose inputs are all done joins the next frame back to its front. What the
-batcher guarantees holds across the process boundary:
+The core speaks in operations and events (app/engine/wire.py): ``handle(origin, op)`` takes
+an Infer, a Cancel or a Call from a client, and the answers go out through ``deliver(origin,
+event)``. A request answers as a stream of events ending in one final event (Done or
+Failed); encoder tasks send only the final one. Clients reach the core in-process
+(app/engine/client.py: InprocClient, the one-process layout and Ray replicas) or over
+ZeroMQ from front processes (app/engine/server.py and ZmqClient): the same core under both,
+as vLLM V1 puts one EngineCore under its in-process and multiprocess clients.
 
-- deadlines: ``timeout_s`` counts from enqueueing (the model loaded), and a heap of
-  deadlines answers 504 at the instant, as ``submit``'s timeout does; queued inputs of an
-  expired request are dropped by the lanes;
-- a client that leaves: its front sends Cancel, and its queued inputs are dropped;
-- 429 with Retry-After, 413, 503: the batcher's and the registry's errors travel by type
-  name, message and retry_after, and fronts raise them again;
-- per-input isolation and fairness: the batcher's, unchanged (the tenant travels);
-- the rate limit: one bucket per tenant here, whichever front a request came through.
+- Deadlines: ``timeout_s`` counts from enqueueing (the model loaded); a heap of deadlines
+  answers 504 at the instant, and the request's queued inputs are dropped.
+- A client that leaves sends Cancel: its queued inputs are dropped at once, its running
+  inputs' results discarded (generate stops their rows at the next step), nothing more runs.
+- 429 with Retry-After, 413, 503: the batcher's and the registry's errors, as Failed events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
-
-import zmq
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
 
 from app.batching.batcher import past_deadline
 from app.engine import wire
+from app.engine.rate import RateLimit
 from app.errors import InferenceFailed, ModelUnavailable, ServiceError
-from app.registry.registry import ModelRegistry
 from app.registry.slots import ModelSlot, ModelState
-from app.service.checks import RateLimit
+
+if TYPE_CHECKING:  # a front process imports this module's wire, and no torch
+    from app.registry.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 1.0  # States go to every front this often, and at once after a change
-TICK_S = 0.2  # how often the engine looks for a change of state to send
-FRONT_SILENT_S = 5.0  # a front not heard from for this long is forgotten
-EXPOSE_WAIT_S = 1.0  # how long a metrics scrape waits for the fronts' own metrics
-CHANGES_STATES = frozenset({"load", "unload"})  # calls after which fronts get the states at once
 COMPACT_ABOVE = 4096  # finished requests the deadline heap may hold before it is rebuilt
+CHANGES_STATES = frozenset({"load", "unload"})  # calls after which clients learn the states at once
+
+Deliver = Callable[[Hashable, Any], None]  # (origin, event)
 
 
 class _Input:
@@ -72,11 +68,11 @@ class _Input:
 
 
 class _Request:
-    """One front's request in the engine, from enqueueing to its answer."""
+    """One client's request in the engine, from enqueueing to its final event."""
 
     __slots__ = ("core", "deadline", "finished", "inputs", "key", "left", "results", "slot", "ticket")
 
-    def __init__(self, core: EngineCore, key: tuple[bytes, int], slot: ModelSlot, deadline: float, n: int) -> None:
+    def __init__(self, core: EngineCore, key: tuple[Hashable, int], slot: ModelSlot, deadline: float, n: int) -> None:
         self.core, self.key, self.slot, self.deadline = core, key, slot, deadline
         self.results: list[Any] = [None] * n
         self.left = n
@@ -94,27 +90,6 @@ class _Request:
         if not self.finished:
             self.core.finish(self, failure(self.key[1], error))
 
-    def drop(self) -> None:
-        """Every input done: the lanes drop those not yet run."""
-        for item in self.inputs:
-            item.cancel()
-
-
-class _Gathering:
-    """The fronts' metrics for one scrape, as they come in."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.texts: dict[str, str] = {}
-        self.complete = asyncio.Event()
-        if expected == 0:
-            self.complete.set()
-
-    def add(self, front: str, text: str) -> None:
-        self.texts[front] = text
-        if len(self.texts) >= self.expected:
-            self.complete.set()
-
 
 def failure(rid: int, error: BaseException) -> wire.Failed:
     if not isinstance(error, ServiceError):
@@ -123,153 +98,119 @@ def failure(rid: int, error: BaseException) -> wire.Failed:
     return wire.Failed(rid, type(error).__name__, error.message, error.retry_after)
 
 
-class EngineCore:
-    """Serves ``registry`` to the fronts on ``address`` (an ``ipc://`` path) until closed."""
+def _nowhere(origin: Hashable, event: Any) -> None:
+    log.warning("an engine event for %r with no client attached: %s", origin, type(event).__name__)
 
-    def __init__(
-        self,
-        registry: ModelRegistry,
-        address: str,
-        *,
-        exposition: Callable[[], bytes],
-        merge: Callable[[dict[str, str]], str],
-        rate_limit: RateLimit | None = None,
-    ) -> None:
+
+class EngineCore:
+    """Serves ``registry``'s models to the clients attached through ``deliver``."""
+
+    def __init__(self, registry: ModelRegistry, rate_limit: RateLimit | None = None) -> None:
         self.registry = registry
-        self.address = address
-        self.exposition = exposition
         self.rate_limit = rate_limit
-        self.merge = merge
-        self.fronts: dict[bytes, float] = {}  # identity -> when last heard from
-        self._requests: dict[tuple[bytes, int], _Request] = {}
-        self._awaiting_load: dict[tuple[bytes, int], bool] = {}  # -> cancelled meanwhile
+        self.deliver: Deliver = _nowhere  # set by the transport: a client in-process, or the server
+        self.on_states_changed: Callable[[], None] = lambda: None
+        self.calls: dict[str, Callable[..., Any]] = {
+            "load": self._load,
+            "unload": self.registry.unload,
+            "split": self.registry.split_into_chunks,
+            "take": self._take,
+            "states": self._current_states,
+        }
+        self._requests: dict[tuple[Hashable, int], _Request] = {}
+        self._awaiting_load: dict[tuple[Hashable, int], bool] = {}  # -> cancelled meanwhile
         self._deadlines: list[tuple[float, int, _Request]] = []
         self._seq = itertools.count()
         self._expiry: asyncio.TimerHandle | None = None
-        self._outbox: dict[bytes, list[Any]] = {}
-        self._flushing = False
         self._background: set[asyncio.Task[Any]] = set()
-        self._exposes: dict[int, _Gathering] = {}
-        self._expose_ids = itertools.count()
-        self._sent_states: bytes = b""
-        self._socket: zmq.Socket[bytes] | None = None
-        self._ticker: asyncio.Task[None] | None = None
 
-    # -- the socket -----------------------------------------------------------------------
-
-    def start(self) -> None:
+    def start(self, preload: bool = True) -> None:
+        """Begin serving on the running loop; ``preload`` loads the entries marked so, in the
+        background (readiness waits for them)."""
         self.loop = asyncio.get_running_loop()
-        sock = wire.open_socket(zmq.ROUTER)
-        sock.bind(self.address)
-        self._socket = sock
-        self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
-        self.loop.add_reader(self._fd, self._readable)
-        self._ticker = self.loop.create_task(self._tick())
-        log.info("engine listening on %s", self.address)
+        if preload:
+            self._spawn(self.preload())
+
+    async def preload(self) -> None:
+        """Load the catalog entries marked ``preload``, one after the other; a failure is
+        logged (readiness reports it)."""
+        for slot in self.registry.slots():
+            if slot.entry.preload:
+                try:
+                    await self.registry.get_or_load(slot.entry.name)
+                except ServiceError as exc:
+                    log.error("preloading %s failed: %s", slot.entry.name, exc.message)
 
     async def close(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
+        """Stop: background work cancelled, requests still open answered 503, models unloaded."""
         for task in list(self._background):
             task.cancel()
-        if self._socket is not None:
-            self.loop.remove_reader(self._fd)
-            self._socket.close(linger=0)
-            self._socket = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+        stopping = ModelUnavailable("this server is stopping; retry the request", retry_after=1)
+        for request in list(self._requests.values()):
+            self.finish(request, failure(request.key[1], stopping))
+        await self.registry.close()
 
-    def _readable(self) -> None:
-        sock = self._socket
-        while sock is not None:
-            try:
-                front, frame = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.fronts[front] = time.monotonic()
-            try:
-                ops = wire.decode_to_engine(frame)
-            except Exception as exc:  # not a front of ours: say so and carry on
-                log.error("undecodable frame from %r: %s", front, exc)
-                continue
-            for op in ops:
-                self._dispatch(front, op)
+    # -- operations ------------------------------------------------------------------------
 
-    def _send(self, front: bytes, op: Any) -> None:
-        self._outbox.setdefault(front, []).append(op)
-        if not self._flushing:
-            self._flushing = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flushing = False
-        outbox, self._outbox = self._outbox, {}
-        sock = self._socket
-        if sock is None:
-            return
-        for front, ops in outbox.items():
-            with contextlib.suppress(zmq.ZMQError):  # a front that left: nobody to answer
-                sock.send_multipart((front, wire.encode(ops)), zmq.NOBLOCK)
-        # The socket's descriptor signals edges: a frame that came in while sending would
-        # otherwise wait for the next one.
-        self._readable()
-
-    # -- requests -------------------------------------------------------------------------
-
-    def _dispatch(self, front: bytes, op: Any) -> None:
+    def handle(self, origin: Hashable, op: Any) -> None:
+        """One operation from the client ``origin``: Infer, Cancel or Call."""
         if isinstance(op, wire.Infer):
-            self._infer(front, op)
+            self._infer(origin, op)
         elif isinstance(op, wire.Cancel):
-            key = (front, op.rid)
-            if key in self._awaiting_load:
-                self._awaiting_load[key] = True
-            request = self._requests.get(key)
-            if request is not None:
-                request.drop()
-                self._release(request)
+            self.cancel(origin, op.rid)
         elif isinstance(op, wire.Call):
-            self._spawn(self._call(front, op))
-        elif isinstance(op, wire.Hello):
-            self._send(front, self._states())
-        elif isinstance(op, wire.Exposition):
-            gathering = self._exposes.get(op.rid)
-            if gathering is not None:
-                gathering.add(front.decode().partition("/")[0], op.text)  # "front-0/<pid>": front-0
+            self._spawn(self._call(origin, op))
+        else:
+            log.error("an operation the engine does not know, from %r: %r", origin, op)
 
-    def _infer(self, front: bytes, op: wire.Infer) -> None:
+    def cancel(self, origin: Hashable, rid: int) -> None:
+        """The client left: its queued inputs go at once, its running ones are not waited for."""
+        key = (origin, rid)
+        if key in self._awaiting_load:
+            self._awaiting_load[key] = True
+        request = self._requests.get(key)
+        if request is not None:
+            self._release(request)
+
+    def _infer(self, origin: Hashable, op: wire.Infer) -> None:
         try:
             slot = self.registry.slot(op.model)
         except ServiceError as exc:
-            self._send(front, failure(op.rid, exc))
+            self.deliver(origin, failure(op.rid, exc))
             return
         if slot.state is ModelState.loaded and slot.batcher is not None:
-            self._enqueue(front, op, slot)
+            self._enqueue(origin, op, slot)
         else:  # the model loads first (once, however many ask), off this path
-            self._awaiting_load[(front, op.rid)] = False
-            self._spawn(self._load_then_enqueue(front, op))
+            self._awaiting_load[(origin, op.rid)] = False
+            self._spawn(self._load_then_enqueue(origin, op))
 
-    async def _load_then_enqueue(self, front: bytes, op: wire.Infer) -> None:
+    async def _load_then_enqueue(self, origin: Hashable, op: wire.Infer) -> None:
+        key = (origin, op.rid)
         try:
             slot = await self.registry.get_or_load(op.model)
         except ServiceError as exc:
-            if not self._awaiting_load.pop((front, op.rid), False):
-                self._send(front, failure(op.rid, exc))
+            if not self._awaiting_load.pop(key, False):
+                self.deliver(origin, failure(op.rid, exc))
             return
-        if not self._awaiting_load.pop((front, op.rid), False):  # its client left while it loaded
-            self._enqueue(front, op, slot)
+        if not self._awaiting_load.pop(key, False):  # its client left while it loaded
+            self._enqueue(origin, op, slot)
 
-    def _enqueue(self, front: bytes, op: wire.Infer, slot: ModelSlot) -> None:
+    def _enqueue(self, origin: Hashable, op: wire.Infer, slot: ModelSlot) -> None:
         batcher = slot.batcher
         if batcher is None:  # unloaded between the load and now
-            self._send(front, failure(op.rid, ModelUnavailable(f"model '{op.model}' was unloaded; retry")))
+            self.deliver(origin, failure(op.rid, ModelUnavailable(f"model '{op.model}' was unloaded; retry")))
             return
         payloads: list[Any] = op.payloads  # type: ignore[attr-defined]  # each kind's struct has them
         deadline = time.monotonic() + op.timeout_s
-        request = _Request(self, (front, op.rid), slot, deadline, len(payloads))
+        request = _Request(self, (origin, op.rid), slot, deadline, len(payloads))
         try:
             request.ticket = batcher.enqueue(
                 payloads, request.inputs, loop=self.loop, group=op.group, deadline=deadline, tenant=op.tenant
             )
         except ServiceError as exc:
-            self._send(front, failure(op.rid, exc))
+            self.deliver(origin, failure(op.rid, exc))
             return
         slot.hold()
         self._requests[request.key] = request
@@ -279,14 +220,21 @@ class EngineCore:
 
     def finish(self, request: _Request, answer: wire.Done | wire.Failed) -> None:
         """Answer ``request`` (its results, or its first error) and forget it."""
-        request.drop()
+        if request.finished:
+            return
         self._release(request)
-        self._send(request.key[0], answer)
+        self.deliver(request.key[0], answer)
 
     def _release(self, request: _Request) -> None:
+        """``request`` is over: its inputs not yet run are dropped, its slot let go."""
         if request.finished:
             return
         request.finished = True
+        for item in request.inputs:
+            item.cancel()  # the lanes drop or discard what they hold of it
+        batcher = request.slot.batcher
+        if request.left and batcher is not None and request.ticket is not None:
+            batcher.cancel(request.ticket)
         request.results, request.inputs = [], []  # the deadline heap may hold it a while yet
         self._requests.pop(request.key, None)
         if len(self._deadlines) > 2 * len(self._requests) + COMPACT_ABOVE:
@@ -312,60 +260,33 @@ class EngineCore:
         if heap:
             self._arm()
 
-    # -- control --------------------------------------------------------------------------
+    # -- control ---------------------------------------------------------------------------
 
-    async def _call(self, front: bytes, op: wire.Call) -> None:
+    async def _call(self, origin: Hashable, op: wire.Call) -> None:
         try:
-            value = await self.CALLS[op.op](self, *op.args)
+            call = self.calls.get(op.op)
+            if call is None:
+                raise InferenceFailed(f"the engine has no operation '{op.op}'")
+            value = await call(*op.args)
         except Exception as exc:
-            self._send(front, failure(op.rid, exc))
+            self.deliver(origin, failure(op.rid, exc))
         else:
-            self._send(front, wire.Answer(op.rid, value))
-        if op.op in CHANGES_STATES:  # every front learns now, not at the next tick
-            self._send_states_if_changed()
+            self.deliver(origin, wire.Answer(op.rid, value))
+        if op.op in CHANGES_STATES:  # every client learns now, not at the next tick
+            self.on_states_changed()
 
     async def _load(self, name: str) -> None:
         await self.registry.get_or_load(name)
 
-    async def _unload(self, name: str) -> bool:
-        return await self.registry.unload(name)
-
-    async def _split(self, name: str, text: str) -> list[str]:
-        return await self.registry.split_into_chunks(name, text)
-
     async def _take(self, tenant: str, inputs: int) -> None:
         if self.rate_limit is not None:
-            await self.rate_limit.take(tenant, inputs)
+            self.rate_limit.take(tenant, inputs)
 
     async def _current_states(self) -> wire.States:
-        return self._states()
+        return self.states()
 
-    async def _metrics(self) -> str:
-        """The engine's metrics and every live front's, each sample labelled with its process."""
-        rid = next(self._expose_ids)
-        fronts = list(self.fronts)
-        gathering = self._exposes[rid] = _Gathering(len(fronts))
-        for front in fronts:
-            self._send(front, wire.Expose(rid))
-        try:
-            with contextlib.suppress(TimeoutError):  # a front that died meanwhile is left out
-                await asyncio.wait_for(gathering.complete.wait(), EXPOSE_WAIT_S)
-        finally:
-            del self._exposes[rid]
-        return self.merge({"engine": self.exposition().decode(), **dict(sorted(gathering.texts.items()))})
-
-    CALLS: dict[str, Callable[..., Any]] = {
-        "load": _load,
-        "unload": _unload,
-        "split": _split,
-        "take": _take,
-        "metrics": _metrics,
-        "states": _current_states,
-    }
-
-    # -- states ---------------------------------------------------------------------------
-
-    def _states(self) -> wire.States:
+    def states(self) -> wire.States:
+        """Every catalog entry's state, as clients mirror it."""
         slots = [
             wire.SlotState(
                 s.entry.name,
@@ -382,27 +303,6 @@ class EngineCore:
             for s in self.registry.slots()
         ]
         return wire.States(self.registry.hub_online, slots)
-
-    def _send_states_if_changed(self, always: bool = False) -> None:
-        states = self._states()
-        encoded = wire.encode(states)
-        if always or encoded != self._sent_states:
-            self._sent_states = encoded
-            for front in self.fronts:
-                self._send(front, states)
-
-    async def _tick(self) -> None:
-        last = 0.0
-        while True:
-            await asyncio.sleep(TICK_S)
-            now = time.monotonic()
-            for front, heard in list(self.fronts.items()):
-                if now - heard > FRONT_SILENT_S:
-                    del self.fronts[front]
-            beat = now - last >= HEARTBEAT_S
-            if beat:
-                last = now
-            self._send_states_if_changed(always=beat)
 
     def _spawn(self, work: Any) -> None:
         task = self.loop.create_task(work)

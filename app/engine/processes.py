@@ -2,11 +2,11 @@
 front processes, started, watched and stopped by this one (the supervisor).
 
 - The engine (``python -m app engine``) holds the registry and the models
-  (app/engine/core.py) on an ``ipc://`` socket in a private directory; it ignores Ctrl-C
+  (app/engine/core.py) behind an ``ipc://`` socket in a private directory (app/engine/server.py); it ignores Ctrl-C
   and stops on the supervisor's SIGTERM only, after every front has.
-- Each front (``python -m app front``) is the HTTP app (app/serving.py's server, which
-  drains on SIGTERM) on its own listening socket bound to the shared port with
-  ``SO_REUSEPORT``: the kernel spreads connections over the fronts.
+- Each front (``python -m app front``: app/serving.py's ``run_front``) is the HTTP app
+  (its server drains on SIGTERM) on its own listening socket bound to the shared port
+  with ``SO_REUSEPORT``: the kernel spreads connections over the fronts.
 - SIGTERM (or Ctrl-C) to the supervisor drains the fronts first (readiness 503, requests in
   flight finish), then stops the engine; the supervisor exits 0. A front that dies is
   started again; an engine that dies stops everything with status 1, for the orchestrator
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from app.config import Settings
 
 if TYPE_CHECKING:  # the supervisor itself runs no model: it imports neither torch nor the engine
-    from app.engine.core import EngineCore
+    from app.engine.server import EngineServer
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,10 @@ def run_engine(settings: Settings, address: str) -> None:
     """The engine's life: the registry and its preloads, served on ``address`` until SIGTERM."""
     import uvloop
 
-    from app import heap, serving
+    from app import heap
+    from app.engine.startup import tune_process
 
-    serving.tune_process(settings)
+    tune_process(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to act on
     with heap.young_collections_spaced_out():
         uvloop.run(_engine(settings, address))
@@ -89,51 +90,35 @@ async def serve_engine(
     settings: Settings,
     address: str,
     stop: asyncio.Event,
-    started: Callable[[EngineCore], object] | None = None,
+    started: Callable[[EngineServer], object] | None = None,
     on_models_changed: Callable[[], None] | None = None,
 ) -> None:
-    """The registry (its preload models loading) served on ``address`` until ``stop`` is set;
-    ``started`` sees the core once it listens (the tests drive an engine this way), and
-    ``on_models_changed`` is create_app's (the process's garbage collector)."""
+    """The engine (its preload models loading) served on ``address`` until ``stop`` is set;
+    ``started`` sees the server once it listens (the tests drive an engine this way), and
+    ``on_models_changed`` is the process's garbage collector's (app/heap.py)."""
     from prometheus_client import generate_latest
 
-    from app.api.metrics import Metrics
-    from app.cluster import merge_expositions
-    from app.engine.core import EngineCore
-    from app.main import open_registry, preload
-    from app.registry.catalog import load_catalog
-    from app.service.checks import rate_limit_of
+    from app.catalog import load_catalog
+    from app.engine.server import EngineServer  # at run time too, in the engine alone
+    from app.engine.startup import open_engine
+    from app.metrics import Metrics, merge_expositions
 
     metrics = Metrics()
-    registry = await open_registry(settings, load_catalog(settings.catalog), metrics, on_models_changed)
-    core = EngineCore(
-        registry,
+    core = await open_engine(settings, load_catalog(settings.catalog), metrics, on_models_changed)
+    server = EngineServer(
+        core,
         address,
         exposition=lambda: generate_latest(metrics.registry),
-        rate_limit=rate_limit_of(settings),
         merge=lambda texts: merge_expositions(texts, label="process"),
     )
+    server.start()
     core.start()
     if started is not None:
-        started(core)
-    preloading = asyncio.create_task(preload(registry))
+        started(server)
     await stop.wait()
     log.info("engine: stopping")
-    preloading.cancel()
     await core.close()
-    await registry.close()
-
-
-# -- a front process -----------------------------------------------------------------------
-
-
-def run_front(settings: Settings, address: str, index: int) -> None:
-    """One front: the app with the engine's client, on its own socket on the shared port."""
-    from app import serving
-    from app.main import Front
-
-    app = serving.build(settings, engine=Front(address, f"front-{index}"))
-    serving.run(app, settings, sockets=[listening_socket(settings.host, settings.port)])
+    await server.close()
 
 
 # -- the supervisor ----------------------------------------------------------------------------

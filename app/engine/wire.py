@@ -4,8 +4,9 @@ MessagePack, many to a frame.
 A frame is a list of operations. A front sends every request it has ready in one frame (a
 single-text request is ~60 bytes) and the engine answers the requests that finished together
 in one frame, so the per-frame costs (a syscall, a wake-up) are shared. Payloads and results
-are the service's own dataclasses (app/service/types.py), which msgspec encodes and decodes
-natively; each kind of payload has its own tagged struct, so a frame decodes in one pass.
+are the payload and result dataclasses (app/payloads.py) that the task table names, which
+msgspec encodes and decodes natively; each kind of payload has its own tagged struct, so a
+frame decodes in one pass.
 """
 
 from __future__ import annotations
@@ -16,28 +17,11 @@ from typing import Any, Union
 import msgspec
 import zmq
 
-from app.service.types import (
-    Classification,
-    ClassifyInput,
-    Embedding,
-    EmbedInput,
-    ExtractInput,
-    FillMaskInput,
-    Generation,
-    MaskFills,
-    Seq2SeqInput,
-    ZeroShotInput,
-)
+from app.tasks import TASKS
 
-# Per kind of payload: its type and the type of its results.
-KINDS: dict[str, tuple[type, type]] = {
-    "classify": (ClassifyInput, Classification),
-    "zero_shot": (ZeroShotInput, Classification),
-    "embed": (EmbedInput, Embedding),
-    "extract": (ExtractInput, Generation),
-    "seq2seq": (Seq2SeqInput, Generation),
-    "fill_mask": (FillMaskInput, MaskFills),
-}
+# Per kind of payload (named by its type): its type and the type of its results, from the
+# task table (app/tasks.py), so a new task's payload travels without a line here.
+KINDS: dict[str, tuple[type, type]] = {task.payload.__name__: (task.payload, task.result) for task in TASKS}
 KIND_OF = {payload: kind for kind, (payload, _) in KINDS.items()}
 
 
@@ -124,7 +108,7 @@ class Answer(msgspec.Struct, array_like=True, tag=True):
 
 
 class SlotState(msgspec.Struct, array_like=True):
-    """What fronts mirror of one catalog entry (app/registry/registry.py: ModelSlot)."""
+    """What fronts mirror of one catalog entry (app/registry/slots.py: ModelSlot)."""
 
     name: str
     state: str

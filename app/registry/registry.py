@@ -16,7 +16,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +27,14 @@ import torch
 from app.batching.batcher import DynamicBatcher
 from app.batching.running import BatchRecord
 from app.batching.threads import ThreadShare
+from app.catalog import Catalog, Entry
 from app.config import Settings
 from app.errors import InvalidInput, ModelUnavailable, ServiceError, WrongTask
-from app.registry.catalog import Catalog, Entry
 from app.registry.slots import CatalogSlots, Chunking, ModelSlot, ModelState, RegistryHooks
 from app.registry.sources import locate, verify_weights
-from app.runners import Runner, build_runner, onnx_runtime, resolve_device
+from app.runners import onnx_runtime
+from app.runners.base import Runner, resolve_device, resolve_dtype
+from app.tasks import runner_class
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,6 @@ class ModelRegistry(CatalogSlots):
         budget = self.settings.torch_threads or STARTUP_TORCH_THREADS
         self._cpu_threads = ThreadShare(budget, torch.set_num_threads)
         onnx_runtime.configure(self.settings.onnx_cache, budget)
-
-    # -- choosing a model ---------------------------------------------------------------
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -94,24 +94,6 @@ class ModelRegistry(CatalogSlots):
             yield slot
         finally:
             slot.let_go()
-
-    async def infer(
-        self,
-        name: str,
-        payloads: Sequence[Any],
-        *,
-        timeout_s: float,
-        group: Hashable = None,
-        tenant: Hashable = None,
-        sizes: list[int] | None = None,
-    ) -> list[Any]:
-        """Run one request's inputs on a model; the deadline starts once the model is loaded.
-        ``tenant``: whom the inputs count against for fair queueing (app/batching/fairness.py);
-        ``sizes`` gets the sizes of the batches they ran in."""
-        async with self.use(name) as slot:
-            assert slot.batcher is not None
-            deadline = time.monotonic() + timeout_s
-            return await slot.batcher.submit(payloads, group=group, deadline=deadline, tenant=tenant, sizes=sizes)
 
     async def split_into_chunks(self, name: str, text: str) -> list[str]:
         """``text`` in pieces the model reads whole (a seq2seq model's, for chunked
@@ -247,14 +229,6 @@ class ModelRegistry(CatalogSlots):
         for name in list(self._slots):
             await self.unload(name)
 
-    @property
-    def connected(self) -> bool:
-        """Whether the models answer: always, in-process (a front's client may lose its engine)."""
-        return True
-
-    async def refresh(self) -> None:
-        """Bring the slots' states up to date: they are live in-process (a front's client asks)."""
-
     # -- memory budget ------------------------------------------------------------------
 
     async def _make_room(self, slot: ModelSlot, needed: int) -> None:
@@ -294,6 +268,14 @@ class ModelRegistry(CatalogSlots):
     def _notify_load(self, name: str, seconds: float, *, ok: bool) -> None:
         if self.hooks.on_load:
             self.hooks.on_load(name, seconds, ok)
+
+
+def build_runner(entry: Any, path: Path) -> Runner:
+    """Load ``entry``'s weights from the local directory ``path`` onto its device. Blocking."""
+    device = resolve_device(entry.device)
+    dtype = resolve_dtype(entry.dtype, device)
+    runner: Runner = runner_class(entry)(entry, path, device, dtype)
+    return runner
 
 
 def _device_key(spec: str) -> str:

@@ -14,12 +14,12 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from app.batching.running import BatchRecord
+from app.catalog import Catalog, Entry
 from app.errors import ModelNotFound
-from app.registry.catalog import Catalog, Entry
 
 if TYPE_CHECKING:
     from app.batching.batcher import DynamicBatcher
-    from app.runners import Runner
+    from app.runners.base import Runner
 
 
 class ModelState(StrEnum):
@@ -80,8 +80,8 @@ class Chunking(Protocol):
 
 
 class Models(Protocol):
-    """What the service and the routes use of the models: the registry in-process, its
-    client in a front process (app/engine/client.py)."""
+    """What the service and the routes use of the models: the engine's client, in-process or
+    over ZeroMQ (app/engine/client.py)."""
 
     catalog: Catalog
     hub_online: bool
@@ -113,6 +113,8 @@ class Models(Protocol):
     ) -> list[Any]: ...
 
     async def split_into_chunks(self, name: str, text: str) -> list[str]: ...
+
+    async def take(self, tenant: str, inputs: int) -> None: ...
 
 
 @dataclass

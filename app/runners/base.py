@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,9 @@ import torch
 from transformers import pipeline
 
 from app.runners.forward import PADDING_SLACK, EncoderForward
+
+# Per input of a batch, whether its client still waits (the batcher's; see Runner.infer).
+Wanted = Callable[[], Sequence[bool]] | None
 
 
 @dataclass
@@ -62,7 +65,9 @@ class Runner(ABC):
     def tokenize(self, payloads: Sequence[Any]) -> list[Encoded]: ...
 
     @abstractmethod
-    def infer(self, payloads: Sequence[Any], encoded: Sequence[Encoded]) -> list[Any]: ...
+    def infer(self, payloads: Sequence[Any], encoded: Sequence[Encoded], wanted: Wanted = None) -> list[Any]:
+        """One batch's results. ``wanted``: which inputs' clients still wait; a runner that
+        works in steps (generate) stops the rows nobody waits for, the others ignore it."""
 
     @property
     def backend(self) -> str:

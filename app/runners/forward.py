@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.runners import onnx_runtime as onnx
+import app.runners.onnx_runtime as onnx
 from app.runners.packed import PackedEncoder, packable
 from app.runners.traced import TOLERANCE, TRACE_LENGTHS, ForwardCheck, detach, synthetic_batch
 

@@ -9,22 +9,39 @@ maximum either truncated (and reported) or split into sentence-aligned chunks.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pysbd
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
+from app.catalog import SummarizationEntry, TranslationEntry
 from app.errors import InvalidInput
-from app.registry.catalog import SummarizationEntry, TranslationEntry
-from app.runners.base import Encoded, Runner, weights_kwargs
+from app.payloads import Generation, Seq2SeqInput
+from app.runners.base import Encoded, Runner, Wanted, weights_kwargs
 from app.runners.tokens import TextEncoder, pad_rows
-from app.service.types import Generation, Seq2SeqInput
 
 # Room left for special tokens when packing chunks.
 _CHUNK_MARGIN = 4
+
+
+class ClientsGone(StoppingCriteria):
+    """Ends the rows whose clients left (``wanted`` says which still wait) at the next step:
+    a batch whose clients all left stops, and a request that left costs at most one more
+    step. The rows of one input (its beams, and beam search's candidates) lie together."""
+
+    def __init__(self, wanted: Callable[[], Sequence[bool]]) -> None:
+        self.wanted = wanted
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        waiting = self.wanted()
+        rows = input_ids.shape[0]
+        if all(waiting):
+            return torch.zeros(rows, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+        gone = torch.tensor([not w for w in waiting], device=input_ids.device)
+        return gone.repeat_interleave(rows // len(waiting))  # type: ignore[return-value]
 
 
 class Seq2SeqRunner(Runner):
@@ -68,7 +85,9 @@ class Seq2SeqRunner(Runner):
         # generate() rejects token_type_ids (BERT-style tokenizers return them), so drop them.
         return [Encoded([ids], truncated) for ids, _, truncated in self.text.encode(texts)]
 
-    def infer(self, payloads: Sequence[Seq2SeqInput], encoded: Sequence[Encoded]) -> list[Generation]:
+    def infer(
+        self, payloads: Sequence[Seq2SeqInput], encoded: Sequence[Encoded], wanted: Wanted = None
+    ) -> list[Generation]:
         # The batcher only batches inputs of one group, i.e. one set of generation settings.
         requested = dict(payloads[0].generation)
         defaults = dict(self.defaults)
@@ -81,6 +100,8 @@ class Seq2SeqRunner(Runner):
             settings.pop("max_length")  # max_new_tokens is the more precise of the two
         self._within_positions(settings)
         batch = pad_rows([e.rows_ids[0] for e in encoded], self.text.pad_id, None, self.device)
+        if wanted is not None:
+            settings["stopping_criteria"] = StoppingCriteriaList([ClientsGone(wanted)])
         try:
             with torch.inference_mode():
                 output = self.model.generate(**batch, **settings)

@@ -4,8 +4,8 @@ the hub is online, a local one offline), or the one for a language pair."""
 
 from __future__ import annotations
 
+from app.catalog import Entry, TranslationEntry
 from app.errors import ModelNotFound, WrongTask
-from app.registry.catalog import Entry, TranslationEntry
 from app.registry.slots import Models, ModelState
 from app.registry.sources import is_local
 from app.tasks import Endpoint, can_serve

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
-from app.service.types import GenerationSettings
+from app.payloads import GenerationSettings
 
 T = TypeVar("T")
 

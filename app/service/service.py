@@ -5,7 +5,7 @@ their bodies into the requests of app/service/requests.py, call one method here,
 its Answer; none has a rule of its own. Here: the limits (app/service/checks.py), the
 tenant's rate, model choice (named, default, or by language pair), zero-shot hypotheses,
 ``top_k``, refusing truncation when a client asks, ``dimensions``, and chunked
-summarization. Below: the registry, which owns the models and their batchers.
+summarization. Below: the engine's client (app/engine/client.py), whichever layout.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from app.catalog import SummarizationEntry, TranslationEntry, ZeroShotEntry
 from app.config import Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
-from app.registry.catalog import SummarizationEntry, TranslationEntry, ZeroShotEntry
-from app.registry.slots import Models
-from app.service.checks import Limiter, check_generation, check_inputs, timeout_of
-from app.service.choice import ModelChoice, translates
-from app.service.requests import Answer, Classify, Embed, FillMask, Summarize, Summary, Translate
-from app.service.types import (
+from app.payloads import (
     Classification,
     ClassifyInput,
     Embedding,
@@ -35,6 +31,10 @@ from app.service.types import (
     Seq2SeqInput,
     ZeroShotInput,
 )
+from app.registry.slots import Models
+from app.service.checks import check_generation, check_inputs, timeout_of
+from app.service.choice import ModelChoice, translates
+from app.service.requests import Answer, Classify, Embed, FillMask, Summarize, Summary, Translate
 from app.tasks import Endpoint
 
 T = TypeVar("T")
@@ -45,17 +45,17 @@ MAX_REDUCE_ROUNDS = 3
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, registry: Models, rate_limit: Limiter | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Models) -> None:
         self.settings = settings
         self.registry = registry
         self.choice = ModelChoice(registry)
-        self.rate_limit = rate_limit
 
     async def admit(self, texts: list[str], tenant: str) -> None:
-        """A request's inputs within the server's limits, and within its tenant's rate."""
+        """A request's inputs within the server's limits, and within its tenant's rate (the
+        engine's, app/engine/rate.py)."""
         check_inputs(self.settings, texts)
-        if self.rate_limit is not None:
-            await self.rate_limit.take(tenant, len(texts))
+        if self.settings.rate_limit_inputs_per_s is not None:
+            await self.registry.take(tenant, len(texts))
 
     # -- the tasks ----------------------------------------------------------------------
 
