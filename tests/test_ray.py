@@ -6,6 +6,7 @@ rolling update nor a replica killed under load costs a client a failed request."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -45,21 +46,60 @@ def _app(local_catalog: Path, **args: Any) -> Any:
     return build({"num_replicas": 2, "num_cpus": 1, "max_replicas_per_node": 1, "env": env, **args})
 
 
+# How long the fixture waits for the cluster to serve: seconds on an idle machine, minutes on
+# a busy one. Serve's own waits for its proxies are a fixed 60 s (HTTP_PROXY_TIMEOUT, no
+# setting): past them the fixture keeps waiting, up to this bound, for an answer through them.
+READY_BOUND_S = 300
+# Serve's checks of a proxy (5 s to answer "ready", 10 s to answer a health check, by default):
+# a proxy slower than that is marked unhealthy, killed and restarted, again and again on a
+# busy machine. Set before the cluster starts, so that every Ray process inherits them (the
+# Serve controller, which runs the checks, included).
+SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
+def wait_until_serving(url: str, deadline: float) -> None:
+    """Until the app answers /health/ready 200 through Serve's proxy, or the deadline passes."""
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            ready = httpx.get(f"{url}/health/ready", timeout=10)
+            if ready.status_code == 200:
+                return
+            last = f"{ready.status_code} {ready.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(1)
+    raise TimeoutError(f"the cluster did not serve within {READY_BOUND_S} s (last: {last})")
+
+
 @pytest.fixture(scope="module")
 def cluster_url(local_catalog: Path) -> Iterator[str]:
-    # The dashboard serves the state API that lists the replicas and their nodes.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
-    cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    port = _free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(_app(local_catalog), name="tessera", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
+    deadline = time.monotonic() + READY_BOUND_S
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in SERVE_ENV.items():
+            env.setenv(name, value)
+        # The dashboard serves the state API that lists the replicas and their nodes.
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+        cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        try:
+            while True:  # a start that timed out left the controller up: the next call joins it
+                try:
+                    serve.start(http_options={"host": "127.0.0.1", "port": port})
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+            with contextlib.suppress(TimeoutError):  # the app runs; only the proxies were slow
+                serve.run(_app(local_catalog), name="tessera", route_prefix="/")
+            wait_until_serving(url, deadline)
+            yield url
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def replicas() -> list[Any]:

@@ -68,7 +68,7 @@ class RequestContextMiddleware:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         # random, not os.urandom: an id needs no secrecy, and getrandom() is a syscall per request.
         request_id = given if _SAFE_ID.match(given) else f"{random.getrandbits(64):016x}"
-        # Routes put their accounting (model, inputs, batch_size: app.api.native.account) here.
+        # Routes put their accounting (model, inputs, batch_size: app.api.calls.call) here.
         stats: dict[str, Any] = scope.setdefault("state", {})
         stats["request_id"] = request_id
         token = request_id_var.set(request_id)

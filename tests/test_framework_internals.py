@@ -1,0 +1,294 @@
+"""The framework internals Tessera relies on, checked where an upgrade would move them.
+
+pyproject.toml pins uvicorn, fastapi and starlette to ranges this file passed on. Before
+widening a range, run it against the new version: each failure names the internal that
+moved and the file that relies on it. Behaviour covered elsewhere is not repeated here:
+tests/test_serving.py (one write per response; disconnect callbacks on a recorded
+transport), tests/test_json_route.py (the direct path against the real app's routes),
+tests/test_server.py (SIGTERM drains and the process exits 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import ResponseValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.routing import Match
+from uvicorn.server import ServerState
+
+from app import serving
+from app.api.drain import Drain
+from app.api.errors import allowed_methods
+from app.api.json_route import JsonBodyRoute, _Plan
+from app.http_protocol import ON_DISCONNECT, HttpProtocol
+from tests.conftest import running
+from tests.test_serving import RecordingTransport, answer
+
+PROTOCOL = "app/http_protocol.py"
+SERVER = "app/serving.py"
+JSON_ROUTE = "app/api/json_route.py"
+
+
+def moved(internal: str, where: str) -> str:
+    return f"{internal} moved or changed ({where} relies on it): adapt it before widening the pin in pyproject.toml"
+
+
+def assert_parameters(function: Callable[..., Any], expected: list[str], internal: str, where: str) -> None:
+    got = list(inspect.signature(function).parameters)
+    assert got == expected, moved(f"{internal}{inspect.signature(function)} (expected parameters {expected})", where)
+
+
+# uvicorn's httptools protocol (app/http_protocol.py) ----------------------------------------
+
+
+def test_uvicorns_httptools_protocol_keeps_the_methods_http_protocol_overrides() -> None:
+    from uvicorn.protocols.http import httptools_impl
+
+    base = getattr(httptools_impl, "HttpToolsProtocol", None)
+    assert isinstance(base, type), moved("uvicorn.protocols.http.httptools_impl.HttpToolsProtocol", PROTOCOL)
+    for name, parameters in (
+        ("connection_made", ["self", "transport"]),
+        ("on_message_begin", ["self"]),
+        ("connection_lost", ["self", "exc"]),
+    ):
+        method = getattr(base, name, None)
+        assert callable(method), moved(f"HttpToolsProtocol.{name}", PROTOCOL)
+        assert_parameters(method, parameters, f"HttpToolsProtocol.{name}", PROTOCOL)
+
+
+@pytest.mark.anyio
+async def test_a_request_on_uvicorns_protocol_has_the_scope_and_cycle_http_protocol_reads() -> None:
+    loop = asyncio.get_running_loop()
+    config = uvicorn.Config(answer, log_config=None, access_log=False, http=HttpProtocol)
+    protocol = HttpProtocol(config, ServerState(), {}, loop)
+    assert protocol.loop is loop, moved("HttpToolsProtocol.loop (the connection's event loop)", PROTOCOL)
+    protocol.connection_made(RecordingTransport())
+    protocol.data_received(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+    scope: Any = protocol.scope
+    assert isinstance(scope, dict), moved("HttpToolsProtocol.scope (the request's ASGI scope)", PROTOCOL)
+    assert scope["extensions"][ON_DISCONNECT] == [], moved("HttpToolsProtocol.on_message_begin making .scope", PROTOCOL)
+    cycle = protocol.cycle
+    assert cycle is not None and cycle.scope is scope, moved("HttpToolsProtocol.cycle and its .scope", PROTOCOL)
+    assert cycle.disconnected is False, moved("RequestResponseCycle.disconnected", PROTOCOL)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert cycle.response_complete, moved("RequestResponseCycle.response_complete", PROTOCOL)
+    protocol.connection_lost(None)
+    assert cycle.disconnected is False, moved("RequestResponseCycle.disconnected", PROTOCOL)
+
+
+def test_a_client_leaving_a_real_uvicorn_server_mid_request_runs_the_scopes_disconnect_callbacks() -> None:
+    told: list[str] = []
+    entered = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        left = asyncio.Event()
+        scope["extensions"][ON_DISCONNECT].extend([left.set, lambda: told.append(scope["path"])])
+        if scope["path"] == "/leaves":
+            entered.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(left.wait(), 30)
+        await answer(scope, receive, send)
+
+    with running(app, HttpProtocol) as url:  # type: ignore[arg-type]  # a bare ASGI app
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(b"GET /leaves HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert entered.wait(30)
+        assert httpx.get(f"{url}/stays", timeout=30).text == "hello"  # answered in full, then closed
+        deadline = time.monotonic() + 30
+        while "/leaves" not in told and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert told == ["/leaves"], moved("uvicorn's connection_lost marking cycle.disconnected", PROTOCOL)
+
+
+# uvicorn's Server (app/serving.py: DrainingServer) --------------------------------------------
+
+
+def test_uvicorns_server_keeps_the_methods_and_flags_draining_server_uses() -> None:
+    server = uvicorn.Server
+    capture = getattr(server, "capture_signals", None)
+    assert capture is not None, moved("uvicorn.Server.capture_signals", SERVER)
+    assert_parameters(capture, ["self"], "uvicorn.Server.capture_signals", SERVER)
+    assert inspect.isgeneratorfunction(getattr(capture, "__wrapped__", None)), moved(
+        "uvicorn.Server.capture_signals (a @contextmanager)", SERVER
+    )
+    assert_parameters(server.handle_exit, ["self", "sig", "frame"], "uvicorn.Server.handle_exit", SERVER)
+    assert inspect.iscoroutinefunction(server.startup), moved("uvicorn.Server.startup (a coroutine)", SERVER)
+    assert_parameters(server.startup, ["self", "sockets"], "uvicorn.Server.startup", SERVER)
+    assert_parameters(server.run, ["self", "sockets"], "uvicorn.Server.run", SERVER)
+    assert "timeout_graceful_shutdown" in inspect.signature(uvicorn.Config).parameters, moved(
+        "uvicorn.Config(timeout_graceful_shutdown=)", SERVER
+    )
+    made = uvicorn.Server(uvicorn.Config(answer))
+    for flag in ("should_exit", "force_exit", "started"):
+        assert getattr(made, flag, None) is False, moved(f"uvicorn.Server.{flag} (a bool, False at first)", SERVER)
+
+
+def test_uvicorn_serves_through_draining_servers_signal_capture_and_startup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn's serve() must enter our capture_signals (no re-raised SIGTERM: exit 0) and
+    await our startup (the heap frozen once start-up is done)."""
+    seen: list[str] = []
+    capture = serving.DrainingServer.capture_signals
+
+    @contextlib.contextmanager
+    def recording(self: serving.DrainingServer) -> Iterator[None]:
+        seen.append("capture_signals")
+        with capture(self):
+            assert signal.getsignal(signal.SIGTERM) == self.handle_exit
+            yield
+
+    monkeypatch.setattr(serving.DrainingServer, "capture_signals", recording)
+    monkeypatch.setattr(serving.heap, "freeze_survivors", lambda: seen.append("startup"))
+    config = uvicorn.Config(answer, host="127.0.0.1", port=0, lifespan="off", log_config=None)
+    server = serving.DrainingServer(config, Drain(), 1.0)
+    server.should_exit = True  # start up, then shut down at once
+    before = signal.getsignal(signal.SIGTERM)
+    asyncio.run(server.serve())
+    assert seen == ["capture_signals", "startup"], moved("uvicorn.Server.serve calling capture_signals/startup", SERVER)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+# FastAPI's request handler (app/api/json_route.py: JsonBodyRoute) ----------------------------
+
+
+class Echo(BaseModel):
+    text: str
+    count: int = 1
+
+
+async def refuse_when_asked(request: Request) -> None:
+    if request.headers.get("x-refuse"):
+        raise HTTPException(401, "refused")
+
+
+async def echo(body: Echo, request: Request) -> Echo:
+    if body.text == "break the response model":
+        return {"text": None}  # type: ignore[return-value]
+    return body
+
+
+def test_fastapis_route_keeps_what_json_body_route_reads() -> None:
+    assert_parameters(APIRoute.get_route_handler, ["self"], "fastapi.routing.APIRoute.get_route_handler", JSON_ROUTE)
+    route = APIRoute("/echo", echo, methods=["POST"], response_model=Echo, dependencies=[Depends(refuse_when_asked)])
+    calls = [getattr(dependency, "call", None) for dependency in route.dependant.dependencies]
+    assert calls == [refuse_when_asked], moved("APIRoute.dependant.dependencies[*].call", JSON_ROUTE)
+    for name in ("include", "exclude", "by_alias", "exclude_unset", "exclude_defaults", "exclude_none"):
+        assert hasattr(route, f"response_model_{name}"), moved(f"APIRoute.response_model_{name}", JSON_ROUTE)
+    assert (route.endpoint, route.response_model, route.status_code) == (echo, Echo, None), moved(
+        "APIRoute.endpoint / response_model / status_code", JSON_ROUTE
+    )
+    app = FastAPI(dependencies=[Depends(refuse_when_asked)])
+    assert [d.dependency for d in app.router.dependencies] == [refuse_when_asked], moved(
+        "FastAPI().router.dependencies[*].dependency", JSON_ROUTE
+    )
+    assert app.dependency_overrides == {}, moved("FastAPI().dependency_overrides (a dict)", JSON_ROUTE)
+    error = ResponseValidationError([{"loc": ("response",)}], body="sent")
+    assert (error.errors(), error.body) == ([{"loc": ("response",)}], "sent"), moved(
+        "fastapi.exceptions.ResponseValidationError(errors, body=)", JSON_ROUTE
+    )
+    assert _Plan.of(route) is not None, moved("the APIRoute a (body: Model, request: Request) route makes", JSON_ROUTE)
+
+
+def bare_app(route_class: type[APIRoute]) -> FastAPI:
+    app = FastAPI(dependencies=[Depends(refuse_when_asked)])
+    app.state.settings = SimpleNamespace(opentelemetry=False)  # what _Plan.applies reads of our Settings
+    router = APIRouter(route_class=route_class)
+    router.add_api_route("/echo", echo, methods=["POST"], response_model=Echo)
+    app.include_router(router)
+    return app
+
+
+@pytest.mark.anyio
+async def test_json_body_route_answers_as_fastapis_stock_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FastAPI's own error answers (no handlers of ours), the request's body read twice when
+    the direct path hands an invalid one to FastAPI's handler."""
+    direct: list[int] = []
+    dump = _Plan.dump
+    monkeypatch.setattr(_Plan, "dump", lambda plan, result: direct.append(1) or dump(plan, result))
+    requests: list[tuple[bytes, dict[str, str]]] = [
+        (b'{"text": "hi", "count": 2}', {"content-type": "application/json"}),
+        (b'{"text": "hi", "count": "many"}', {"content-type": "application/json"}),
+        (b'{"text": ', {"content-type": "application/json"}),
+        (b'{"text": "hi"}', {"content-type": "text/plain"}),
+        (b'{"text": "hi"}', {"content-type": "application/json", "x-refuse": "1"}),
+        (b'{"text": "break the response model"}', {"content-type": "application/json"}),
+    ]
+    answers = {}
+    for route_class in (JsonBodyRoute, APIRoute):
+        transport = httpx.ASGITransport(app=bare_app(route_class), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            sent = [await client.post("/echo", content=body, headers=headers) for body, headers in requests]
+        answers[route_class] = [(r.status_code, r.headers.get("content-type"), r.content) for r in sent]
+    assert [status for status, _, _ in answers[APIRoute]] == [200, 422, 422, 422, 401, 500]
+    assert answers[JsonBodyRoute] == answers[APIRoute], moved("FastAPI's request handler (its answers)", JSON_ROUTE)
+    assert direct == [1, 1]  # the two valid bodies took the direct path (one answer breaking its model)
+
+
+# Starlette's request, routing and scope (app/api: middleware.py, security.py, errors.py) ----
+
+
+def test_a_requests_state_lives_in_its_scope() -> None:
+    """The access log reads the accounting routes leave on ``request.state`` from
+    ``scope["state"]`` (middleware.py); ``tenant_of`` reads the API key there (security.py)."""
+    shared: dict[str, Any] = {"request_id": "r1"}
+    request = Request({"type": "http", "state": shared})
+    request.state.model = "bert-clf"
+    assert shared == {"request_id": "r1", "model": "bert-clf"}, moved(
+        "starlette Request.state backed by scope['state']", "app/api/middleware.py, app/api/security.py"
+    )
+    assert request.state.request_id == "r1"
+
+
+@pytest.mark.anyio
+async def test_the_matched_route_is_left_in_the_scope() -> None:
+    """The access log and the metrics label a request with ``scope["route"].path`` (middleware.py)."""
+    app = FastAPI()
+
+    @app.get("/items/{item}")
+    async def item(item: str) -> str:
+        return item
+
+    seen: list[Any] = []
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+        seen.append(getattr(scope.get("route"), "path", None))
+
+    transport = httpx.ASGITransport(app=outer)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/items/7")).status_code == 200
+    assert seen == ["/items/{item}"], moved("scope['route'] set by FastAPI's routing", "app/api/middleware.py")
+
+
+def test_routes_match_a_scope_with_another_method_fully_or_partly() -> None:
+    """A 405's Allow header lists the methods whose ``route.matches(scope)`` is Match.FULL (errors.py)."""
+    app = FastAPI()
+    app.post("/echo")(echo)
+    scope = {"type": "http", "app": app, "path": "/echo", "method": "GET", "root_path": "", "headers": []}
+    route = next(r for r in app.router.routes if getattr(r, "path", None) == "/echo")
+    assert route.matches({**scope, "method": "POST"})[0] is Match.FULL
+    assert route.matches(scope)[0] is Match.PARTIAL, moved(
+        "starlette Route.matches -> (Match, scope)", "app/api/errors.py"
+    )
+    assert allowed_methods(Request(scope)) == ["POST"]
