@@ -251,6 +251,13 @@ def layout(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=LAYOUTS)
+def layout_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment that picks a layout for `python -m app serve`, whatever the machine's
+    cores: one process, or one front and an engine."""
+    return {"TESSERA_WORKERS": "0" if request.param == "one-process" else "1"}
+
+
 @pytest.fixture
 def app_factory(layout: str, make_settings: Callable[..., Settings]) -> Iterator[AppFactory]:
     # A short folder: an ipc:// path must fit a Unix socket's 107 bytes.

@@ -24,8 +24,9 @@ ADMIN_KEY = "contract-admin-key"
 
 
 @pytest.mark.skipif(not ST.exists(), reason="schemathesis is not installed (pip install -e '.[dev]')")
-def test_the_openapi_document_holds_for_every_operation(local_catalog: Path) -> None:
+def test_the_openapi_document_holds_for_every_operation(local_catalog: Path, layout_env: dict[str, str]) -> None:
     env = {
+        **layout_env,
         "TESSERA_CATALOG": str(local_catalog),
         # Small caps keep each generated request cheap; the document states them, whatever they are.
         "TESSERA_MAX_NEW_TOKENS_CAP": "16",

@@ -15,8 +15,8 @@ from tests.conftest import ServerProcess, server_process
 
 
 @pytest.fixture
-def server(catalog_path: Path) -> Iterator[ServerProcess]:
-    with server_process({"TESSERA_CATALOG": str(catalog_path)}) as running:
+def server(catalog_path: Path, layout_env: dict[str, str]) -> Iterator[ServerProcess]:
+    with server_process({"TESSERA_CATALOG": str(catalog_path), **layout_env}) as running:
         yield running
 
 
