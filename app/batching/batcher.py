@@ -19,6 +19,13 @@ Between tenants (API keys), the first input in fair order seeds each batch
 (app/batching/fairness.py), and an express lane runs a tenant with nothing running at once
 while the regular lanes are all busy with others. A lane that fails (a bug, not an input)
 fails every input the batcher holds with 503 and tells its owner, which reloads the model.
+
+This module is longer than the project's ~350 lines on purpose: the queue, the lanes and
+the express lane share one lock and one set of state (pool, depth, fair shares, who runs
+what), and each method reads what the others write under that lock; split over files, that
+state would be declared in one place and used in another. What needs none of it lives
+beside it: batch formation (forming.py), fairness (fairness.py), thread shares
+(threads.py), and posting results (running.py).
 """
 
 from __future__ import annotations
