@@ -16,7 +16,9 @@ from tests.conftest import ServerProcess, server_process
 
 @pytest.fixture
 def server(catalog_path: Path, layout_env: dict[str, str]) -> Iterator[ServerProcess]:
-    with server_process({"TESSERA_CATALOG": str(catalog_path), **layout_env}) as running:
+    # A drain long enough for the slow requests below on a busy machine (bounded all the same).
+    env = {"TESSERA_CATALOG": str(catalog_path), "TESSERA_DRAIN_TIMEOUT_S": "150", **layout_env}
+    with server_process(env) as running:
         yield running
 
 
@@ -48,7 +50,7 @@ def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(ser
         "parameters": {"max_new_tokens": 600, "min_length": 600, "num_beams": 2},
     }
     with ThreadPoolExecutor(3) as pool:
-        in_flight = [pool.submit(httpx.post, f"{base}/translate", json=slow, timeout=120) for _ in range(3)]
+        in_flight = [pool.submit(httpx.post, f"{base}/translate", json=slow, timeout=180) for _ in range(3)]
         deadline = time.monotonic() + 30
         while httpx.get(f"{base}/models/marian-en-de").json()["queue_depth"] < 12:
             assert time.monotonic() < deadline, "the requests never reached the model"
@@ -66,6 +68,6 @@ def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(ser
 
         answers = [future.result() for future in in_flight]
     assert [a.status_code for a in answers] == [200, 200, 200]
-    assert proc.wait(timeout=60) == 0
+    assert proc.wait(timeout=180) == 0
     output = server.output()
     assert "SIGTERM: draining (" in output and "drained: every request in flight finished" in output
