@@ -219,6 +219,32 @@ def engine_thread(settings: Settings, folder: Path) -> Iterator[EngineCore]:
         loop.close()
 
 
+@contextmanager
+def held_forward(core: EngineCore, name: str) -> Iterator[tuple[threading.Event, threading.Event, list[str]]]:
+    """Hold the forward passes of model ``name`` (loaded) until the gate opens; ``entered`` is
+    set once one is held; ``seen`` records every text computed. A batch with a text holding
+    POISON fails (a fault of the model, not the input)."""
+    runner = core.registry.slot(name).runner
+    assert runner is not None
+    real = runner.infer
+    gate, entered, seen = threading.Event(), threading.Event(), []
+
+    def infer(payloads: Any, encoded: Any, wanted: Any = None) -> Any:
+        entered.set()
+        gate.wait(30)
+        seen.extend(p.text for p in payloads)
+        if any("POISON" in p.text for p in payloads):
+            raise RuntimeError("injected failure")
+        return real(payloads, encoded, wanted)
+
+    runner.infer = infer  # type: ignore[method-assign]
+    try:
+        yield gate, entered, seen
+    finally:
+        gate.set()
+        runner.infer = real  # type: ignore[method-assign]
+
+
 def core_of(app: FastAPI) -> EngineCore:
     """The engine core that serves ``app``, in either layout (for tests that reach below the API)."""
     core: EngineCore = getattr(app.state, "engine_core", None) or app.state.registry.core

@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 
-from tests.conftest import core_of, serve
+from tests.conftest import core_of, held_forward, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -59,29 +58,6 @@ ROUTE_IDS = [
 ]
 
 
-@contextmanager
-def counted(app: FastAPI, name: str) -> Iterator[tuple[threading.Event, threading.Event, list[str]]]:
-    """Hold ``name``'s forward passes until the gate opens; ``entered`` is set once one is
-    held; every text it computes is recorded."""
-    runner = core_of(app).registry.slot(name).runner
-    assert runner is not None
-    real = runner.infer
-    gate, entered, computed = threading.Event(), threading.Event(), []
-
-    def infer(payloads: Any, encoded: Any, wanted: Any = None) -> Any:
-        entered.set()
-        gate.wait(30)
-        computed.extend(p.text for p in payloads)
-        return real(payloads, encoded, wanted)
-
-    runner.infer = infer  # type: ignore[method-assign]
-    try:
-        yield gate, entered, computed
-    finally:
-        gate.set()
-        runner.infer = real  # type: ignore[method-assign]
-
-
 async def until(condition: Callable[[], bool], what: str, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -99,7 +75,7 @@ async def test_a_client_that_leaves_has_its_queued_inputs_dropped_at_once_and_ne
         slot = core_of(app).registry.slot(model)
         batcher = slot.batcher
         assert batcher is not None
-        with counted(app, model) as (gate, entered, computed):
+        with held_forward(core_of(app), model) as (gate, entered, computed):
             # The same route, one short text: it holds the lane while the leaver's inputs queue.
             text = "hold the [MASK] here."  # fill-mask needs its mask; the others read it as text
             hold = {**body, **({"input": text} if "input" in body else {"inputs": text})}

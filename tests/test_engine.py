@@ -13,8 +13,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from app.engine.core import EngineCore
 from app.errors import InvalidInput
 from app.main import Front, create_app
 from app.payloads import ClassifyInput
-from tests.conftest import engine_thread, serve, server_process
+from tests.conftest import engine_thread, held_forward, serve, server_process
 
 pytestmark = pytest.mark.anyio
 
@@ -38,31 +38,6 @@ pytestmark = pytest.mark.anyio
 async def front(settings: Settings, core: EngineCore, name: str = "front-0") -> AsyncIterator[httpx.AsyncClient]:
     async with serve(create_app(settings, engine=Front(core.address, name))) as client:
         yield client
-
-
-@contextmanager
-def held(core: EngineCore, name: str) -> Iterator[tuple[threading.Event, threading.Event, list[str]]]:
-    """Hold the engine's forward passes of model ``name`` (loaded) until the gate is set;
-    ``entered`` is set once one is held; ``seen`` records the texts that ran."""
-    runner = core.registry.slot(name).runner
-    assert runner is not None
-    real = runner.infer
-    gate, entered, seen = threading.Event(), threading.Event(), []
-
-    def infer(payloads: Any, encoded: Any, wanted: Any = None) -> Any:
-        entered.set()
-        gate.wait(30)
-        seen.extend(p.text for p in payloads)
-        if any("POISON" in p.text for p in payloads):
-            raise RuntimeError("injected failure")
-        return real(payloads, encoded, wanted)
-
-    runner.infer = infer  # type: ignore[method-assign]
-    try:
-        yield gate, entered, seen
-    finally:
-        gate.set()
-        runner.infer = real  # type: ignore[method-assign]
 
 
 async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
@@ -121,7 +96,7 @@ async def test_deadlines_disconnects_and_full_queues_hold_across_the_boundary(
         async with front(settings, core) as client:
             assert (await client.post("/models/bert-clf/load")).status_code == 200
             slot = core.registry.slot("bert-clf")
-            with held(core, "bert-clf") as (gate, entered, seen):
+            with held_forward(core, "bert-clf") as (gate, entered, seen):
                 blocker = asyncio.create_task(client.post("/classify", json={"inputs": "hold", "model": "bert-clf"}))
                 assert await asyncio.to_thread(entered.wait, 10)
                 leaver = asyncio.create_task(client.post("/classify", json={"inputs": "leaver", "model": "bert-clf"}))
@@ -159,7 +134,7 @@ async def test_one_failing_input_fails_alone_through_a_front(
     with engine_thread(settings, tmp_path) as core:
         async with front(settings, core) as client:
             await client.post("/models/bert-clf/load")
-            with held(core, "bert-clf") as (gate, entered, _):
+            with held_forward(core, "bert-clf") as (gate, entered, _):
                 blocker = asyncio.create_task(client.post("/classify", json={"inputs": "hold", "model": "bert-clf"}))
                 assert await asyncio.to_thread(entered.wait, 10)
                 poisoned = asyncio.create_task(client.post("/classify", json={"inputs": "POISON", "model": "bert-clf"}))
@@ -243,7 +218,7 @@ async def test_a_front_whose_engine_is_gone_fails_fast_and_is_not_ready(
         async with serve(app) as client:
             await client.post("/models/bert-clf/load")
             assert (await client.get("/health/ready")).status_code == 200
-            with held(core, "bert-clf") as (gate, entered, _):
+            with held_forward(core, "bert-clf") as (gate, entered, _):
                 waiting = asyncio.create_task(client.post("/classify", json={"inputs": "x", "model": "bert-clf"}))
                 assert await asyncio.to_thread(entered.wait, 10)
                 # The engine stops answering (as a killed process would).
