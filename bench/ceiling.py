@@ -206,6 +206,7 @@ def checkout(rev: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, check=False)
+        shutil.rmtree(where.parent, ignore_errors=True)
 
 
 def server(name: str, env: dict[str, str], work: Path, cwd: Path) -> ServerProcess:

@@ -167,11 +167,13 @@ async def _drive(
     loop = asyncio.get_running_loop()
     connections = [(await loop.create_connection(_Connection, host, port))[1] for _ in range(concurrency)]
 
-    async def worker(connection: _Connection, queue: Any, record: bool) -> None:
+    async def worker(slot: int, queue: Any, record: bool) -> None:
         nonlocal errors, first_error
         for i in queue:
+            if connections[slot].closed:  # idle past the server's keep-alive timeout (uvicorn's: 5 s)
+                connections[slot] = (await loop.create_connection(_Connection, host, port))[1]
             started = time.perf_counter()
-            status, _, body = await connection.request(raw[i])
+            status, _, body = await connections[slot].request(raw[i])
             elapsed = time.perf_counter() - started
             if status != 200:
                 errors += 1
@@ -184,13 +186,13 @@ async def _drive(
             # Untimed: every connection serves a request first, so that the timed run starts warm.
             if warmup:
                 shared = iter(range(warmup))
-                await asyncio.gather(*(worker(c, shared, False) for c in connections))
+                await asyncio.gather(*(worker(k, shared, False) for k in range(concurrency)))
                 errors = 0
             stats = [(await control.get(stats_path)).json()] if stats_path else []
             shared = iter(range(len(bodies)))
             started, cpu_started = time.perf_counter(), time.process_time()
             async with asyncio.timeout(timeout_s):
-                await asyncio.gather(*(worker(c, shared, True) for c in connections))
+                await asyncio.gather(*(worker(k, shared, True) for k in range(concurrency)))
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
             if stats_path:
                 stats.append((await control.get(stats_path)).json())

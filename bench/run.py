@@ -5,13 +5,22 @@
     .venv/bin/python bench/run.py --scenario seq2seq   # one scenario (classification, seq2seq, ceiling)
     .venv/bin/python bench/run.py --device cuda        # bert-base fp16 on a GPU: served vs offline
     .venv/bin/python bench/run.py --server-cpus 0,1 --client-cpus 2-5   # load from other cores
+    .venv/bin/python bench/run.py --scenario seq2seq --baseline 4c6ba77   # and another commit served
 
 Each scenario builds its model directory, starts the real server (bench/served_app.py:
 ``python -m app serve`` plus a read-only stats route) and, for classification, the naive
 pipeline server (bench/naive_server.py), each as its own uvicorn process. Every method
 then runs on the same texts, back to back and never at the same time, for ``--rounds``
 rounds with the order reversed every other round; each method is warmed up first.
-Results are printed next to the targets (not asserted) and written as JSON. The ceiling
+Results are printed next to the targets (not asserted) and written as JSON.
+
+``--baseline REV`` (repeatable) also serves commit REV, as bench/ceiling.py does: a git
+worktree of REV in a temporary folder, its app/ run by this checkout's served_app.py with
+that worktree as its cwd and on its path (TESSERA_BENCH_TREE), on the same catalog and
+model directory. Nothing of REV is imported here: it is measured over HTTP, by the same
+load client on the same texts, in the same interleaved rounds as this checkout's served
+server, and printed next to it with the ratios this/baseline. Where REV's app lacks
+what the stats route reads, its batch sizes and server CPU are reported as unavailable. The ceiling
 scenario (bench/ceiling.py: a near-free model under wrk, the server's own cost per request)
 runs where ``wrk`` is installed.
 
@@ -26,11 +35,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +62,7 @@ import torch
 import yaml
 from load import LoadClient, Measurement, merge, ms_per
 from offline import OfflineModel
-from servers import BENCH_DIR, ServerProcess
+from servers import BENCH_DIR, ROOT, ServerProcess
 from workloads import (
     build_bert_base_classifier,
     build_marian,
@@ -95,10 +107,41 @@ class Variant:
 VARIANT = Variant()  # set once by main from --served-entry / --served-env
 
 
-def served_server(catalog: Path, logs: Path) -> ServerProcess:
+@dataclass
+class Baseline:
+    """Another commit to serve next to this checkout (--baseline): its git worktree."""
+
+    rev: str
+    commit: str
+    tree: Path
+
+    @property
+    def label(self) -> str:
+        return f"baseline {self.rev}"
+
+
+BASELINES: list[Baseline] = []  # set once by main from --baseline
+
+
+def served_server(catalog: Path, logs: Path, baseline: Baseline | None = None) -> ServerProcess:
+    """This checkout's app, or with ``baseline`` that commit's (its worktree as cwd and on
+    served_app.py's path), under served_app.py's stats route."""
     env = {"TESSERA_CATALOG": str(catalog), "TESSERA_HUB": "offline", "HF_HUB_OFFLINE": "1", **VARIANT.env}
     args = [str(BENCH_DIR / "served_app.py"), "--host", "127.0.0.1", "--port", "{port}"]
-    return ServerProcess("served", args, env, "/health/ready", logs, timeout_s=300)
+    if baseline is None:
+        return ServerProcess("served", args, env, "/health/ready", logs, timeout_s=300)
+    env["TESSERA_BENCH_TREE"] = str(baseline.tree)
+    name = "served-baseline-" + re.sub(r"[^\w.-]", "_", baseline.rev)
+    return ServerProcess(name, args, env, "/health/ready", logs, timeout_s=300, cwd=baseline.tree)
+
+
+def has_stats(server: ServerProcess) -> bool:
+    """Whether the server answers served_app.py's stats route (not a front of TESSERA_WORKERS)."""
+    try:
+        answer = httpx.get(server.url + STATS, timeout=10)
+        return answer.status_code == 200 and isinstance(answer.json(), dict)
+    except (httpx.HTTPError, ValueError):
+        return False
 
 
 def naive_server(model_dir: Path, logs: Path) -> ServerProcess:
@@ -113,13 +156,15 @@ def _get(server: ServerProcess, path: str) -> dict[str, Any]:
 
 def served_stats(measurement: Measurement, model: str) -> Measurement:
     """The batches the served server formed during the timed requests, and its CPU per text."""
-    before, after = measurement.extra.pop("server_stats")
-    if "models" not in after:  # fronts and an engine (TESSERA_WORKERS): served_app's route is not theirs
+    stats = measurement.extra.pop("server_stats", None)
+    if not stats:  # no stats route (fronts and an engine, TESSERA_WORKERS): unavailable
         return measurement
-    counts = [after["models"][model][k] - before["models"][model][k] for k in ("batches", "items")]
-    measurement.extra["batches"], measurement.extra["items"] = counts
-    measurement.extra["mean_batch_size"] = round(counts[1] / counts[0], 2) if counts[0] else None
-    cpu = {k: ms_per(after["cpu_s"][k] - before["cpu_s"][k], measurement.texts) for k in after["cpu_s"]}
+    before, after = stats
+    if model in after.get("models", {}) and model in before.get("models", {}):  # not in some baselines' apps
+        counts = [after["models"][model][k] - before["models"][model][k] for k in ("batches", "items")]
+        measurement.extra["batches"], measurement.extra["items"] = counts
+        measurement.extra["mean_batch_size"] = round(counts[1] / counts[0], 2) if counts[0] else None
+    cpu = {k: ms_per(after["cpu_s"][k] - before["cpu_s"][k], measurement.texts) for k in after.get("cpu_s", {})}
     if cpu:
         cpu["total"] = round(sum(cpu.values()), 3)
         measurement.extra["server_cpu_ms_per_text"] = cpu
@@ -134,16 +179,25 @@ def naive_stats(measurement: Measurement) -> Measurement:
 
 
 def torch_threads(
-    offline: OfflineModel, served: ServerProcess, model: str, naive: ServerProcess | None = None
+    offline: OfflineModel,
+    served: ServerProcess,
+    model: str,
+    naive: ServerProcess | None = None,
+    baselines: dict[str, ServerProcess] | None = None,
 ) -> dict[str, int]:
     """torch's thread count where each method runs its forward passes (after warm-up).
 
     The served figure is what the serving lane last used: with two lanes busy, one each
-    (app/batching/threads.py); a lone request gets all of them.
+    (app/batching/threads.py); a lone request gets all of them. A baseline whose app
+    served_app.py cannot hook is left out.
     """
-    stats = _get(served, STATS)
     # With fronts and an engine (TESSERA_WORKERS), the route is not there: -1, unknown.
+    stats = _get(served, STATS) if has_stats(served) else {}
     threads = {"offline": offline.torch_threads, "served": stats.get("worker_torch_threads", {}).get(model, -1)}
+    for label, server in (baselines or {}).items():
+        found = (_get(server, STATS) if has_stats(server) else {}).get("worker_torch_threads", {}).get(model)
+        if found is not None:
+            threads[label] = found
     if naive is not None:
         threads["naive"] = _get(naive, "/health")["worker_torch_threads"]
     print(f"  torch threads on the threads that run the model: {threads}", flush=True)
@@ -173,6 +227,54 @@ def ratio(a: float, b: float) -> float | None:
 def check(label: str, value: float | None, target: float, op: str, unit: str = "x") -> dict[str, Any]:
     met = value is not None and (value >= target if op == ">=" else value <= target)
     return {"target": label, "value": value, "goal": f"{op} {target}{unit}", "met": met}
+
+
+def served_runner(
+    client: LoadClient, server: ServerProcess, label: str, route: str, bodies: list[dict[str, Any]], model: str
+) -> Callable[[int, int], Measurement]:
+    """A timed run of the first ``n`` bodies at a concurrency against one served server, with
+    its stats where it has the route (a baseline's app may not: then they are unavailable)."""
+    stats_path = STATS if has_stats(server) else None
+    if stats_path is None:
+        print(f"  {label}: no {STATS} route; its batches and server CPU are not reported", flush=True)
+
+    def run(n: int, concurrency: int) -> Measurement:
+        return served_stats(
+            client.drive(label, server.url, route, bodies[:n], concurrency, stats_path=stats_path), model
+        )
+
+    return run
+
+
+def baseline_servers(stack: contextlib.ExitStack, catalog: Path, work: Path) -> dict[str, ServerProcess]:
+    """Each --baseline commit served on the same catalog, next to this checkout's server."""
+    servers = {}
+    for baseline in BASELINES:
+        print(f"  starting {baseline.label} ({baseline.commit[:12]}) ...", flush=True)
+        servers[baseline.label] = stack.enter_context(served_server(catalog, work, baseline))
+    return servers
+
+
+def compare(results: dict[str, Measurement], concurrencies: list[int]) -> dict[str, Any]:
+    """Per concurrency: this checkout's served figures, each baseline's, and this/baseline."""
+    out: dict[str, Any] = {}
+    for baseline in BASELINES:
+        rows = out[baseline.rev] = {"commit": baseline.commit}
+        for c in concurrencies:
+            this, base = results[f"served c={c}"], results[f"{baseline.label} c={c}"]
+            figures: dict[str, Any] = {
+                "this": {"texts_per_s": round(this.throughput, 2)},
+                "baseline": {"texts_per_s": round(base.throughput, 2)},
+            }
+            figures["ratio"] = {"texts_per_s": ratio(this.throughput, base.throughput)}
+            for q in (50, 99):
+                mine, theirs = this.percentile_ms(q), base.percentile_ms(q)
+                figures["this"][f"p{q}_ms"] = None if mine is None else round(mine, 2)
+                figures["baseline"][f"p{q}_ms"] = None if theirs is None else round(theirs, 2)
+                figures["ratio"][f"p{q}_ms"] = None if mine is None or not theirs else ratio(mine, theirs)
+            figures["baseline_errors"] = base.errors
+            rows[f"c={c}"] = figures
+    return out
 
 
 def latency_check(served: Measurement, single: Measurement) -> dict[str, Any]:
@@ -230,24 +332,28 @@ def classification(sizes: Sizes, device: str, client: LoadClient, work: Path) ->
 
     with contextlib.ExitStack() as servers:
         served = servers.enter_context(served_server(catalog, work))
+        baselines = baseline_servers(servers, catalog, work)
         naive = None if cuda else servers.enter_context(naive_server(model_dir, work))
         print("  warming up ...", flush=True)
         offline.batched(texts[:128], 32)
         offline.lanes(texts[:128], 16, 2)
         offline.sequential(texts[:16])
-        client.drive("warm", served.url, "/classify", bodies[:128], 64)
+        runs = {"served": served_runner(client, served, "served", "/classify", bodies, "bench-clf")}
+        for label, server in baselines.items():
+            runs[label] = served_runner(client, server, label, "/classify", bodies, "bench-clf")
+        for server in (served, *baselines.values()):
+            client.drive("warm", server.url, "/classify", bodies[:128], 64)
 
-        def served_run(n: int, concurrency: int) -> Measurement:
-            run = client.drive("served", served.url, "/classify", bodies[:n], concurrency, stats_path=STATS)
-            return served_stats(run, "bench-clf")
-
+        # Each served server right after the other at one concurrency (every baseline beside this checkout).
         methods: dict[str, Callable[[], Measurement]] = {
             "offline batched (bs 32)": lambda: offline.batched(texts, 32),
             "offline 2 lanes (bs 16)": lambda: offline.lanes(texts, 16, 2, "offline lanes"),
-            "served c=64": lambda: served_run(len(texts), 64),
-            "offline single-item": lambda: offline.sequential(single),
-            "served c=1": lambda: served_run(len(single), 1),
         }
+        for label, run in runs.items():
+            methods[f"{label} c=64"] = functools.partial(run, len(texts), 64)
+        methods["offline single-item"] = lambda: offline.sequential(single)
+        for label, run in runs.items():
+            methods[f"{label} c=1"] = functools.partial(run, len(single), 1)
         if naive is not None:
             url = naive.url
             client.drive("warm", url, "/classify", naive_bodies[:128], 64)
@@ -258,7 +364,7 @@ def classification(sizes: Sizes, device: str, client: LoadClient, work: Path) ->
 
             methods["naive c=64"] = lambda: naive_run(len(texts), 64)
             methods["naive c=1"] = lambda: naive_run(len(single), 1)
-        threads = torch_threads(offline, served, "bench-clf", naive)
+        threads = torch_threads(offline, served, "bench-clf", naive, baselines)
         results = interleave(sizes.rounds, methods)
     offline.close()
 
@@ -276,7 +382,10 @@ def classification(sizes: Sizes, device: str, client: LoadClient, work: Path) ->
     model += ", offline: TorchScript forward" if offline.traced else ", offline: eager forward"
     if VARIANT.entry or VARIANT.env:
         model += f"; served variant {VARIANT.entry or ''} {VARIANT.env or ''}".rstrip()
-    return report("classification", model, threads, results, ratios, targets)
+    out = report("classification", model, threads, results, ratios, targets)
+    if BASELINES:
+        out["baselines"] = compare(results, [64, 1])
+    return out
 
 
 def seq2seq(sizes: Sizes, client: LoadClient, work: Path) -> dict[str, Any]:
@@ -296,27 +405,27 @@ def seq2seq(sizes: Sizes, client: LoadClient, work: Path) -> dict[str, Any]:
     offline = OfflineModel(model_dir, "seq2seq")
     offline.generation = dict(GENERATION)
 
-    with served_server(catalog, work) as served:
+    with contextlib.ExitStack() as servers:
+        served = servers.enter_context(served_server(catalog, work))
+        baselines = baseline_servers(servers, catalog, work)
         print("  warming up ...", flush=True)
         offline.batched(texts[:16], 16)
         offline.sequential(texts[:2])
-        client.drive("warm", served.url, "/translate", bodies[:32], 16, warmup=0)
+        for server in (served, *baselines.values()):
+            client.drive("warm", server.url, "/translate", bodies[:32], 16, warmup=0)
         offline.generated_tokens.clear()
-        threads = torch_threads(offline, served, "bench-marian")
+        threads = torch_threads(offline, served, "bench-marian", baselines=baselines)
+        runs = {"served": served_runner(client, served, "served", "/translate", bodies, "bench-marian")}
+        for label, server in baselines.items():
+            runs[label] = served_runner(client, server, label, "/translate", bodies, "bench-marian")
 
-        def served_run(n: int, concurrency: int) -> Measurement:
-            run = client.drive("served", served.url, "/translate", bodies[:n], concurrency, stats_path=STATS)
-            return served_stats(run, "bench-marian")
-
-        results = interleave(
-            sizes.rounds,
-            {
-                "offline batched (bs 16)": lambda: offline.batched(texts, 16),
-                "served c=16": lambda: served_run(len(texts), 16),
-                "sequential generate": lambda: offline.sequential(single, "sequential generate"),
-                "served c=1": lambda: served_run(len(single), 1),
-            },
-        )
+        methods: dict[str, Callable[[], Measurement]] = {"offline batched (bs 16)": lambda: offline.batched(texts, 16)}
+        for label, run in runs.items():
+            methods[f"{label} c=16"] = functools.partial(run, len(texts), 16)
+        methods["sequential generate"] = lambda: offline.sequential(single, "sequential generate")
+        for label, run in runs.items():
+            methods[f"{label} c=1"] = functools.partial(run, len(single), 1)
+        results = interleave(sizes.rounds, methods)
     offline.close()
 
     off, srv16 = results["offline batched (bs 16)"], results["served c=16"]
@@ -336,6 +445,8 @@ def seq2seq(sizes: Sizes, client: LoadClient, work: Path) -> dict[str, Any]:
         **GENERATION,
         "offline_generated_tokens_per_text": sorted(set(offline.generated_tokens)),
     }
+    if BASELINES:
+        out["baselines"] = compare(results, [16, 1])
     return out
 
 
@@ -344,15 +455,18 @@ def seq2seq(sizes: Sizes, client: LoadClient, work: Path) -> dict[str, Any]:
 
 def print_report(out: dict[str, Any]) -> None:
     print(f"\n== {out['scenario']}: {out['model']} (torch threads {out['torch_threads']})")
+    width = max(26, *(len(label) + 2 for label in out["methods"]))
     heads = ("texts", "texts/s", "p50 ms", "p95 ms", "p99 ms", "batch", "errors")
-    print(f"{'method':<26}" + "".join(f"{h:>9}" for h in heads))
+    print(f"{'method':<{width}}" + "".join(f"{h:>9}" for h in heads))
     for label, m in out["methods"].items():
         cells = [m["texts"], m["texts_per_s"], m["p50_ms"], m["p95_ms"], m["p99_ms"]]
         cells += [m["extra"].get("mean_batch_size"), m["errors"]]
-        print(f"{label:<26}" + "".join(f"{_cell(c):>9}" for c in cells))
+        print(f"{label:<{width}}" + "".join(f"{_cell(c):>9}" for c in cells))
         if m["extra"].get("first_error"):
             print(f"    first error: {m['extra']['first_error']}")
-    print_cpu(out["methods"])
+    print_cpu(out["methods"], width)
+    if "baselines" in out:
+        print_baselines(out["baselines"], width)
     for key, value in out["ratios"].items():
         print(f"  {key}: {value}")
     for t in out["targets"]:
@@ -361,12 +475,27 @@ def print_report(out: dict[str, Any]) -> None:
         print(f"  generation: {out['generation']}")
 
 
-def print_cpu(methods: dict[str, Any]) -> None:
+def print_baselines(baselines: dict[str, Any], width: int) -> None:
+    """Served figures per concurrency: this checkout, each baseline, and this/baseline (texts/s
+    above 1 and latency below 1: this checkout is faster)."""
+    keys = ("texts_per_s", "p50_ms", "p99_ms")
+    print(f"{'served: this vs baseline':<{width}}" + "".join(f"{h:>9}" for h in ("texts/s", "p50 ms", "p99 ms")))
+    first = next(iter(baselines.values()))
+    for c in [key for key in first if key.startswith("c=")]:
+        print(f"{'this checkout ' + c:<{width}}" + "".join(f"{_cell(first[c]['this'][k]):>9}" for k in keys))
+        for rev, rows in baselines.items():
+            print(
+                f"{'baseline ' + rev + ' ' + c:<{width}}" + "".join(f"{_cell(rows[c]['baseline'][k]):>9}" for k in keys)
+            )
+            print(f"{'  this/' + rev:<{width}}" + "".join(f"{_cell(rows[c]['ratio'][k], 3):>9}" for k in keys))
+
+
+def print_cpu(methods: dict[str, Any], width: int = 26) -> None:
     """CPU milliseconds per text, by where they were spent, and how busy the single-threaded
     parts were (% of one core): near 100%, the event loop or the client is the bottleneck."""
     columns = ("event_loop", "batcher", "native_pools", "python_threads", "total")
     heads = ("loop", "batcher", "native", "py-thr", "server", "client", "in-proc", "loop%", "client%")
-    print(f"{'CPU ms per text':<26}" + "".join(f"{h:>9}" for h in heads))
+    print(f"{'CPU ms per text':<{width}}" + "".join(f"{h:>9}" for h in heads))
     for label, m in methods.items():
         server = m["extra"].get("server_cpu_ms_per_text", {})
         cells = [server.get(c) for c in columns]
@@ -374,7 +503,7 @@ def print_cpu(methods: dict[str, Any]) -> None:
         busy = m["extra"].get("core_busy", {})
         shares = [busy.get("event_loop"), busy.get("client")]
         print(
-            f"{label:<26}"
+            f"{label:<{width}}"
             + "".join(f"{_cell(c, 2):>9}" for c in cells)
             + "".join(f"{_cell(None if s is None else 100 * s, 0):>9}" for s in shares)
         )
@@ -418,6 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-cpus", type=cpu_list, help="pin the load client elsewhere, e.g. 2-5")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
     parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="REV",
+        help="also serve this commit (repeatable) from a git worktree, in the same rounds, e.g. 4c6ba77",
+    )
+    parser.add_argument(
         "--served-entry",
         action="append",
         default=[],
@@ -432,6 +568,14 @@ def main(argv: list[str] | None = None) -> int:
         help="an environment variable for the served server, e.g. TESSERA_LANES_PER_MODEL=1",
     )
     args = parser.parse_args(argv)
+    commits = {}
+    for rev in args.baseline:
+        found = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True, text=True
+        )
+        if found.returncode != 0:
+            parser.error(f"--baseline {rev}: not a commit of {ROOT}")
+        commits[rev] = found.stdout.strip()
     for option in args.served_entry:
         key, _, value = option.partition("=")
         VARIANT.entry[key] = yaml.safe_load(value)
@@ -472,8 +616,13 @@ def main(argv: list[str] | None = None) -> int:
     reports = []
     client = LoadClient(args.client_cpus)
     try:
-        with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp:
-            work = Path(tmp)
+        with contextlib.ExitStack() as stack:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tessera-bench-")))
+            if {"classification", "seq2seq"} & set(scenarios):
+                # Worktrees (bench/ceiling.py's): each baseline's app/ is served from its own tree.
+                BASELINES.extend(
+                    Baseline(rev, commits[rev], stack.enter_context(ceiling.checkout(rev))) for rev in commits
+                )
             for name in scenarios:
                 scenario_started = time.monotonic()
                 if name == "ceiling":
@@ -487,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                             str(sizes.rounds),
                             "--out",
                             str(ceiling_out),
+                            *[option for rev in args.baseline for option in ("--baseline", rev)],
                         ]
                     )
                     reports.append({"scenario": "ceiling", "ways": json.loads(ceiling_out.read_text())})
@@ -516,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "total_seconds": total,
+            "commit": subprocess.run(
+                ["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip(),
+            "baselines": commits,
         },
         "served_variant": {"entry": VARIANT.entry, "env": VARIANT.env},
         "scenarios": {r["scenario"]: r for r in reports},

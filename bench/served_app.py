@@ -11,6 +11,11 @@ count on the thread that runs each model's forward passes (the batcher's worker,
 which torch may size differently from the main thread): the registry's
 ``build_runner`` is wrapped so that each runner's ``infer`` records it, one C call
 per batch.
+
+``TESSERA_BENCH_TREE`` serves another checkout's app/ (bench/run.py --baseline: a git
+worktree of another commit) instead of this one's. That app may predate this script:
+each hook is installed only where the names it wraps exist, and the route reports only
+what that app has (no ``models`` where its registry has no batcher counters).
 """
 
 from __future__ import annotations
@@ -21,29 +26,33 @@ import threading
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.environ.get("TESSERA_BENCH_TREE") or str(Path(__file__).resolve().parents[1]))
 
 import torch
 from fastapi import FastAPI, Request
 
 import app.main as tessera_main
-import app.registry.registry as tessera_registry
 from app.__main__ import main
 
-_create_app = tessera_main.create_app
-_build_runner = tessera_registry.build_runner
+try:
+    import app.registry.registry as tessera_registry
+except ImportError:  # an app of another layout (TESSERA_BENCH_TREE): no thread counts
+    tessera_registry = None  # type: ignore[assignment]
+
+_create_app = getattr(tessera_main, "create_app", None)
+_build_runner = getattr(tessera_registry, "build_runner", None)
 worker_torch_threads: dict[str, int] = {}
 
 
-def build_runner_noting_threads(entry: Any, path: Path) -> Any:
-    runner = _build_runner(entry, path)
+def build_runner_noting_threads(entry: Any, *args: Any, **kwargs: Any) -> Any:
+    runner = _build_runner(entry, *args, **kwargs)  # type: ignore[misc]
     infer = runner.infer
 
-    def infer_noting_threads(payloads: Any, encoded: Any, wanted: Any = None) -> Any:
+    def infer_noting_threads(*args: Any, **kwargs: Any) -> Any:  # (payloads, encoded[, wanted])
         worker_torch_threads[entry.name] = torch.get_num_threads()
-        return infer(payloads, encoded, wanted)
+        return infer(*args, **kwargs)
 
-    runner.infer = infer_noting_threads  # type: ignore[method-assign]
+    runner.infer = infer_noting_threads
     return runner
 
 
@@ -76,28 +85,29 @@ def thread_cpu_seconds() -> dict[str, float]:
 
 
 def create_app_with_stats(settings: Any = None, **options: Any) -> FastAPI:
-    application = _create_app(settings, **options)  # whatever create_app takes besides settings
+    application = _create_app(settings, **options)  # type: ignore[misc]  # whatever it takes besides settings
 
     @application.get("/bench/stats", include_in_schema=False)
     async def stats(request: Request) -> dict[str, Any]:
-        registry = request.app.state.registry
-        models = {
-            slot.entry.name: {"batches": slot.batcher.batches, "items": slot.batcher.items}
-            for slot in registry.slots()
-            if slot.batcher is not None
-        }
-        return {
-            "torch_threads": torch.get_num_threads(),
-            "worker_torch_threads": worker_torch_threads,
-            "models": models,
-            "cpu_s": thread_cpu_seconds(),
-        }
+        out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "worker_torch_threads": worker_torch_threads}
+        try:
+            out["models"] = {
+                slot.entry.name: {"batches": slot.batcher.batches, "items": slot.batcher.items}
+                for slot in request.app.state.registry.slots()
+                if slot.batcher is not None
+            }
+        except AttributeError as exc:  # another commit's registry (TESSERA_BENCH_TREE)
+            out["models_unavailable"] = repr(exc)
+        out["cpu_s"] = thread_cpu_seconds()
+        return out
 
     return application
 
 
 if __name__ == "__main__":
     # app.serving imports create_app from app.main when `serve` first imports it, so it finds this one.
-    tessera_main.create_app = create_app_with_stats
-    tessera_registry.build_runner = build_runner_noting_threads
+    if _create_app is not None:
+        tessera_main.create_app = create_app_with_stats
+    if _build_runner is not None:
+        tessera_registry.build_runner = build_runner_noting_threads
     sys.exit(main(["serve", *sys.argv[1:]]))
