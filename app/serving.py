@@ -3,7 +3,9 @@ server that drains on SIGTERM and exits 0.
 
 The knobs belong to the process, not the app, so they are turned here, where the process
 is ours: the garbage collector's (app/heap.py: the long-lived heap frozen after start-up
-and after each model load or unload, young collections spaced out while serving), the
+and after each model load or unload, young collections spaced out while serving), glibc
+malloc's free pages (app/heap.py: handed back when the process goes quiet, so that
+tensors of varied shapes do not pile up as fragments; a process that runs models only), the
 tokenizers' own thread pool (off: the lanes already tokenize in parallel, and waking the
 pool for every small batch cost 3 % of throughput in-process at c=64, bench/batcher_only.py)
 and torch's thread count (TESSERA_TORCH_THREADS).

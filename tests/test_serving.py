@@ -171,3 +171,18 @@ def test_the_server_speaks_http_through_the_gathering_protocol(
     settings = make_settings()
     serving.run(serving.build(settings), settings)
     assert seen == [HttpProtocol]
+
+
+def test_a_process_that_runs_models_trims_malloc_once_quiet() -> None:
+    """glibc's free pages go back when the process goes quiet (app/heap.py): one thread per process."""
+    import ctypes
+    import threading
+
+    from app import heap
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim  # noqa: B018
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    assert heap.trim_when_quiet() and heap.trim_when_quiet()
+    assert [t.name for t in threading.enumerate()].count("malloc-trim") == 1

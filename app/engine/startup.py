@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Callable
 
+from app import heap
 from app.catalog import Catalog
 from app.config import Settings
 from app.engine.core import EngineCore
@@ -24,6 +25,7 @@ def tune_process(settings: Settings) -> None:
     import torch  # here, not above: a front process runs no model and imports no torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    heap.trim_when_quiet()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
 
