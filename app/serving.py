@@ -38,7 +38,6 @@ from app.cluster import ReplicaAgent
 from app.config import Settings
 from app.engine.processes import listening_socket
 from app.engine.startup import tune_process
-from app.http_protocol import HttpProtocol
 from app.main import Front, create_app
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,6 @@ def run(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = 
         port=settings.port,
         log_config=None,
         access_log=False,
-        http=HttpProtocol,  # one write per response, disconnects told at once (app/http_protocol.py)
     )
     with heap.young_collections_spaced_out():
         DrainingServer(config, app.state.drain, settings.drain_timeout_s).run(sockets=sockets)

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("registry", ("app.registry", "app.metrics")),
     ("engine", ("app.engine",)),
     ("service", ("app.service",)),
-    ("api", ("app.api", "app.http_protocol")),
+    ("api", ("app.api",)),
     ("entry points", ("app.main", "app.serving", "app.logs", "app.cluster", "app.ray_serve", "app.relay")),
     ("command line", ("app.__main__",)),
 ]

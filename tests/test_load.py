@@ -18,7 +18,6 @@ import pytest
 from fastapi import FastAPI
 
 import app.batching.batcher as batcher_module
-from app.http_protocol import HttpProtocol
 from tests.conftest import core_of, running, serve
 
 pytestmark = pytest.mark.anyio
@@ -219,14 +218,12 @@ async def test_a_thousand_concurrent_mixed_requests_are_all_answered_correctly(
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("http", ["auto", HttpProtocol], ids=["uvicorn's protocol", "tessera's protocol"])
 def test_a_client_that_hangs_up_over_a_real_socket_has_its_queued_work_dropped(
-    app_factory: Callable[..., FastAPI], http: Any, caplog: pytest.LogCaptureFixture
+    app_factory: Callable[..., FastAPI], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # uvicorn's own protocol: the route's watcher hears the disconnect; Tessera's: the server
-    # cancels the route itself (app/http_protocol.py).
+    # The route's watcher hears the disconnect from the server and cancels the request.
     app = app_factory(lanes_per_model=1)
-    with running(app, http) as url:
+    with running(app) as url:
         httpx.post(f"{url}/models/bert-clf/load", timeout=60)
         port = int(url.rsplit(":", 1)[1])
         with held(app, "bert-clf") as (gate, seen):

@@ -5,14 +5,13 @@ access log and the metrics (app/api/middleware.py)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
 
 from app.api.errors import ClientLeft, error_responses
 from app.api.security import tenant_of
-from app.http_protocol import ON_DISCONNECT
 from app.registry.slots import Models
 from app.service.requests import Answer
 from app.service.service import InferenceService
@@ -51,23 +50,15 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     assert request_task is not None
     left = False
 
-    def leave() -> None:
+    async def watch() -> None:
         nonlocal left
+        # The body has been read: what the server says next is that the client left.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
         left = True
         request_task.cancel()  # the client is gone: so is its work
 
-    told: list[Callable[[], Any]] | None = request.scope.get("extensions", {}).get(ON_DISCONNECT)
-    watcher: asyncio.Task[None] | None = None
-    if told is not None:  # Tessera's own server calls us when the client leaves: no watcher
-        told.append(leave)
-    else:
-
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            leave()
-
-        watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(watch())
     try:
         return await work
     except asyncio.CancelledError:
@@ -76,7 +67,4 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         request_task.uncancel()
         raise ClientLeft() from None
     finally:
-        if told is not None:
-            told.remove(leave)
-        if watcher is not None:
-            watcher.cancel()
+        watcher.cancel()
