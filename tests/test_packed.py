@@ -20,10 +20,9 @@ from transformers import (
     pipeline,
 )
 
-import app.runners.traced as traced_module
 from app.catalog import TextClassificationEntry
 from app.runners.classification import ClassificationRunner
-from app.runners.forward import PACKED_PADDING_SLACK, attention_width, encoder_forward
+from app.runners.forward import encoder_forward
 from app.runners.packed import PackedEncoder, packable
 from app.runners.tokens import pad_rows
 from tests.conftest import core_of, serve
@@ -112,63 +111,6 @@ def test_ragged_batches_run_packed_and_even_ones_padded(tiny_models: dict[str, P
     assert calls == [len(RAGGED)]  # only the ragged batch ran packed
 
 
-def test_packed_batches_widen_to_where_attention_is_fast() -> None:
-    # torch's CPU attention runs a multiple of 16 keys about twice as fast as one key fewer.
-    assert [attention_width(w) for w in (1, 9, 16, 17, 21, 22, 47, 48, 53, 54, 64)] == [
-        16, 16, 16, 17, 21, 32, 48, 48, 53, 64, 64,
-    ]  # fmt: skip
-
-
-@pytest.mark.parametrize(("name", "kind", "output"), [
-    ("bert-clf", AutoModelForSequenceClassification, "logits"),
-    ("bert-embed", AutoModel, "last_hidden_state"),
-])  # fmt: skip
-def test_a_widened_packed_batch_gives_the_models_outputs_at_its_own_width(
-    tiny_models: dict[str, Path], name: str, kind: Any, output: str
-) -> None:
-    model = load(kind, tiny_models[name])
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models[name]))
-    forward = encoder_forward(model, output, tokenizer, f"test-{name}-widened", None)
-    assert forward.packed
-    widths: list[int] = []
-    packed = forward._packed
-
-    def recording(**batch: torch.Tensor) -> Any:
-        widths.append(batch["attention_mask"].shape[1])
-        return packed(**batch)
-
-    forward._packed = recording
-    batch = ragged_batch(model.config.vocab_size, (23, 4, 11))
-    with torch.inference_mode():
-        got, want = forward(batch), model(**batch)[output]
-    assert widths == [32]  # 23 tokens run as 32
-    assert got.shape == want.shape
-    if output == "last_hidden_state":
-        real = batch["attention_mask"].unsqueeze(-1).bool()
-        got, want = got.masked_select(real), want.masked_select(real)
-    assert torch.allclose(got, want, atol=1e-5)
-
-
-def test_a_packed_forward_that_disagrees_with_the_model_is_not_used(
-    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model = load(AutoModelForSequenceClassification, tiny_models["bert-clf"])
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert-clf"]))
-    monkeypatch.setattr(traced_module, "_traces", {})
-    right = PackedEncoder.forward
-
-    def off_by_a_little(self: PackedEncoder, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        return {k: v + 1e-3 for k, v in right(self, *args, **kwargs).items()}
-
-    monkeypatch.setattr(PackedEncoder, "forward", off_by_a_little)
-    for torchscript in (True, False):
-        forward = encoder_forward(model, "logits", tokenizer, "test-bert-wrong", torchscript)
-        assert not forward.packed
-        batch = ragged_batch(model.config.vocab_size, RAGGED)
-        with torch.inference_mode():
-            assert torch.allclose(forward(batch), model(**batch).logits, atol=1e-5)
-
-
 @pytest.mark.anyio
 async def test_served_ragged_inputs_match_the_transformers_pipeline(
     app_factory: Callable[..., FastAPI], tiny_models: dict[str, Path]
@@ -179,8 +121,7 @@ async def test_served_ragged_inputs_match_the_transformers_pipeline(
     async with serve(app) as client:
         served = (await client.post("/classify", json=body)).json()["results"]
         slot = core_of(app).registry.slot("bert-clf")
-        assert slot.runner.forward.packed and slot.runner.padding_slack == PACKED_PADDING_SLACK
-        assert slot.batcher.padding_slack == PACKED_PADDING_SLACK
+        assert slot.runner.forward.packed
     reference = pipeline("text-classification", model=str(tiny_models["bert-clf"]), top_k=None)
     for got, want in zip(served, reference(texts), strict=True):
         assert [x["label"] for x in got] == [y["label"] for y in want]

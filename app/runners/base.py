@@ -91,7 +91,7 @@ class Runner(ABC):
     @property
     def padding_slack(self) -> int:
         """Tokens a batch may stretch past its shortest input: what its forward makes pay."""
-        return self.forward.padding_slack if self.forward is not None else PADDING_SLACK
+        return PADDING_SLACK
 
     def close(self) -> None:
         """Drop the weights (and whatever holds them) so that unloading really frees memory.

@@ -1,10 +1,11 @@
 """Which forward pass an encoder model runs, chosen in one place: eager, a TorchScript trace,
 or packed batches (app/runners/packed.py), each faster one kept only where it matches the
-eager model at load (app/runners/traced.py); the width a packed batch runs at; and the
-padding slack that pays for each, which the batcher forms batches with.
+eager model at load (app/runners/traced.py); and the padding slack the batcher forms
+batches with (``Runner.padding_slack``).
 
-Each runner declares its forward (``Runner.forward``); the registry reads the runner's
-``padding_slack`` when it starts the model's batcher.
+A packed model's wider slack (12 tokens) and its batches widened to a multiple of 16 keys
+were dropped in issue 24: re-measured side by side (bench/run.py, MiniLM, c=64, 5 rounds)
+at 1.01x and 1.00x, inside the spread (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import app.runners.onnx_runtime as onnx
 from app.runners.packed import PackedEncoder, packable
@@ -25,21 +25,8 @@ log = logging.getLogger(__name__)
 # How far past its shortest input a batch may stretch, in tokens, whatever the padding
 # ratio says: padded tokens cost as much as real ones in a padded forward.
 PADDING_SLACK = 4
-# With a packed forward, padding costs only in attention; a wider slack lets short inputs
-# form larger batches (in-process at c=64, 12 tokens: 3 % more texts/s than 4; 24 or no
-# limit at all: less, as attention's padding grows).
-PACKED_PADDING_SLACK = 12
-
 # Padded tokens over real ones above which a batch runs packed rather than padded.
 PACK_ABOVE = 1.04
-
-# torch's CPU attention kernel runs a multiple of 16 keys fast and each key past it slowly:
-# 12 rows x 12 heads of 32 (MiniLM), 1 thread: 48 keys 0.87 ms, 53 keys 1.42 ms, 63 keys
-# 2.58 ms, 64 keys 1.32 ms (heads of 64, bert-base: 48 0.87, 53 1.29, 63 2.02, 64 1.42;
-# bench/attention_width.py prints the whole range).
-# A packed batch, where only attention sees padding, is therefore widened to the next
-# multiple of 16 unless it is at most WIDEN_PAST tokens past one.
-WIDEN_PAST = 5
 
 
 class EncoderForward:
@@ -86,11 +73,6 @@ class EncoderForward:
     def packed(self) -> bool:
         return self._packed is not None
 
-    @property
-    def padding_slack(self) -> int:
-        """Tokens a batch may stretch past its shortest input (see PACKED_PADDING_SLACK)."""
-        return PACKED_PADDING_SLACK if self.packed else PADDING_SLACK
-
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if batch.keys() == self._keys:
             if self._session is not None:
@@ -103,12 +85,8 @@ class EncoderForward:
         return getattr(self.model(**batch), self.output)
 
     def _run_packed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        width = batch["attention_mask"].shape[1]
-        extra = attention_width(width) - width
-        if extra:
-            batch = {k: F.pad(v, (0, extra)) for k, v in batch.items()}  # masked out, like any padding
         output: torch.Tensor = self._packed(**batch)[self.output]
-        return output[:, :width] if self.output == "last_hidden_state" else output
+        return output
 
     def release(self) -> None:
         """Detach the kept traces from these weights, so that dropping the model frees them."""
@@ -117,14 +95,6 @@ class EncoderForward:
                 detach(kept)
         self._traced = self._packed = self._session = None
         self.model = None
-
-
-def attention_width(width: int) -> int:
-    """The width a packed batch of ``width`` tokens runs at (see ``WIDEN_PAST``)."""
-    past = width % 16
-    if past == 0 or (width > 16 and past <= WIDEN_PAST):
-        return width
-    return width + 16 - past
 
 
 def encoder_forward(
