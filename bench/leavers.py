@@ -7,10 +7,11 @@ Serves the benchmark's opus-mt-en-de-sized Marian (random weights) with ``python
 serve`` in each layout (one process, and one front with an engine), then sends a storm of
 ``/translate`` requests (4 inputs each, 48 new tokens) from clients that give up after
 ``--patience`` seconds, as clients with timeouts do under load. Once every client has
-left, it prints the model's queue depth at once and the inputs the model computed from
-then on (``tessera_batch_size_sum``, read from /metrics, until the queue is empty and a
-second passes with no batch): a server that drops a gone client's work reads 0 and 0,
-give or take the one batch running when the last client left.
+left, it prints the model's queue depth then, how long until the queue is empty, and the
+inputs the model computed from then on (``tessera_batch_size_sum``, read from /metrics,
+until the queue is empty and a second passes with no batch): a server that drops a gone
+client's work empties its queue at once (the requests' cancellations arrive as the
+clients' connections close) and computes nothing more but the batch that was running.
 """
 
 from __future__ import annotations
@@ -75,16 +76,21 @@ def measure(name: str, env: dict[str, str], cwd: Path, catalog: Path, work: Path
         gone = asyncio.run(storm(server.url, texts, args.requests, args.concurrency, args.patience))
         depth = http.get(f"/models/{MODEL}").json()["queue_depth"]  # as the last client left
         at_leave = computed(http.get("/metrics").text)
-        started, last, quiet_since = time.monotonic(), at_leave, time.monotonic()
-        while time.monotonic() - quiet_since < 1.0 and time.monotonic() - started < 120:
-            time.sleep(0.1)
+        started = time.monotonic()
+        last, quiet_since, empty_at = at_leave, started, None
+        while time.monotonic() - started < 120:
+            now_depth = http.get(f"/models/{MODEL}").json()["queue_depth"]
             now = computed(http.get("/metrics").text)
             if now != last:
                 last, quiet_since = now, time.monotonic()
-        empty_after = quiet_since - started
+            if now_depth == 0 and empty_at is None:
+                empty_at = time.monotonic() - started
+            if empty_at is not None and time.monotonic() - quiet_since >= 1.0:
+                break
+            time.sleep(0.05)
+        empty = f"{empty_at:.2f} s" if empty_at is not None else "not in 120 s"
     return (
-        f"| {name} | {gone} of {args.requests} | {depth} | {last - at_leave:.0f} | {empty_after:.1f} s "
-        f"| {at_leave - before:.0f} |"
+        f"| {name} | {gone} of {args.requests} | {depth} | {empty} | {last - at_leave:.0f} | {at_leave - before:.0f} |"
     )
 
 
