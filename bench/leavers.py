@@ -128,8 +128,8 @@ def main() -> int:
                 rows.append(measure(f"{code}, {layout}", env, tree, catalog, work, args))
                 print(rows[-1], flush=True)
     print(
-        "\n| server | clients that gave up | queue depth as the last left | inputs computed after | "
-        "computing until | inputs computed during the storm |"
+        "\n| server | clients that gave up | queue depth as the last left | queue empty after | "
+        "inputs computed after | inputs computed during the storm |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
