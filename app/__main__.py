@@ -7,22 +7,29 @@ import argparse
 import os
 import sys
 
-from app.catalog import CatalogError, load_catalog
+from app.catalog import CatalogError
 from app.config import Settings
 from app.errors import ModelUnavailable
 from app.logs import configure_logging
+from app.registry.inferred import catalog_of
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.model:  # the processes this one starts read them from the environment too
+        os.environ["TESSERA_MODELS"] = ",".join(args.model)
+    if args.task:
+        os.environ["TESSERA_TASK"] = args.task
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_format, settings.log_level)
+    try:
+        catalog = catalog_of(settings)  # a bad catalog, or a model it cannot serve, stops here
+    except CatalogError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if settings.models:
+        print(f"serving {', '.join(f'{m.name} ({m.task})' for m in catalog.models)}", file=sys.stderr)
     if settings.front_processes:  # fronts and an engine (app/engine/processes.py)
-        try:
-            load_catalog(settings.catalog)  # a bad catalog stops here, not in every child
-        except CatalogError as exc:
-            print(exc, file=sys.stderr)
-            return 2
         from app.engine.processes import supervise
 
         return supervise(settings)
@@ -60,7 +67,7 @@ def download(args: argparse.Namespace) -> int:
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
     try:
-        catalog = load_catalog(settings.catalog)
+        catalog = catalog_of(settings)
     except CatalogError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -110,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("serve", help="run the HTTP server (settings: TESSERA_* environment)")
     run.add_argument("--host", default=None)
     run.add_argument("--port", type=int, default=None)
+    run.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME_OR_PATH",
+        help="serve this hub id or local model directory instead of the catalog (repeatable)",
+    )
+    run.add_argument("--task", help="the models' task, where their config cannot tell (e.g. text-classification)")
     run.set_defaults(func=serve)
     fetch = commands.add_parser("download", help="download catalog hub models into the HF cache")
     fetch.add_argument("names", nargs="*", help="catalog names (default: every hub model)")

@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TESSERA_", env_file=".env", extra="ignore")
 
     catalog: Path = Field(DEFAULT_CATALOG, description="Path of the model catalog (YAML or TOML).")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models to serve instead of the catalog (comma-separated hub ids or local directories; "
+        "`python -m app serve --model`), each task read from the model's config (app/registry/inferred.py).",
+    )
+    task: str | None = Field(None, description="The task of every model in `models`, where its config cannot tell.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     hub: Literal["auto", "online", "offline"] = Field(
@@ -137,7 +143,7 @@ class Settings(BaseSettings):
         cores = available_cores()
         return 0 if cores < 2 else max(1, cores // 4)
 
-    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", "models", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):

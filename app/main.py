@@ -26,12 +26,12 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import build_openapi
 from app.api.security import BodySizeLimit, Keys, require_api_key
-from app.catalog import load_catalog
 from app.cluster import ReplicaAgent
 from app.config import Settings
 from app.engine.client import InprocClient
 from app.engine.zmq_client import ZmqClient
 from app.metrics import Metrics
+from app.registry.inferred import catalog_of
 from app.service.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def create_app(
     ``engine`` makes it a front process (app/engine): the models live in the engine process
     at that address, and /metrics answers for every process."""
     settings = settings or Settings()
-    catalog = load_catalog(settings.catalog)
+    catalog = catalog_of(settings)
 
     def own_metrics() -> bytes:
         """This process's exposition (a front's, a replica's, or the whole server's)."""

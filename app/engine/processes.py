@@ -98,13 +98,13 @@ async def serve_engine(
     ``on_models_changed`` is the process's garbage collector's (app/heap.py)."""
     from prometheus_client import generate_latest
 
-    from app.catalog import load_catalog
     from app.engine.server import EngineServer  # at run time too, in the engine alone
     from app.engine.startup import open_engine
     from app.metrics import Metrics, merge_expositions
+    from app.registry.inferred import catalog_of
 
     metrics = Metrics()
-    core = await open_engine(settings, load_catalog(settings.catalog), metrics, on_models_changed)
+    core = await open_engine(settings, catalog_of(settings), metrics, on_models_changed)
     server = EngineServer(
         core,
         address,
