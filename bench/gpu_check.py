@@ -25,12 +25,13 @@ stack its image lacks (the run tool carries it: ``carry: [".whl"]``, timeout_s 6
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH && \
         PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --device cuda 2>&1 | tee $OUT/gpu_check.log
 
-About 3-5 minutes there. ``--device cpu --quick`` is the dry run of the same code on tiny
-models (tests/test_gpu_check.py runs it in ``make test``): float32 served vs offline, the
-fp16/bf16 rows skipped, the out-of-memory requests sent without the memory taken (no OOM
-on a CPU: "GPU only"), the budget check whole. Exit status 1 when a mechanism fails (an
-answer other than 200, no split on OOM, a wrong eviction, a server that does not start);
-ratios below their target are reported, not failures.
+Not yet run on a GPU: an estimate is 3-5 minutes there. ``--device cpu --quick`` is the
+dry run of the same code on tiny models (tests/test_gpu_check.py runs it in ``make
+test``): float32 served vs offline, the fp16/bf16 rows skipped, the out-of-memory
+requests sent without the memory taken (no OOM on a CPU: "GPU only"), the budget check
+whole. Exit status 1 when a mechanism fails (an answer other than 200, no split on OOM, a
+wrong eviction, a server that does not start); ratios below their target are reported,
+not failures.
 """
 
 from __future__ import annotations
