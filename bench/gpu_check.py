@@ -136,7 +136,15 @@ def gpu_memory_taken(device: str, headroom_gib: float) -> Iterator[str]:
         return
     free, total = torch.cuda.mem_get_info()
     taken = max(0, free - int(headroom_gib * 2**30))
-    filler = torch.empty(taken, dtype=torch.uint8, device="cuda")
+    for _ in range(4):  # one block that large may not be had at once: a little less, then
+        try:
+            filler = torch.empty(taken, dtype=torch.uint8, device="cuda")
+            break
+        except torch.OutOfMemoryError:
+            taken = max(0, taken - 2**28)
+    else:
+        filler = None
+        taken = 0
     try:
         yield f"{(free - taken) / 2**30:.1f} of {total / 2**30:.0f} GiB left free"
     finally:
