@@ -128,8 +128,9 @@ def reference(url: str) -> dict[tuple[str, str], Any]:
 Result = tuple[str, str, int, Any, int]  # route, text, status, body, attempts the gateway made
 
 
-async def mixed_load(url: str, n: int, concurrency: int) -> list[Result]:
-    """n requests, alternating /classify and /embed over TEXTS, at most ``concurrency`` at once."""
+async def mixed_load(url: str, n: int, concurrency: int, answered: list[int] | None = None) -> list[Result]:
+    """n requests, alternating /classify and /embed over TEXTS, at most ``concurrency`` at once;
+    ``answered[0]`` counts the answers as they come."""
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
@@ -138,6 +139,8 @@ async def mixed_load(url: str, n: int, concurrency: int) -> list[Result]:
             route, text = ("/classify", "/embed")[i % 2], TEXTS[i % len(TEXTS)]
             async with gate:
                 r = await c.post(route, json={"inputs": text})
+            if answered is not None:
+                answered[0] += 1
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
             return route, text, r.status_code, body, int(r.headers.get("x-tessera-attempts", 1))
 
@@ -160,7 +163,10 @@ class Background:
 
     def __init__(self, url: str, n: int, concurrency: int) -> None:
         self.results: list[Result] = []
-        self.thread = threading.Thread(target=lambda: self.results.extend(asyncio.run(mixed_load(url, n, concurrency))))
+        self.answered = [0]
+        self.thread = threading.Thread(
+            target=lambda: self.results.extend(asyncio.run(mixed_load(url, n, concurrency, self.answered)))
+        )
 
     def __enter__(self) -> Background:
         self.thread.start()
@@ -220,7 +226,10 @@ def test_a_replica_killed_under_load_fails_no_request(cluster_url: str) -> None:
     expected = reference(cluster_url)
     victim = replicas()[0]
     with Background(cluster_url, 400, 8) as load:
-        time.sleep(1.5)
+        # Once answers flow (a slow machine takes a while), both replicas hold requests.
+        deadline = time.monotonic() + 120
+        while load.answered[0] < 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
         os.kill(victim.pid, signal.SIGKILL)  # a crash: no drain, the requests it holds are lost with it
     assert_all_correct(load.results, expected)
     # The requests the dead replica held were answered by the other one, on the gateway's retry.

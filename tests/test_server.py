@@ -48,6 +48,7 @@ def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(ser
         "inputs": ["hello there"] * 4,
         "model": "marian-en-de",
         "parameters": {"max_new_tokens": 600, "min_length": 600, "num_beams": 2},
+        "timeout_s": 170,  # past the default 60 s on a busy machine
     }
     with ThreadPoolExecutor(3) as pool:
         in_flight = [pool.submit(httpx.post, f"{base}/translate", json=slow, timeout=180) for _ in range(3)]

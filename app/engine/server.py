@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # States go to every front this often, and at once after a change
 TICK_S = 0.2  # how often the engine looks for a change of state to send
-FRONT_SILENT_S = 5.0  # a front not heard from for this long is forgotten
+FRONT_SILENT_S = 30.0  # a front not heard from for this long is forgotten (see ENGINE_SILENT_S)
 EXPOSE_WAIT_S = 1.0  # how long a metrics scrape waits for the fronts' own metrics
 
 

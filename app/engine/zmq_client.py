@@ -27,7 +27,10 @@ from app.registry.slots import ModelSlot, ModelState
 
 log = logging.getLogger(__name__)
 
-ENGINE_SILENT_S = 5.0  # three missed heartbeats and more: the engine is gone or stuck
+# The engine speaks every second; this long without a word, it is gone or stuck. Not less: on
+# a starved machine (a test suite beside two busy processes) an engine loading a model went
+# over 5 s without a heartbeat, and its fronts failed requests that it was about to answer.
+ENGINE_SILENT_S = 30.0
 
 
 class ZmqClient(EngineClient):
