@@ -70,6 +70,15 @@ class Generation:
     truncated: bool = False
 
 
+@dataclass(frozen=True)
+class GenerationDelta:
+    """Text an input's generation added since its previous delta (streaming), and its
+    tokens so far."""
+
+    text: str
+    tokens: int
+
+
 @dataclass
 class MaskFills:
     """Per mask token of an input, in order: the candidates for it, best first."""

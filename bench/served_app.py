@@ -48,7 +48,7 @@ def build_runner_noting_threads(entry: Any, *args: Any, **kwargs: Any) -> Any:
     runner = _build_runner(entry, *args, **kwargs)  # type: ignore[misc]
     infer = runner.infer
 
-    def infer_noting_threads(*args: Any, **kwargs: Any) -> Any:  # (payloads, encoded[, wanted])
+    def infer_noting_threads(*args: Any, **kwargs: Any) -> Any:  # (payloads, encoded)
         worker_torch_threads[entry.name] = torch.get_num_threads()
         return infer(*args, **kwargs)
 

@@ -226,23 +226,26 @@ def held_forward(core: EngineCore, name: str) -> Iterator[tuple[threading.Event,
     POISON fails (a fault of the model, not the input)."""
     runner = core.registry.slot(name).runner
     assert runner is not None
-    real = runner.infer
+    # A runner that generates in steps is held as an input joins the running batch.
+    method = "start" if runner.steps else "infer"
+    real = getattr(runner, method)
     gate, entered, seen = threading.Event(), threading.Event(), []
 
-    def infer(payloads: Any, encoded: Any, wanted: Any = None) -> Any:
+    def held(*args: Any) -> Any:
         entered.set()
         gate.wait(30)
-        seen.extend(p.text for p in payloads)
-        if any("POISON" in p.text for p in payloads):
+        texts = [args[1].text] if runner.steps else [p.text for p in args[0]]
+        seen.extend(texts)
+        if any("POISON" in text for text in texts):
             raise RuntimeError("injected failure")
-        return real(payloads, encoded, wanted)
+        return real(*args)
 
-    runner.infer = infer  # type: ignore[method-assign]
+    setattr(runner, method, held)
     try:
         yield gate, entered, seen
     finally:
         gate.set()
-        runner.infer = real  # type: ignore[method-assign]
+        setattr(runner, method, real)
 
 
 def core_of(app: FastAPI) -> EngineCore:

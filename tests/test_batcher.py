@@ -40,7 +40,7 @@ class FakeRunner:
         self.encoded.extend(payloads)
         return [Enc(len(p.split())) for p in payloads]
 
-    def infer(self, payloads: Sequence[str], encoded: Sequence[Any], wanted: Any = None) -> list[str]:
+    def infer(self, payloads: Sequence[str], encoded: Sequence[Any]) -> list[str]:
         self.entered.set()
         self.gate.wait(10)
         if self.oom_above is not None and len(payloads) > self.oom_above:
@@ -282,7 +282,7 @@ class LaneRunner(FakeRunner):
         self.release_held = threading.Event()
         self._count = threading.Lock()
 
-    def infer(self, payloads: Sequence[str], encoded: Sequence[Any], wanted: Any = None) -> list[str]:
+    def infer(self, payloads: Sequence[str], encoded: Sequence[Any]) -> list[str]:
         with self._count:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
@@ -484,7 +484,7 @@ async def test_a_full_queue_still_admits_a_tenant_below_an_equal_share_of_it() -
 class HoldingRunner(FakeRunner):
     """Holds only the batches holding "hold"; every other batch runs at once."""
 
-    def infer(self, payloads: Sequence[str], encoded: Sequence[Any], wanted: Any = None) -> list[str]:
+    def infer(self, payloads: Sequence[str], encoded: Sequence[Any]) -> list[str]:
         if "hold" in payloads:
             return super().infer(payloads, encoded)
         self.batches.append(list(payloads))

@@ -36,13 +36,13 @@ def held(app: FastAPI, name: str) -> Iterator[tuple[threading.Event, list[str]]]
     gate, seen = threading.Event(), []
     slot.entered = threading.Event()
 
-    def infer(payloads: Any, encoded: Any, wanted: Any = None) -> Any:
+    def infer(payloads: Any, encoded: Any) -> Any:
         slot.entered.set()
         gate.wait(30)
         seen.extend(p.text for p in payloads)
         if any("POISON" in p.text for p in payloads):
             raise RuntimeError("injected failure")
-        return real(payloads, encoded, wanted)
+        return real(payloads, encoded)
 
     runner.infer = infer
     try:

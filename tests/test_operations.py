@@ -182,7 +182,7 @@ async def test_a_key_that_fills_a_models_queue_does_not_lock_another_key_out(
         await client.post("/classify", json={"inputs": "warm", "model": "bert-clf"}, headers=bearer("flooder"))
         slot = core_of(app).registry.slot("bert-clf")
         gate, real = threading.Event(), slot.runner.infer
-        slot.runner.infer = lambda payloads, encoded, wanted=None: gate.wait(30) and real(payloads, encoded, wanted)
+        slot.runner.infer = lambda payloads, encoded: gate.wait(30) and real(payloads, encoded)
         try:
             body = {"inputs": ["a", "b", "c", "d"], "model": "bert-clf"}
             flood = asyncio.create_task(client.post("/classify", json=body, headers=bearer("flooder")))

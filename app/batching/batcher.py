@@ -484,9 +484,7 @@ class DynamicBatcher:
         is halved until the failing input is alone (an out-of-memory error shrinks it so too)."""
         started = time.monotonic()
         try:
-            results = self._runner.infer(
-                [i.payload for i in batch], [i.encoded for i in batch], lambda: [not i.future.done() for i in batch]
-            )
+            results = self._runner.infer([i.payload for i in batch], [i.encoded for i in batch])
         except Exception as exc:
             if len(batch) > 1:
                 log.warning("batch of %d failed on %s (%s); splitting", len(batch), self.name, exc)

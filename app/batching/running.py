@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,10 +28,7 @@ class BatchRunner(Protocol):
 
     def encode(self, payloads: Sequence[Any]) -> Sequence[Tokenized]: ...
 
-    def infer(self, payloads: Sequence[Any], encoded: Sequence[Any], wanted: Callable[[], Sequence[bool]]) -> list[Any]:
-        """``wanted()``: per input, whether its client still waits (a runner that works in
-        steps, generate, stops the rows that are not)."""
-        ...
+    def infer(self, payloads: Sequence[Any], encoded: Sequence[Any]) -> list[Any]: ...
 
 
 @dataclass
@@ -74,6 +71,17 @@ def post_results(batch: Sequence[PendingInput], results: Sequence[Any]) -> None:
             loop.call_soon_threadsafe(_resolve_all, outcomes)
 
 
+def post_deltas(items: Sequence[PendingInput], deltas: Sequence[Any]) -> None:
+    """Each input's partial result (new generated text) handed to its outcome's ``delta``,
+    on its event loop, in order: one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+    for item, delta in zip(items, deltas, strict=True):
+        by_loop.setdefault(item.loop, []).append((item.future, delta))
+    for loop, outcomes in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown); nobody waits
+            loop.call_soon_threadsafe(_stream_all, outcomes)
+
+
 def reject(item: PendingInput, error: BaseException) -> None:
     """``error`` set on the input's outcome, on its event loop."""
     with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown); nobody waits any more
@@ -84,6 +92,12 @@ def _resolve_all(outcomes: list[tuple[Outcome, Any]]) -> None:
     for future, result in outcomes:
         if not future.done():
             future.set_result(result)
+
+
+def _stream_all(outcomes: list[tuple[Any, Any]]) -> None:
+    for outcome, delta in outcomes:
+        if not outcome.done():
+            outcome.delta(delta)
 
 
 def _reject(future: Outcome, error: BaseException) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from app.batching.batcher import DynamicBatcher
+from app.batching.continuous import ContinuousBatcher
 from app.batching.running import BatchRecord
 from app.batching.threads import ThreadShare
 from app.catalog import Catalog, Entry
@@ -130,7 +131,10 @@ class ModelRegistry(CatalogSlots):
         slot.runner = runner
         on_cpu = runner.device.type == "cpu"
         loop = asyncio.get_running_loop()
-        slot.batcher = batcher = DynamicBatcher(
+        # A runner that generates in steps gets the continuous batcher (iteration-level).
+        batching = ContinuousBatcher if runner.steps else DynamicBatcher
+        batcher: DynamicBatcher
+        slot.batcher = batcher = batching(
             runner,
             name=entry.name,
             max_batch_size=self.settings.max_batch_size,

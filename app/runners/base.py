@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,6 @@ import torch
 from transformers import pipeline
 
 from app.runners.forward import PADDING_SLACK, EncoderForward
-
-# Per input of a batch, whether its client still waits (the batcher's; see Runner.infer).
-Wanted = Callable[[], Sequence[bool]] | None
 
 
 @dataclass
@@ -53,6 +50,8 @@ class Runner(ABC):
     pads_cheaply = False
     # Lanes on a CPU unless TESSERA_LANES_PER_MODEL says otherwise (see app/batching/threads.py).
     cpu_lanes = 2
+    # Whether it generates in steps, served by the continuous batcher (app/batching/continuous.py).
+    steps = False
 
     def __init__(self) -> None:
         self.tokenizer_lock = threading.Lock()
@@ -64,10 +63,10 @@ class Runner(ABC):
     @abstractmethod
     def tokenize(self, payloads: Sequence[Any]) -> list[Encoded]: ...
 
-    @abstractmethod
-    def infer(self, payloads: Sequence[Any], encoded: Sequence[Encoded], wanted: Wanted = None) -> list[Any]:
-        """One batch's results. ``wanted``: which inputs' clients still wait; a runner that
-        works in steps (generate) stops the rows nobody waits for, the others ignore it."""
+    def infer(self, payloads: Sequence[Any], encoded: Sequence[Encoded]) -> list[Any]:
+        """One batch's results, in one pass (the dynamic batcher's runners). A runner that
+        generates in ``steps`` has none: the continuous batcher drives its running batch."""
+        raise NotImplementedError(f"{type(self).__name__} generates in steps")
 
     @property
     def backend(self) -> str:

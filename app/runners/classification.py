@@ -16,7 +16,7 @@ import torch
 
 from app.catalog import TextClassificationEntry, ZeroShotEntry
 from app.payloads import Classification, ClassifyInput, ZeroShotInput
-from app.runners.base import Encoded, Runner, Wanted, load_pipeline
+from app.runners.base import Encoded, Runner, load_pipeline
 from app.runners.forward import entry_forward
 from app.runners.tokens import TextEncoder, pad_rows
 
@@ -38,9 +38,7 @@ class ClassificationRunner(Runner):
         encoded = self.text.encode([p.text for p in payloads])
         return [Encoded([ids], truncated, [types] if types else None) for ids, types, truncated in encoded]
 
-    def infer(
-        self, payloads: Sequence[ClassifyInput], encoded: Sequence[Encoded], wanted: Wanted = None
-    ) -> list[Classification]:
+    def infer(self, payloads: Sequence[ClassifyInput], encoded: Sequence[Encoded]) -> list[Classification]:
         logits = _forward(self, encoded).numpy()
         functions = [p.function_to_apply or self.default_function for p in payloads]
         scores = np.empty_like(logits)
@@ -87,9 +85,7 @@ class NliZeroShotRunner(Runner):
             )
         return out
 
-    def infer(
-        self, payloads: Sequence[ZeroShotInput], encoded: Sequence[Encoded], wanted: Wanted = None
-    ) -> list[Classification]:
+    def infer(self, payloads: Sequence[ZeroShotInput], encoded: Sequence[Encoded]) -> list[Classification]:
         logits = _forward(self, encoded)
         results, row = [], 0
         for payload, enc in zip(payloads, encoded, strict=True):

@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from app.catalog import EmbeddingEntry, SummarizationEntry, ZeroShotEntry
 from app.payloads import Classification, Embedding, EmbedInput, ExtractInput, Generation, ZeroShotInput
-from app.runners.base import Encoded, Runner, Wanted, weights_kwargs
+from app.runners.base import Encoded, Runner, weights_kwargs
 from app.runners.forward import entry_forward
 from app.runners.tokens import TextEncoder, pad_rows
 
@@ -90,9 +90,7 @@ class EmbeddingRunner(Runner):
     def tokenize(self, payloads: Sequence[EmbedInput]) -> list[Encoded]:
         return self.encoder.encode([p.text for p in payloads])
 
-    def infer(
-        self, payloads: Sequence[EmbedInput], encoded: Sequence[Encoded], wanted: Wanted = None
-    ) -> list[Embedding]:
+    def infer(self, payloads: Sequence[EmbedInput], encoded: Sequence[Encoded]) -> list[Embedding]:
         raw = self.encoder.embed(encoded, normalize=False)
         normalize = torch.tensor([p.normalize for p in payloads]).unsqueeze(1)
         vectors = torch.where(normalize, F.normalize(raw, p=2, dim=1), raw).tolist()  # one conversion per batch
@@ -116,9 +114,7 @@ class SimilarityZeroShotRunner(Runner):
     def tokenize(self, payloads: Sequence[ZeroShotInput]) -> list[Encoded]:
         return self.encoder.encode([p.text for p in payloads])
 
-    def infer(
-        self, payloads: Sequence[ZeroShotInput], encoded: Sequence[Encoded], wanted: Wanted = None
-    ) -> list[Classification]:
+    def infer(self, payloads: Sequence[ZeroShotInput], encoded: Sequence[Encoded]) -> list[Classification]:
         texts = self.encoder.embed(encoded)
         vectors = self._label_vectors_for({h for p in payloads for h in p.hypotheses})
         results = []
@@ -175,9 +171,7 @@ class ExtractiveSummaryRunner(Runner):
             )
         return out
 
-    def infer(
-        self, payloads: Sequence[ExtractInput], encoded: Sequence[Encoded], wanted: Wanted = None
-    ) -> list[Generation]:
+    def infer(self, payloads: Sequence[ExtractInput], encoded: Sequence[Encoded]) -> list[Generation]:
         vectors = self.encoder.embed(encoded)
         results, row = [], 0
         for p, enc in zip(payloads, encoded, strict=True):

@@ -16,7 +16,7 @@ import torch
 from app.catalog import FillMaskEntry
 from app.errors import InputTooLarge, WrongTask
 from app.payloads import FillMaskInput, MaskFills
-from app.runners.base import Encoded, Runner, Wanted, load_pipeline
+from app.runners.base import Encoded, Runner, load_pipeline
 from app.runners.forward import entry_forward
 from app.runners.tokens import TextEncoder, pad_rows
 
@@ -45,9 +45,7 @@ class FillMaskRunner(Runner):
             raise InputTooLarge(f"its mask token {mask} is past the model's maximum length; shorten the text")
         return out
 
-    def infer(
-        self, payloads: Sequence[FillMaskInput], encoded: Sequence[Encoded], wanted: Wanted = None
-    ) -> list[MaskFills]:
+    def infer(self, payloads: Sequence[FillMaskInput], encoded: Sequence[Encoded]) -> list[MaskFills]:
         rows = [enc.rows_ids[0] for enc in encoded]
         types = [t for enc in encoded for t in (enc.rows_type_ids or [])]
         batch = pad_rows(rows, self.text.pad_id, types if len(types) == len(rows) else None, self.device)

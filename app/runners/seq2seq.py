@@ -1,53 +1,38 @@
-"""Translation and abstractive summarization: AutoTokenizer + AutoModelForSeq2SeqLM + generate.
+"""Translation and abstractive summarization: AutoTokenizer + AutoModelForSeq2SeqLM, decoded
+step by step in one running batch (app/runners/decoding.py) that the continuous batcher
+drives (app/batching/continuous.py).
 
 transformers v5 has no translation or summarization pipelines, so this module does
 their job: entry prefixes (T5), source-language and forced-BOS tokens (mBART, NLLB),
-batched ``generate`` with per-request settings, and inputs longer than the model's
+each input's generation settings over the entry's, and inputs longer than the model's
 maximum either truncated (and reported) or split into sentence-aligned chunks.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pysbd
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from app.catalog import SummarizationEntry, TranslationEntry
-from app.errors import InvalidInput
-from app.payloads import Generation, Seq2SeqInput
-from app.runners.base import Encoded, Runner, Wanted, weights_kwargs
-from app.runners.tokens import TextEncoder, pad_rows
+from app.payloads import Seq2SeqInput
+from app.runners.base import Encoded, Runner, weights_kwargs
+from app.runners.decoding import PER_INPUT_SETTINGS, Generating, Plan, RunningBatch, plan
+from app.runners.tokens import TextEncoder
 
 # Room left for special tokens when packing chunks.
 _CHUNK_MARGIN = 4
-
-
-class ClientsGone(StoppingCriteria):
-    """Ends the rows whose clients left (``wanted`` says which still wait) at the next step:
-    a batch whose clients all left stops, and a request that left costs at most one more
-    step. The rows of one input (its beams, and beam search's candidates) lie together."""
-
-    def __init__(self, wanted: Callable[[], Sequence[bool]]) -> None:
-        self.wanted = wanted
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        waiting = self.wanted()
-        rows = input_ids.shape[0]
-        if all(waiting):
-            return torch.zeros(rows, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
-        gone = torch.tensor([not w for w in waiting], device=input_ids.device)
-        return gone.repeat_interleave(rows // len(waiting))  # type: ignore[return-value]
+# Sets of generation settings whose preparation is kept (the oldest goes first).
+_PLANS_KEPT = 64
 
 
 class Seq2SeqRunner(Runner):
-    pads_cheaply = True
-    # generate() spends much of each step in Python, so two lanes contend for the GIL: measured
-    # at concurrency 16, 0.79x offline batched generate with two lanes, 0.92x with one.
+    steps = True  # served by the continuous batcher, one running batch
     cpu_lanes = 1
 
     def __init__(
@@ -79,17 +64,37 @@ class Seq2SeqRunner(Runner):
         self._chunk_tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         self._chunk_lock = threading.Lock()
         self._segmenter = pysbd.Segmenter(language="en", clean=False)
+        self._plans: dict[tuple[tuple[str, Any], ...], Plan] = {}  # per set of settings, prepared once
 
     def tokenize(self, payloads: Sequence[Seq2SeqInput]) -> list[Encoded]:
         texts = [self.prefix + p.text for p in payloads]
         # generate() rejects token_type_ids (BERT-style tokenizers return them), so drop them.
         return [Encoded([ids], truncated) for ids, _, truncated in self.text.encode(texts)]
 
-    def infer(
-        self, payloads: Sequence[Seq2SeqInput], encoded: Sequence[Encoded], wanted: Wanted = None
-    ) -> list[Generation]:
-        # The batcher only batches inputs of one group, i.e. one set of generation settings.
-        requested = dict(payloads[0].generation)
+    def running_batch(self) -> RunningBatch:
+        return RunningBatch(self.model, self.text.pad_id, self._decode)
+
+    def start(self, batch: RunningBatch, payload: Seq2SeqInput, encoded: Encoded, streaming: bool) -> Generating:
+        settings = self._settings(payload)
+        key = tuple(sorted(settings.items()))
+        input_ids = encoded.rows_ids[0]
+        shared = not any(name in settings for name in PER_INPUT_SETTINGS)
+        prepared = self._plans.get(key) if shared else None
+        if prepared is None:
+            prepared = plan(self.model, settings, torch.tensor([input_ids], device=self.device))
+            if shared:
+                if len(self._plans) >= _PLANS_KEPT:
+                    self._plans.pop(next(iter(self._plans)))
+                self._plans[key] = prepared
+        return batch.start(prepared, input_ids, encoded.truncated, streaming)
+
+    def rows_of(self, payload: Seq2SeqInput) -> int:
+        beams = dict(payload.generation).get("num_beams", self.defaults.get("num_beams"))
+        return int(beams or self.model.generation_config.num_beams or 1)
+
+    def _settings(self, payload: Seq2SeqInput) -> dict[str, Any]:
+        """The input's generation settings over the entry's defaults."""
+        requested = dict(payload.generation)
         defaults = dict(self.defaults)
         if {"max_new_tokens", "max_length"} & requested.keys():
             # A client's length limit replaces the entry's, whichever of the two it was given as.
@@ -99,18 +104,11 @@ class Seq2SeqRunner(Runner):
         if "max_new_tokens" in settings and "max_length" in settings:
             settings.pop("max_length")  # max_new_tokens is the more precise of the two
         self._within_positions(settings)
-        batch = pad_rows([e.rows_ids[0] for e in encoded], self.text.pad_id, None, self.device)
-        if wanted is not None:
-            settings["stopping_criteria"] = StoppingCriteriaList([ClientsGone(wanted)])
-        try:
-            with torch.inference_mode():
-                output = self.model.generate(**batch, **settings)
-        except ValueError as exc:
-            # transformers checks the settings it is given; a combination it refuses is the client's.
-            raise InvalidInput(f"model refused these generation settings: {exc}") from exc
+        return settings
+
+    def _decode(self, ids: Sequence[int]) -> str:
         with self.tokenizer_lock:
-            texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        return [Generation(t.strip(), e.truncated) for t, e in zip(texts, encoded, strict=True)]
+            return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def _within_positions(self, settings: dict[str, Any]) -> None:
         """A decoder with learned positions (Marian 512, BART 1024) cannot go past its last one:
