@@ -32,6 +32,7 @@ from app.api.errors import allowed_methods
 from app.api.json_route import JsonBodyRoute, _Plan
 
 SERVER = "app/serving.py"
+DECODING = "app/runners/decoding.py"
 JSON_ROUTE = "app/api/json_route.py"
 
 
@@ -225,3 +226,136 @@ def test_routes_match_a_scope_with_another_method_fully_or_partly() -> None:
         "starlette Route.matches -> (Match, scope)", "app/api/errors.py"
     )
     assert allowed_methods(Request(scope)) == ["POST"]
+
+
+# -- transformers: what iteration-level decoding reads (app/runners/decoding.py) -------------
+
+GENERATION_INTERNALS = {
+    # generate's preparation of a request's settings (Plan)
+    "_prepare_generation_config": ["generation_config"],
+    "_prepare_special_tokens": ["generation_config", "kwargs_has_attention_mask", "device"],
+    "_prepare_generated_length": [
+        "generation_config",
+        "has_default_max_length",
+        "has_default_min_length",
+        "model_input_name",
+        "input_ids_length",
+        "inputs_tensor",
+    ],
+    "_validate_generated_length": ["generation_config", "input_ids_length", "has_default_max_length"],
+    "_get_logits_processor": [
+        "generation_config",
+        "input_ids_seq_length",
+        "encoder_input_ids",
+        "prefix_allowed_tokens_fn",
+        "logits_processor",
+        "device",
+        "model_kwargs",
+    ],
+    "_get_stopping_criteria": ["generation_config", "stopping_criteria"],
+    # _beam_search's steps (Beams)
+    "_get_top_k_continuations": [
+        "accumulated_log_probs",
+        "running_sequences",
+        "running_beam_indices",
+        "cur_len",
+        "decoder_prompt_len",
+        "do_sample",
+        "beams_to_keep",
+        "num_beams",
+        "batch_size",
+    ],
+    "_get_running_beams_for_next_iteration": [
+        "topk_log_probs",
+        "topk_running_sequences",
+        "topk_running_beam_indices",
+        "next_token_hits_stopping_criteria",
+        "num_beams",
+    ],
+    "_update_finished_beams": [
+        "sequences",
+        "topk_running_sequences",
+        "beam_scores",
+        "topk_log_probs",
+        "beam_indices",
+        "topk_running_beam_indices",
+        "is_early_stop_heuristic_unsatisfied",
+        "is_sent_finished",
+        "next_token_hits_stopping_criteria",
+        "top_num_beam_mask",
+        "num_beams",
+        "cur_len",
+        "decoder_prompt_len",
+        "length_penalty",
+        "early_stopping",
+    ],
+    "_check_early_stop_heuristic": [
+        "is_early_stop_heuristic_unsatisfied",
+        "running_beam_scores",
+        "beam_scores",
+        "is_sent_finished",
+        "cur_len",
+        "max_length",
+        "decoder_prompt_len",
+        "early_stopping",
+        "length_penalty",
+    ],
+    "_beam_search_has_unfinished_sequences": [
+        "is_early_stop_heuristic_unsatisfied",
+        "is_sent_finished",
+        "next_token_hits_stopping_criteria",
+        "early_stopping",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GENERATION_INTERNALS))
+def test_generates_internals_that_decoding_calls_take_the_arguments_it_passes(name: str) -> None:
+    from transformers import GenerationMixin
+
+    method = getattr(GenerationMixin, name, None)
+    assert method is not None, f"GenerationMixin.{name} is gone; {DECODING} calls it"
+    parameters = inspect.signature(method).parameters
+    missing = [arg for arg in GENERATION_INTERNALS[name] if arg not in parameters]
+    assert not missing, f"GenerationMixin.{name} no longer takes {missing}; {DECODING} passes them"
+
+
+def test_decoder_caches_are_layers_of_keys_and_values_that_decoding_edits(tiny_models: dict[str, Any]) -> None:
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_models["marian"])).eval()
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    with torch.inference_mode():
+        model(
+            input_ids=torch.tensor([[5, 6, 0]]),
+            decoder_input_ids=torch.tensor([[model.config.pad_token_id]]),
+            cache=cache,
+        )
+    for layers, length in ((cache.self_attention_cache.layers, 1), (cache.cross_attention_cache.layers, 3)):
+        for layer in layers:
+            assert isinstance(layer.keys, torch.Tensor) and layer.keys.shape[2] == length, DECODING
+            assert isinstance(layer.values, torch.Tensor) and layer.values.shape[2] == length, DECODING
+    assert all(cache.is_updated.values()), f"cross-attention reuse moved; {DECODING} merges filled caches"
+
+
+@pytest.mark.parametrize("family", ["marian", "bart", "mbart", "pegasus"])
+def test_absolute_decoder_positions_are_a_table_looked_up_by_position(family: str) -> None:
+    """RowPositions (app/runners/decoding.py) looks each row's position up in the decoder's
+    table, past BART's offset: the table must still be an embedding called with position_ids."""
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    decoder_class = next(v for k, v in vars(module).items() if k.lower() == f"{family}decoder")
+    source = inspect.getsource(decoder_class.forward)
+    assert "self.embed_positions(" in source and "position_ids=position_ids" in source, DECODING
+    table = next(
+        v
+        for k, v in vars(module).items()
+        if k.endswith("PositionalEmbedding") and k.startswith(decoder_class.__name__[:-7])
+    )
+    assert issubclass(table, torch.nn.Embedding), DECODING
+    assert "position_ids" in inspect.signature(table.forward).parameters, DECODING
