@@ -126,7 +126,11 @@ class GenerationParameters(_Request):
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     no_repeat_ngram_size: NonNegativeInt | None = None
     length_penalty: float | None = Field(None, ge=-10, le=10, description="Beam search: exponent of the length.")
-    early_stopping: bool | None = None
+    early_stopping: bool | Literal["never"] | None = Field(
+        None,
+        description="Beam search: true stops once num_beams hypotheses finished; false and 'never' go on while "
+        "a better one may come (false by a heuristic, 'never' by the length limit).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationParameters:
