@@ -70,6 +70,16 @@ class Generation:
     truncated: bool = False
 
 
+@dataclass(frozen=True)
+class GenerationDelta:
+    """What a generating input produced since its last delta, while it runs: the new text,
+    and the tokens generated so far for it. Its final Generation's text is authoritative
+    (the deltas, joined, may differ from it by the whitespace that text strips)."""
+
+    text: str
+    tokens: int
+
+
 @dataclass
 class MaskFills:
     """Per mask token of an input, in order: the candidates for it, best first."""

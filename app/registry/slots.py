@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from app.batching.running import BatchRecord
 from app.catalog import Catalog, Entry
 from app.errors import ModelNotFound
+from app.payloads import GenerationDelta
 
 if TYPE_CHECKING:
     from app.batching.batcher import DynamicBatcher
     from app.runners.base import Runner
+
+
+# A streamed request's listeners (app/engine/client.py: EngineClient.infer): input i's new
+# text as it is generated, and its result once it has one.
+OnDelta = Callable[[int, GenerationDelta], None]
+OnResult = Callable[[int, Any], None]
 
 
 class ModelState(StrEnum):
@@ -110,6 +117,8 @@ class Models(Protocol):
         group: Hashable = None,
         tenant: Hashable = None,
         sizes: list[int] | None = None,
+        on_delta: OnDelta | None = None,
+        on_result: OnResult | None = None,
     ) -> list[Any]: ...
 
     async def split_into_chunks(self, name: str, text: str) -> list[str]: ...
