@@ -143,6 +143,11 @@ class EngineClient(CatalogSlots):
         chunks: list[str] = await self._call("split", name, text)
         return chunks
 
+    async def split_keeping_lines(self, name: str, text: str) -> tuple[list[str], list[str]]:
+        self.slot(name)
+        pieces, separators = await self._call("split_lines", name, text)  # a list, over the wire
+        return list(pieces), list(separators)
+
     async def take(self, tenant: str, inputs: int) -> None:
         """The tenant's rate limit, held by the engine (app/engine/rate.py)."""
         await self._call("take", tenant, inputs)

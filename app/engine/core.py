@@ -129,6 +129,7 @@ class EngineCore:
             "load": self._load,
             "unload": self.registry.unload,
             "split": self.registry.split_into_chunks,
+            "split_lines": self.registry.split_keeping_lines,
             "take": self._take,
             "states": self._current_states,
         }
