@@ -166,7 +166,8 @@ class Seq2SeqRunner(Runner):
         return max(self.text.max_tokens - _CHUNK_MARGIN - prefix_tokens, 8)
 
     def _tokens(self, text: str) -> int:
-        return len(self._chunk_tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: a text over the model's maximum is what this counts, not a mistake to warn of.
+        return len(self._chunk_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def _pack(self, text: str, budget: int) -> list[str]:
         """Sentences of ``text`` packed into pieces of at most ``budget`` tokens (under the lock)."""
