@@ -6,7 +6,8 @@ single-text request is ~60 bytes) and the engine answers the requests that finis
 in one frame, so the per-frame costs (a syscall, a wake-up) are shared. Payloads and results
 are the payload and result dataclasses (app/payloads.py) that the task table names, which
 msgspec encodes and decodes natively; each kind of payload has its own tagged struct, so a
-frame decodes in one pass.
+frame decodes in one pass. A streamed request's Delta and Result events share frames with
+everything else the engine sends in that loop turn.
 """
 
 from __future__ import annotations
