@@ -135,12 +135,52 @@ EXAMPLE = (
     'event: final\ndata: {"index":0,"text":"Das Wetter ist heute schön.","truncated":false,"chunks":1}\n\n'
     'event: done\ndata: {"model":"opus-mt-en-de"}\n\n'
 )
+
+
+def _data(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An event's ``data``: a line of JSON, holding ``required``'s fields (and maybe ``optional``'s)."""
+    body = {"type": "object", "required": list(required), "properties": {**required, **(optional or {})}}
+    return {"type": "string", "contentMediaType": "application/json", "contentSchema": body}
+
+
+_INDEX = {"type": "integer", "minimum": 0, "description": "The input's place in `inputs`."}
+_EVENTS: dict[str, dict[str, Any]] = {
+    "delta": _data(
+        {
+            "index": _INDEX,
+            "text": {"type": "string", "description": "New text since the input's last delta."},
+            "tokens": {"type": "integer", "description": "Tokens generated for the input so far."},
+        }
+    ),
+    "final": _data(
+        {
+            "index": _INDEX,
+            "text": {"type": "string", "description": "The input's whole text, as answered unstreamed."},
+            "truncated": {"type": "boolean"},
+            "chunks": {"type": "integer"},
+        }
+    ),
+    "error": _data(
+        {"error": {"type": "string"}, "message": {"type": "string"}}, {"request_id": {"type": ["string", "null"]}}
+    ),
+    "done": _data({"model": {"type": "string", "description": "The catalog model that answered."}}),
+}
+# One event of the stream, as OpenAPI before 3.2 has a text/event-stream schema describe it.
+EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {"event": {"type": "string", "enum": list(_EVENTS)}, "data": {"type": "string"}},
+    "oneOf": [
+        {"properties": {"event": {"const": name}, "data": data}, "required": ["event", "data"]}
+        for name, data in _EVENTS.items()
+    ],
+}
 # The 200 answer's second form, for the OpenAPI document (beside the route's JSON one).
 STREAMED_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": 'The answer; with `"stream": true`, Server-Sent Events: per input, `delta` events '
         "(its new text and its tokens so far) as it is generated, then its `final` (the text the "
         "unstreamed answer gives); an `error` event ends a stream that failed once begun, `done` one that did not.",
-        "content": {MEDIA_TYPE: {"schema": {"type": "string"}, "example": EXAMPLE}},
+        "content": {MEDIA_TYPE: {"schema": EVENT_SCHEMA, "example": EXAMPLE}},
     }
 }
