@@ -72,8 +72,9 @@ class Generation:
 
 @dataclass(frozen=True)
 class GenerationDelta:
-    """Text an input's generation added since its previous delta (streaming), and its
-    tokens so far."""
+    """What a generating input produced since its last delta, while it runs: the new text,
+    and the tokens generated so far for it. Its final Generation's text is authoritative
+    (the deltas, joined, may differ from it by the whitespace that text strips)."""
 
     text: str
     tokens: int

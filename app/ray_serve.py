@@ -9,7 +9,11 @@ In front of them, behind Serve's proxy, a ``TesseraGateway`` deployment (CPU-lig
 models) reads each request whole and hands it to a replica through a Serve handle (Serve
 picks the replica with the shortest queue); when that replica dies under the request (a
 crash, a lost node), the gateway sends the same request to another one, so the client sees
-an answer, not an error (app/relay.py). ``gateway_replicas: 0`` drops the gateway: Serve's
+an answer, not an error (app/relay.py). A streamed request (``"stream": true``) goes through
+a streaming handle instead and the gateway relays its events as they come; it is sent
+again only while none has come: a replica lost once its stream began ends that stream with
+an ``error`` event (a client that read half an answer cannot be given the whole one
+again). ``gateway_replicas: 0`` drops the gateway: Serve's
 proxy then calls the replicas' app directly, one hop less per request, and a replica's death
 fails the requests it held. Serve cancels a request whose client left and echoes the
 request id (so the app does not add a second one). What one replica alone
@@ -27,18 +31,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from app.api.health import preload_status
+from app.api.streaming import frame
 from app.cluster import Coordinator, ReplicaAgent
-from app.relay import HTTPAnswer, HTTPCall, answer, read_capped
+from app.relay import HTTPAnswer, HTTPCall, HTTPHead, answer, answer_stream, read_capped, streams
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +87,68 @@ class TesseraGateway:
             await read_capped(request.stream(), self.max_body_bytes),
             client,
         )
+        if streams(call):
+            return await self._streamed(call, request)
         for attempt in range(1, self.attempts + 1):
             try:
                 got: HTTPAnswer = await self.replicas.forward.remote(call)
             except RayActorError as exc:  # the replica died holding it; Serve routes around the dead one
-                what = f"{call.method} {call.path} (attempt {attempt}/{self.attempts})"
-                log.warning("replica lost during %s: %s", what, exc)
+                self._lost(call, attempt, exc)
                 continue
             response = Response(got.body, got.status)
             response.raw_headers = got.headers
             if attempt > 1:  # the client's answer needed a replay: say so (logs, tests)
                 response.raw_headers.append((b"x-tessera-attempts", str(attempt).encode()))
             return response
+        return self._failed(request)
+
+    async def _streamed(self, call: HTTPCall, request: Request) -> Response:
+        """A streamed answer, relayed as it comes; sent to another replica while its head has not come."""
+        streaming = self.replicas.options(stream=True)
+        for attempt in range(1, self.attempts + 1):
+            relayed = streaming.stream_forward.remote(call)
+            assert isinstance(relayed, DeploymentResponseGenerator)  # what a streaming handle gives
+            try:
+                head = await relayed.__anext__()
+            except RayActorError as exc:
+                self._lost(call, attempt, exc)
+                continue
+            except BaseException:  # the client left before the first event: so does the replica's work
+                relayed.cancel()
+                raise
+            assert isinstance(head, HTTPHead)
+            response = StreamingResponse(self._relay(relayed, call, request), head.status)
+            response.raw_headers = head.headers
+            if attempt > 1:
+                response.raw_headers.append((b"x-tessera-attempts", str(attempt).encode()))
+            return response
+        return self._failed(request)
+
+    async def _relay(
+        self, relayed: DeploymentResponseGenerator[Any], call: HTTPCall, request: Request
+    ) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            async for chunk in relayed:
+                assert isinstance(chunk, bytes)
+                yield chunk
+            finished = True
+        except RayActorError as exc:  # begun: it cannot be replayed, so it ends with what happened
+            log.warning("replica lost during %s %s, its stream begun: %s", call.method, call.path, exc)
+            message = "the replica answering this stream was lost; send the request again"
+            body = {"error": "replica_lost", "message": message, "request_id": request.headers.get("x-request-id")}
+            yield frame("error", body)
+            finished = True
+        finally:
+            if not finished:  # the client left: so does the replica's work
+                relayed.cancel()
+
+    def _lost(self, call: HTTPCall, attempt: int, exc: Exception) -> None:
+        log.warning(
+            "replica lost during %s %s (attempt %d/%d): %s", call.method, call.path, attempt, self.attempts, exc
+        )
+
+    def _failed(self, request: Request) -> Response:
         message = f"{self.attempts} replicas were lost while answering this request; retry it"
         body = {"error": "replica_lost", "message": message, "request_id": request.headers.get("x-request-id")}
         return JSONResponse(body, 503, headers={"Retry-After": "1"})
@@ -122,6 +178,12 @@ class TesseraReplica:
     async def forward(self, call: HTTPCall) -> HTTPAnswer:
         """A request the gateway read, answered by this replica's app."""
         return await answer(self.tessera, call)
+
+    async def stream_forward(self, call: HTTPCall) -> AsyncIterator[HTTPHead | bytes]:
+        """A streamed request the gateway read, answered by this replica's app as it comes:
+        its head, then its events."""
+        async for item in answer_stream(self.tessera, call):
+            yield item
 
     def check_health(self) -> None:
         """Serve's health check: unhealthy while draining or when a preload model failed (Serve

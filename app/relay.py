@@ -5,7 +5,10 @@ in replica deployments. The gateway reads a request into an ``HTTPCall`` (plain 
 crosses processes), a replica runs it through its own Tessera app with ``answer`` and gives
 back status, headers and body. Because the request is whole on the gateway's side, the
 gateway can send it again to another replica when the one it chose died under it; every
-Tessera route can be replayed (inference computes, load and unload converge).
+Tessera route can be replayed (inference computes, load and unload converge). A request
+that asks for a streamed answer (``streams``) is answered as it comes instead
+(``answer_stream``: its head, then each piece of its body), and can be sent again only
+until its head came.
 
 Nothing here imports Ray.
 """
@@ -13,6 +16,7 @@ Nothing here imports Ray.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +41,29 @@ class HTTPAnswer:
     body: bytes
 
 
+@dataclass(frozen=True)
+class HTTPHead:
+    """A streamed answer's status and headers, before its body."""
+
+    status: int
+    headers: Headers
+
+
+STREAMED_PATHS = ("/translate", "/summarize")  # the routes that take "stream": true (app/api/native.py)
+
+
+def streams(call: HTTPCall) -> bool:
+    """Whether ``call`` asks for a streamed answer: ``"stream": true`` in its JSON body, on a
+    route that streams. (Whatever else is wrong with the body, the app says.)"""
+    if call.method != "POST" or call.path not in STREAMED_PATHS or b'"stream"' not in call.body:
+        return False
+    try:
+        body = json.loads(call.body)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("stream") is True
+
+
 async def read_capped(chunks: AsyncIterator[bytes], limit: int) -> bytes:
     """The body, or its first ``limit + 1`` bytes: enough for the app to answer its own 413
     without the front holding an unbounded body."""
@@ -48,9 +75,8 @@ async def read_capped(chunks: AsyncIterator[bytes], limit: int) -> bytes:
     return bytes(body)
 
 
-async def answer(app: Any, call: HTTPCall) -> HTTPAnswer:
-    """``call`` through the ASGI ``app`` (whose lifespan has started) in this process."""
-    scope = {
+def _scope(call: HTTPCall) -> dict[str, Any]:
+    return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1",
@@ -64,8 +90,10 @@ async def answer(app: Any, call: HTTPCall) -> HTTPAnswer:
         "client": call.client,
         "server": None,
     }
+
+
+def _receiver(call: HTTPCall) -> Any:
     sent = False
-    status, headers, body = 500, [], bytearray()
 
     async def receive() -> dict[str, Any]:
         nonlocal sent
@@ -75,6 +103,13 @@ async def answer(app: Any, call: HTTPCall) -> HTTPAnswer:
         await asyncio.Event().wait()  # the client stays until the front cancels this call
         raise AssertionError("unreachable")
 
+    return receive
+
+
+async def answer(app: Any, call: HTTPCall) -> HTTPAnswer:
+    """``call`` through the ASGI ``app`` (whose lifespan has started) in this process."""
+    status, headers, body = 500, [], bytearray()
+
     async def send(message: dict[str, Any]) -> None:
         nonlocal status, headers
         if message["type"] == "http.response.start":
@@ -82,5 +117,28 @@ async def answer(app: Any, call: HTTPCall) -> HTTPAnswer:
         elif message["type"] == "http.response.body":
             body.extend(message.get("body", b""))
 
-    await app(scope, receive, send)
+    await app(_scope(call), _receiver(call), send)
     return HTTPAnswer(status, headers, bytes(body))
+
+
+async def answer_stream(app: Any, call: HTTPCall) -> AsyncIterator[HTTPHead | bytes]:
+    """``call`` through the ASGI ``app`` in this process, answered as it comes: its head, then
+    each piece of its body. Closing the iterator early (the client left) cancels the call."""
+    messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()  # None: the app returned
+
+    async def run() -> None:
+        try:
+            await app(_scope(call), _receiver(call), messages.put)
+        finally:
+            messages.put_nowait(None)
+
+    running = asyncio.ensure_future(run())
+    try:
+        while (message := await messages.get()) is not None:
+            if message["type"] == "http.response.start":
+                yield HTTPHead(message["status"], list(message.get("headers", [])))
+            elif message["type"] == "http.response.body" and message.get("body"):
+                yield message["body"]
+        await running  # the app's own failure, if it had one
+    finally:
+        running.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -12,7 +13,8 @@ import torch
 from fastapi import FastAPI
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from tests.conftest import serve
+from app.engine import wire
+from tests.conftest import core_of, held_forward, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -236,3 +238,83 @@ async def test_unloading_a_model_mid_request_never_answers_500(client: httpx.Asy
     await client.post("/models/t5-sum/unload")
     r = await request
     assert r.status_code in (200, 503), r.text
+
+
+def document_with_paragraphs(paragraphs: int = 8, lines: int = 3) -> str:
+    """Paragraphs of lines, far over marian-en-de's 512 input tokens altogether (each line fits),
+    one line indented, one line too long on its own, and a trailing newline."""
+    blocks = [
+        "\n".join(
+            f"Paragraph {p} line {n}: the small cat sat on the big red mat near the old house." for n in range(lines)
+        )
+        for p in range(paragraphs)
+    ]
+    blocks[1] = "  " + blocks[1]  # an indent
+    blocks[2] += "\n" + "The council met on Tuesday to discuss the new transit plan for the city. " * 30
+    return "\n\n".join(blocks) + "\n"
+
+
+def line_shape(text: str) -> list[bool]:
+    """Per line: whether it holds text (blank lines are the paragraph breaks)."""
+    return [bool(line.strip()) for line in text.split("\n")]
+
+
+async def test_a_long_document_translated_in_chunks_keeps_its_paragraphs_and_lines(
+    app_factory: Callable[..., FastAPI], tiny_models: dict[str, Path]
+) -> None:
+    document = document_with_paragraphs()
+    params = {"max_new_tokens": 6, "min_length": 6}
+    app = app_factory()
+    async with serve(app) as client:
+        r = await client.post(
+            "/translate",
+            json={"inputs": [document, "hello world"], "parameters": {**params, "long_input": "chunk"}},
+        )
+        assert r.status_code == 200, r.text
+        long, short = r.json()["results"]
+        runner = core_of(app).registry.slot("marian-en-de").runner
+        pieces, separators = runner.split_keeping_lines(document)  # type: ignore[union-attr]
+        # Each line its own piece, the too long line in several: more pieces than lines.
+        assert long["chunks"] == len(pieces) > sum(line_shape(document))
+        outputs = reference_generate(tiny_models["marian"], pieces, max_new_tokens=6, min_length=6)
+        assert long["translation_text"] == separators[0] + "".join(
+            out + after for out, after in zip(outputs, separators[1:], strict=True)
+        )
+        assert long["translation_text"].count("\n\n") == document.count("\n\n") == 7  # its paragraphs
+        assert line_shape(long["translation_text"]) == line_shape(document)  # its lines, blank ones included
+        assert long["truncated"] is False
+        # A text that fits is one piece: the same translation as without chunking.
+        plain = await client.post("/translate", json={"inputs": "hello world", "parameters": params})
+        assert short == {**plain.json()["results"][0], "chunks": 1}
+
+
+async def test_every_chunk_of_every_input_runs_in_one_engine_request_under_one_deadline(
+    app_factory: Callable[..., FastAPI],
+) -> None:
+    document = document_with_paragraphs()
+    app = app_factory(lanes_per_model=1)
+    async with serve(app) as client:
+        assert (await client.post("/models/marian-en-de/load")).status_code == 200
+        core = core_of(app)
+        infers: list[int] = []
+        handle = core.handle
+
+        def counting(origin: Any, op: Any) -> None:
+            if isinstance(op, wire.Infer):
+                infers.append(len(op.payloads))  # type: ignore[attr-defined]
+            handle(origin, op)
+
+        core.handle = counting  # type: ignore[method-assign]
+        body = {"inputs": [document, document], "timeout_s": 1, "parameters": {"long_input": "chunk"}}
+        with held_forward(core, "marian-en-de"):
+            r = await client.post("/translate", json=body)
+        assert r.status_code == 504, r.text  # one deadline for all its pieces: not one per piece
+        runner = core.registry.slot("marian-en-de").runner
+        pieces, _ = runner.split_keeping_lines(document)  # type: ignore[union-attr]
+        assert infers == [2 * len(pieces)]
+
+
+async def test_translation_long_input_is_checked_as_summarys(client: httpx.AsyncClient) -> None:
+    r = await client.post("/translate", json={"inputs": "x", "parameters": {"long_input": "split"}})
+    assert r.status_code == 422, r.text
+    assert "long_input" in r.json()["message"]

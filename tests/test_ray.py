@@ -1,12 +1,14 @@
 """Tessera on a real local Ray cluster: two nodes on 127.0.0.1, one replica on each, Serve's
 proxy and Tessera's gateway in front. What one process cannot show: requests spread over
 replicas stay correct, model management and metrics hold for the whole cluster, neither a
-rolling update nor a replica killed under load costs a client a failed request."""
+rolling update nor a replica killed under load costs a client a failed request, and a
+streamed answer comes through the gateway as events."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -19,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from httpx_sse import connect_sse
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'tessera[ray]')")
 serve = pytest.importorskip("ray.serve")
@@ -203,6 +206,27 @@ def test_a_model_loaded_through_the_api_is_loaded_on_every_replica(cluster_url: 
         assert {s["state"] for s in unloaded["replicas"].values()} == {"not_loaded"}
         assert {c.get("/models/bert-clf").json()["state"] for _ in range(10)} == {"not_loaded"}
         assert c.post("/models/no-such-model/load").status_code == 404
+
+
+def test_a_streamed_translation_reads_through_the_gateway_as_server_sent_events(cluster_url: str) -> None:
+    body = {"inputs": ["hello world", "good morning"], "model": "marian-en-de"}
+    with httpx.Client(base_url=cluster_url, timeout=120) as c:
+        plain = c.post("/translate", json=body)
+        assert plain.status_code == 200, plain.text
+        with connect_sse(c, "POST", "/translate", json={**body, "stream": True}) as source:
+            assert source.response.status_code == 200
+            assert source.response.headers["content-type"].startswith("text/event-stream")
+            assert "content-length" not in source.response.headers  # relayed as it came, not read whole
+            events = [(event.event, json.loads(event.data)) for event in source.iter_sse()]
+        # An error before the stream begins is the ordinary error answer, through the gateway too.
+        missing = c.post("/translate", json={"inputs": "x", "model": "no-such-model", "stream": True})
+    assert events[-1] == ("done", {"model": "marian-en-de"})
+    finals = sorted((data for kind, data in events if kind == "final"), key=lambda f: f["index"])
+    assert [(f["index"], f["text"]) for f in finals] == [
+        (i, r["translation_text"]) for i, r in enumerate(plain.json()["results"])
+    ]
+    assert {kind for kind, _ in events} <= {"delta", "final", "done"}
+    assert missing.status_code == 404 and missing.json()["error"] == "model_not_found"
 
 
 def test_the_request_id_is_answered_once(cluster_url: str) -> None:

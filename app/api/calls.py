@@ -34,9 +34,14 @@ def service_of(request: Request) -> InferenceService:
 async def call(request: Request, work: Awaitable[Answer[T]]) -> Answer[T]:
     """The service's answer to ``work``, cancelled if the client goes away first."""
     answer = await until_disconnect(request, work)
+    account(request, answer)
+    return answer
+
+
+def account(request: Request, answer: Answer[Any]) -> None:
+    """What the access log and the metrics say of the request's answer."""
     state: Any = request.state
     state.model, state.inputs, state.batch_size = answer.model, answer.inputs, answer.batch_size
-    return answer
 
 
 def tenant(request: Request) -> str:

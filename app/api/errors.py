@@ -2,7 +2,8 @@
 
 Every error answer is ``{"error": <type>, "message": <what to change>, "request_id": ...}``
 (validation errors add ``details``), and ``error_responses`` documents the same shape,
-with an example, for each status a route can return.
+with an example, for each status a route can return. An error after a streamed answer
+began is the same body in the stream's ``error`` event (``error_body``).
 """
 
 from __future__ import annotations
@@ -161,6 +162,20 @@ def error_response(
     return ErrorJSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=sent)
 
 
+UNEXPECTED = "the server failed unexpectedly; the request id is in the log"
+
+
+def error_body(request: Request, exc: Exception) -> dict[str, Any]:
+    """The body an error answers with, for one that comes once an answer has begun (a
+    streamed one's ``error`` event), where no status can be sent any more."""
+    if isinstance(exc, ServiceError):
+        code, message = exc.code, exc.message
+    else:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        code, message = "internal_error", UNEXPECTED
+    return ErrorBody(error=code, message=message, request_id=request_id_of(request)).model_dump(exclude_none=True)
+
+
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -220,6 +235,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(
-            request, 500, "internal_error", "the server failed unexpectedly; the request id is in the log"
-        )
+        return error_response(request, 500, "internal_error", UNEXPECTED)

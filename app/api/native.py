@@ -2,12 +2,13 @@
 
 Each parses its body (app/api/schemas.py), asks the service (app/service/service.py,
 where every rule lives) and shapes the answer; it never touches torch or a runner. A
-client that disconnects has its work cancelled, which drops its queued inputs.
+client that disconnects has its work cancelled, which drops its queued inputs. /translate
+and /summarize stream on request (app/api/streaming.py).
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from app.api.calls import TASK_ERRORS, call, service_of, tenant
 from app.api.fields import as_list
@@ -26,6 +27,7 @@ from app.api.schemas import (
     TranslateResponse,
     Translation,
 )
+from app.api.streaming import STREAMED_RESPONSE, stream
 from app.service.requests import Classify, Embed, FillMask, Summarize, Translate
 
 router = APIRouter(tags=["tasks"], route_class=JsonBodyRoute)
@@ -54,28 +56,46 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     )
 
 
-@router.post("/translate", response_model=TranslateResponse, responses=TASK_ERRORS, summary="Translate texts")
-async def translate(body: TranslateRequest, request: Request) -> TranslateResponse:
+@router.post(
+    "/translate",
+    response_model=TranslateResponse,
+    responses={**TASK_ERRORS, **STREAMED_RESPONSE},
+    summary="Translate texts",
+)
+async def translate(body: TranslateRequest, request: Request) -> TranslateResponse | Response:
     """Translate each input with a catalog model, named by `model` or picked by the
-    `source_lang`/`target_lang` pair. Inputs over the model's maximum are truncated (and flagged)."""
+    `source_lang`/`target_lang` pair. Inputs over the model's maximum are truncated (and
+    flagged), or with `long_input: chunk` translated in pieces cut at their line breaks.
+    `stream: true` answers Server-Sent Events."""
+    params = body.parameters
     asked = Translate(
         as_list(body.inputs),
         body.model,
         body.source_lang,
         body.target_lang,
-        body.parameters.generate_kwargs(),
+        params.generate_kwargs(),
         body.timeout_s,
+        long_input=params.long_input,
     )
-    answer = await call(request, service_of(request).translate(asked, tenant(request)))
-    results = [Translation(translation_text=r.text, truncated=r.truncated) for r in answer.results]
+    service, who = service_of(request), tenant(request)
+    if body.stream:
+        return await stream(request, lambda progress: service.translate(asked, who, progress))
+    answer = await call(request, service.translate(asked, who))
+    results = [Translation(translation_text=r.text, truncated=r.truncated, chunks=r.chunks) for r in answer.results]
     return TranslateResponse(model=answer.model, results=results)
 
 
-@router.post("/summarize", response_model=SummarizeResponse, responses=TASK_ERRORS, summary="Summarize texts")
-async def summarize(body: SummarizeRequest, request: Request) -> SummarizeResponse:
+@router.post(
+    "/summarize",
+    response_model=SummarizeResponse,
+    responses={**TASK_ERRORS, **STREAMED_RESPONSE},
+    summary="Summarize texts",
+)
+async def summarize(body: SummarizeRequest, request: Request) -> SummarizeResponse | Response:
     """Summarize each input, abstractively (a seq2seq model) or extractively (the sentences
     that best cover the document). With `long_input: chunk`, a document longer than the
-    model's maximum is summarized piece by piece, then the joined summaries are summarized."""
+    model's maximum is summarized piece by piece, then the joined summaries are summarized.
+    `stream: true` answers Server-Sent Events."""
     params = body.parameters
     asked = Summarize(
         as_list(body.inputs),
@@ -85,7 +105,10 @@ async def summarize(body: SummarizeRequest, request: Request) -> SummarizeRespon
         params.max_sentences,
         body.timeout_s,
     )
-    answer = await call(request, service_of(request).summarize(asked, tenant(request)))
+    service, who = service_of(request), tenant(request)
+    if body.stream:
+        return await stream(request, lambda progress: service.summarize(asked, who, progress))
+    answer = await call(request, service.summarize(asked, who))
     results = [Summary(summary_text=r.text, truncated=r.truncated, chunks=r.chunks) for r in answer.results]
     return SummarizeResponse(model=answer.model, results=results)
 

@@ -143,6 +143,22 @@ class GenerationParameters(_Request):
         return tuple(sorted(self.model_dump(exclude_none=True, exclude={"long_input", "max_sentences"}).items()))
 
 
+LongInput = Literal["truncate", "chunk"]
+STREAM_DESCRIPTION = (
+    "Answer as Server-Sent Events (text/event-stream): each input's text as it is generated, "
+    "then its final text, then done. Errors before the first event answer as without it."
+)
+
+
+class TranslateParameters(GenerationParameters):
+    long_input: LongInput = Field(
+        "truncate",
+        description="An input longer than the model's maximum: 'truncate' it (and say so), or 'chunk': "
+        "translate it in pieces cut at its line breaks (then between sentences), rejoined with its "
+        "own blank lines and newlines.",
+    )
+
+
 class TranslateRequest(_Request):
     model_config = ConfigDict(
         extra="forbid",
@@ -166,13 +182,15 @@ class TranslateRequest(_Request):
     target_lang: str | None = Field(
         None, min_length=2, max_length=12, description="ISO code of the output, e.g. 'de'; picks the model with model."
     )
-    parameters: GenerationParameters = Field(default_factory=GenerationParameters)
+    parameters: TranslateParameters = Field(default_factory=TranslateParameters)
     timeout_s: Timeout = None
+    stream: bool = Field(False, description=STREAM_DESCRIPTION)
 
 
 class Translation(BaseModel):
     translation_text: str
     truncated: bool = Field(description="Whether the input was cut to the model's maximum length.")
+    chunks: int = Field(1, description="Pieces the input was translated in (long_input: chunk).")
 
 
 class TranslateResponse(BaseModel):
@@ -181,7 +199,7 @@ class TranslateResponse(BaseModel):
             "examples": [
                 {
                     "model": "opus-mt-en-de",
-                    "results": [{"translation_text": "Das Wetter ist heute schön.", "truncated": False}],
+                    "results": [{"translation_text": "Das Wetter ist heute schön.", "truncated": False, "chunks": 1}],
                 }
             ]
         }
@@ -191,7 +209,7 @@ class TranslateResponse(BaseModel):
 
 
 class SummarizeParameters(GenerationParameters):
-    long_input: Literal["truncate", "chunk"] = Field(
+    long_input: LongInput = Field(
         "truncate",
         description="An input longer than the model's maximum: 'truncate' it (and say so), or 'chunk': "
         "summarize model-sized pieces, then summarize the joined summaries.",
@@ -218,6 +236,9 @@ class SummarizeRequest(_Request):
     model: ModelName = None
     parameters: SummarizeParameters = Field(default_factory=SummarizeParameters)
     timeout_s: Timeout = None
+    stream: bool = Field(
+        False, description=STREAM_DESCRIPTION + " Extractive models send no deltas: their finals, then done."
+    )
 
 
 class Summary(BaseModel):

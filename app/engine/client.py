@@ -4,21 +4,25 @@ process: the one-process layout and Ray replicas. ``ZmqClient`` (app/engine/zmq_
 drives the engine process's core over ZeroMQ from a front process. Both send the same
 operations (app/engine/wire.py) and read the same events back: a request is a stream of
 events whose final one (Done or Failed) ends it, and a request whose caller is cancelled
-(its client left) sends Cancel, so the engine drops what it has not run.
+(its client left) sends Cancel, so the engine drops what it has not run. A caller that
+passes ``on_delta`` or ``on_result`` to ``infer`` streams: it hears each input's new text
+as it is generated and each input's result as it settles, before ``infer`` returns them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from app import errors
 from app.catalog import Catalog
 from app.engine import wire
 from app.errors import ServiceError
-from app.registry.slots import CatalogSlots, ModelSlot
+from app.payloads import GenerationDelta
+from app.registry.slots import CatalogSlots, ModelSlot, OnDelta, OnResult
 
 if TYPE_CHECKING:
     from app.engine.core import EngineCore
@@ -27,6 +31,16 @@ ERRORS: dict[str, type[ServiceError]] = {
     cls.__name__: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, ServiceError)
 }
 INPROC = "inproc"  # the origin an in-process client's operations carry
+
+log = logging.getLogger(__name__)
+
+
+class _Listener(NamedTuple):
+    """Who hears a streamed request's events before its final one."""
+
+    on_delta: OnDelta | None
+    on_result: OnResult | None
+    kind: str
 
 
 def raised(failed: wire.Failed) -> ServiceError:
@@ -44,6 +58,7 @@ class EngineClient(CatalogSlots):
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[Any], str | None]] = {}
+        self._listeners: dict[int, _Listener] = {}
 
     def _send(self, op: Any) -> None:
         raise NotImplementedError
@@ -54,7 +69,10 @@ class EngineClient(CatalogSlots):
 
     def _dispatch(self, event: Any) -> None:
         """An event from the engine: the final one of a request or call resolves its waiter."""
-        if isinstance(event, wire.Done | wire.DoneRaw | wire.Failed | wire.Answer):
+        if isinstance(event, wire.Delta | wire.Result | wire.ResultRaw):
+            self._progress(event)
+        elif isinstance(event, wire.Done | wire.DoneRaw | wire.Failed | wire.Answer):
+            self._listeners.pop(event.rid, None)
             waiting = self._pending.pop(event.rid, None)
             if waiting is None or waiting[0].done():
                 return  # its caller left
@@ -71,18 +89,36 @@ class EngineClient(CatalogSlots):
         else:
             self._event(event)
 
+    def _progress(self, event: wire.Delta | wire.Result | wire.ResultRaw) -> None:
+        """A streamed request's Delta or Result, to its listener (none: its caller left)."""
+        listener = self._listeners.get(event.rid)
+        if listener is None:
+            return
+        try:
+            if isinstance(event, wire.Delta):
+                if listener.on_delta is not None:
+                    listener.on_delta(event.index, GenerationDelta(event.text, event.tokens))
+            elif listener.on_result is not None:
+                result = wire.RESULT[listener.kind](event.result) if isinstance(event, wire.ResultRaw) else event.result
+                listener.on_result(event.index, result)
+        except Exception:  # a listener's fault must not cost the other requests of this frame
+            log.exception("a streamed request's listener failed on %s", type(event).__name__)
+
     def _event(self, event: Any) -> None:
         """An event that answers no request (a front's: states, metrics asked for)."""
 
-    async def _ask(self, op: Callable[[int], Any], kind: str | None = None) -> Any:
+    async def _ask(self, op: Callable[[int], Any], kind: str | None = None, listener: _Listener | None = None) -> Any:
         rid = next(self._ids)
         prepared = self._prepare(op(rid))
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (future, kind)
+        if listener is not None:
+            self._listeners[rid] = listener
         self._send(prepared)
         try:
             return await future
         except asyncio.CancelledError:
+            self._listeners.pop(rid, None)
             if self._pending.pop(rid, None) is not None:
                 self._send(wire.Cancel(rid))  # the client left: the engine drops its work
             raise
@@ -107,6 +143,11 @@ class EngineClient(CatalogSlots):
         chunks: list[str] = await self._call("split", name, text)
         return chunks
 
+    async def split_keeping_lines(self, name: str, text: str) -> tuple[list[str], list[str]]:
+        self.slot(name)
+        pieces, separators = await self._call("split_lines", name, text)  # a list, over the wire
+        return list(pieces), list(separators)
+
     async def take(self, tenant: str, inputs: int) -> None:
         """The tenant's rate limit, held by the engine (app/engine/rate.py)."""
         await self._call("take", tenant, inputs)
@@ -120,20 +161,26 @@ class EngineClient(CatalogSlots):
         group: Hashable = None,
         tenant: Hashable = None,
         sizes: list[int] | None = None,
+        on_delta: OnDelta | None = None,
+        on_result: OnResult | None = None,
     ) -> list[Any]:
         """Run one request's inputs on a model (loaded first if need be); the deadline starts
         once it is loaded. ``tenant``: whom the inputs count against (fairness); ``sizes`` gets
-        the sizes of the batches they ran in."""
+        the sizes of the batches they ran in. Streamed (either callback given): ``on_delta(i,
+        piece)`` hears input i's new text as it is generated, ``on_result(i, result)`` its
+        result as soon as it has one, both on this event loop, before this returns."""
         if not payloads:
             return []
         kind = wire.KIND_OF[type(payloads[0])]
         struct = wire.INFER[kind]
+        listener = None if on_delta is None and on_result is None else _Listener(on_delta, on_result, kind)
+        stream = listener is not None
 
         def request(rid: int) -> wire.Infer:
             # Each kind's struct adds its typed payloads; tenants are API keys' names, strings.
-            return struct(rid, name, timeout_s, tenant, group, payloads)  # type: ignore[call-arg, arg-type]
+            return struct(rid, name, timeout_s, tenant, group, payloads, stream=stream)  # type: ignore[misc, arg-type]
 
-        results, batch_sizes = await self._ask(request, kind)
+        results, batch_sizes = await self._ask(request, kind, listener)
         if sizes is not None:
             sizes.extend(batch_sizes)
         return list(results)

@@ -5,10 +5,13 @@ live here; batching and fairness are the model's batcher's (app/batching/batcher
 The core speaks in operations and events (app/engine/wire.py): ``handle(origin, op)`` takes
 an Infer, a Cancel or a Call from a client, and the answers go out through ``deliver(origin,
 event)``. A request answers as a stream of events ending in one final event (Done or
-Failed); encoder tasks send only the final one. Clients reach the core in-process
-(app/engine/client.py: InprocClient, the one-process layout and Ray replicas) or over
-ZeroMQ from front processes (app/engine/server.py and ZmqClient): the same core under both,
-as vLLM V1 puts one EngineCore under its in-process and multiprocess clients.
+Failed); a request that does not stream gets only the final one. One that streams also
+gets, as they happen, its generating inputs' Delta events (their new text, which a lane
+reports through ``_Input.delta``) and each input's Result as it settles. Clients reach the
+core in-process (app/engine/client.py: InprocClient, the one-process layout and Ray
+replicas) or over ZeroMQ from front processes (app/engine/server.py and ZmqClient): the
+same core under both, as vLLM V1 puts one EngineCore under its in-process and multiprocess
+clients.
 
 - Deadlines: ``timeout_s`` counts from enqueueing (the model loaded); a heap of deadlines
   answers 504 at the instant, and the request's queued inputs are dropped.
@@ -34,6 +37,7 @@ from app.errors import InferenceFailed, ModelUnavailable, ServiceError
 from app.registry.slots import ModelSlot, ModelState
 
 if TYPE_CHECKING:  # a front process imports this module's wire, and no torch
+    from app.payloads import GenerationDelta
     from app.registry.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,8 @@ Deliver = Callable[[Hashable, Any], None]  # (origin, event)
 
 
 class _Input:
-    """One input's outcome, set by a lane (through this loop) as it would set a future."""
+    """One input's outcome, set by a lane (through this loop) as it would set a future; a
+    generating lane also reports its progress with ``delta``."""
 
     __slots__ = ("_done", "index", "request")
 
@@ -54,6 +59,17 @@ class _Input:
 
     def done(self) -> bool:
         return self._done
+
+    @property
+    def streams(self) -> bool:
+        """Whether its client reads its text as it is generated (a lane then sends deltas)."""
+        return bool(self.request.stream)
+
+    def delta(self, piece: GenerationDelta) -> None:
+        """New text of this input, as it generates: a Delta event if its request streams."""
+        request = self.request
+        if not self._done and request.stream and not request.finished:
+            request.core.deliver(request.key[0], wire.Delta(request.key[1], self.index, piece.text, piece.tokens))
 
     def set_result(self, result: Any) -> None:
         self._done = True
@@ -70,10 +86,12 @@ class _Input:
 class _Request:
     """One client's request in the engine, from enqueueing to its final event."""
 
-    __slots__ = ("core", "deadline", "finished", "inputs", "key", "left", "results", "slot", "ticket")
+    __slots__ = ("core", "deadline", "finished", "inputs", "key", "left", "results", "slot", "stream", "ticket")
 
-    def __init__(self, core: EngineCore, key: tuple[Hashable, int], slot: ModelSlot, deadline: float, n: int) -> None:
-        self.core, self.key, self.slot, self.deadline = core, key, slot, deadline
+    def __init__(
+        self, core: EngineCore, key: tuple[Hashable, int], slot: ModelSlot, deadline: float, n: int, stream: bool
+    ) -> None:
+        self.core, self.key, self.slot, self.deadline, self.stream = core, key, slot, deadline, stream
         self.results: list[Any] = [None] * n
         self.left = n
         self.inputs = [_Input(self, i) for i in range(n)]
@@ -83,6 +101,8 @@ class _Request:
     def resolved(self, index: int, result: Any) -> None:
         self.results[index] = result
         self.left -= 1
+        if self.stream and not self.finished:
+            self.core.deliver(self.key[0], wire.Result(self.key[1], index, result))
         if self.left == 0 and not self.finished:
             self.core.finish(self, wire.Done(self.key[1], self.results, self.ticket.batch_sizes))
 
@@ -114,6 +134,7 @@ class EngineCore:
             "load": self._load,
             "unload": self.registry.unload,
             "split": self.registry.split_into_chunks,
+            "split_lines": self.registry.split_keeping_lines,
             "take": self._take,
             "states": self._current_states,
         }
@@ -204,7 +225,7 @@ class EngineCore:
             return
         payloads: list[Any] = op.payloads  # type: ignore[attr-defined]  # each kind's struct has them
         deadline = time.monotonic() + op.timeout_s
-        request = _Request(self, (origin, op.rid), slot, deadline, len(payloads))
+        request = _Request(self, (origin, op.rid), slot, deadline, len(payloads), op.stream)
         try:
             request.ticket = batcher.enqueue(
                 payloads, request.inputs, loop=self.loop, group=op.group, deadline=deadline, tenant=op.tenant

@@ -6,7 +6,8 @@ single-text request is ~60 bytes) and the engine answers the requests that finis
 in one frame, so the per-frame costs (a syscall, a wake-up) are shared. Payloads and results
 are the payload and result dataclasses (app/payloads.py) that the task table names, which
 msgspec encodes and decodes natively; each kind of payload has its own tagged struct, so a
-frame decodes in one pass.
+frame decodes in one pass. A streamed request's Delta and Result events share frames with
+everything else the engine sends in that loop turn.
 """
 
 from __future__ import annotations
@@ -25,16 +26,22 @@ KINDS: dict[str, tuple[type, type]] = {task.payload.__name__: (task.payload, tas
 KIND_OF = {payload: kind for kind, (payload, _) in KINDS.items()}
 
 
-class Infer(msgspec.Struct, array_like=True, tag=True):
-    """One request's inputs for a model (the field ``payloads`` is typed per kind below).
-    ``timeout_s`` counts from when the model is loaded, as in-process; ``group`` is the
-    generation settings that inputs must share to run together."""
-
+class _InferHead(msgspec.Struct, array_like=True, tag=True):
     rid: int
     model: str
     timeout_s: float
     tenant: str | None
     group: tuple[tuple[str, Any], ...] | None
+
+
+class Infer(_InferHead, kw_only=True, array_like=True, tag=True):
+    """One request's inputs for a model (the field ``payloads`` is typed per kind below).
+    ``timeout_s`` counts from when the model is loaded, as in-process; ``group`` is the
+    generation settings that inputs must share to run together. ``stream``: send the
+    request's Delta events, and each input's Result as it settles, before its Done.
+    (Keyword-only, so that it travels last and a frame without it decodes as False.)"""
+
+    stream: bool = False
 
 
 def _infer_struct(kind: str, payload: type) -> type[Infer]:
@@ -75,6 +82,32 @@ class Exposition(msgspec.Struct, array_like=True, tag=True):
 
 # The union a frame to the engine decodes as: Infer's subclasses, one per kind.
 ToEngine = Union[(*INFER.values(), Cancel, Call, Hello, Exposition)]  # type: ignore[valid-type]
+
+
+class Delta(msgspec.Struct, array_like=True, tag=True):
+    """Input ``index`` of a streamed request generated ``text`` since its last Delta, and
+    ``tokens`` so far (app/payloads.py: GenerationDelta)."""
+
+    rid: int
+    index: int
+    text: str
+    tokens: int
+
+
+class Result(msgspec.Struct, array_like=True, tag="Result"):
+    """Input ``index`` of a streamed request is done: its result, ahead of the request's Done."""
+
+    rid: int
+    index: int
+    result: Any
+
+
+class ResultRaw(msgspec.Struct, array_like=True, tag="Result"):
+    """Result as a front decodes it: the result left encoded until its type is known."""
+
+    rid: int
+    index: int
+    result: msgspec.Raw
 
 
 class Done(msgspec.Struct, array_like=True, tag="Done"):
@@ -135,7 +168,7 @@ class Expose(msgspec.Struct, array_like=True, tag=True):
     rid: int
 
 
-FromEngine = DoneRaw | Failed | Answer | States | Expose
+FromEngine = DoneRaw | Failed | Answer | States | Expose | Delta | ResultRaw
 
 
 def open_socket(kind: int, identity: bytes | None = None) -> zmq.Socket[bytes]:
@@ -156,4 +189,7 @@ decode_from_engine = msgspec.msgpack.Decoder(list[FromEngine]).decode
 RESULTS: dict[str, Callable[[bytes], list[Any]]] = {
     kind: msgspec.msgpack.Decoder(list[result]).decode  # type: ignore[valid-type]
     for kind, (_, result) in KINDS.items()
+}
+RESULT: dict[str, Callable[[bytes], Any]] = {
+    kind: msgspec.msgpack.Decoder(result).decode for kind, (_, result) in KINDS.items()
 }

@@ -149,6 +149,7 @@ class ZmqClient(EngineClient):
 
     def _fail_pending(self, error: ServiceError) -> None:
         pending, self._pending = self._pending, {}
+        self._listeners.clear()
         for future, _ in pending.values():
             if not future.done():
                 future.set_exception(error)

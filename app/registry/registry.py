@@ -99,12 +99,22 @@ class ModelRegistry(CatalogSlots):
     async def split_into_chunks(self, name: str, text: str) -> list[str]:
         """``text`` in pieces the model reads whole (a seq2seq model's, for chunked
         summaries); InvalidInput if its tokenizer cannot read it."""
+        chunks: list[str] = await self._split(name, lambda runner: runner.split_into_chunks(text))
+        return chunks
+
+    async def split_keeping_lines(self, name: str, text: str) -> tuple[list[str], list[str]]:
+        """``text`` in pieces the model reads whole, cut at its line breaks first, and the
+        separators that rejoin their outputs (chunked translations)."""
+        split: tuple[list[str], list[str]] = await self._split(name, lambda runner: runner.split_keeping_lines(text))
+        return split
+
+    async def _split(self, name: str, split: Callable[[Chunking], Any]) -> Any:
         async with self.use(name) as slot:
             runner = slot.runner
             if not isinstance(runner, Chunking):
-                raise WrongTask(f"model '{name}' cannot summarize in chunks; drop long_input")
+                raise WrongTask(f"model '{name}' cannot split long inputs into chunks; drop long_input")
             try:
-                return await asyncio.to_thread(runner.split_into_chunks, text)
+                return await asyncio.to_thread(split, runner)
             except Exception as exc:  # the tokenizer could not read the client's text
                 raise InvalidInput(f"could not be split into chunks ({type(exc).__name__}: {exc})") from exc
 

@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from app.batching.running import BatchRecord
 from app.catalog import Catalog, Entry
 from app.errors import ModelNotFound
+from app.payloads import GenerationDelta
 
 if TYPE_CHECKING:
     from app.batching.batcher import DynamicBatcher
     from app.runners.base import Runner
+
+
+# A streamed request's listeners (app/engine/client.py: EngineClient.infer): input i's new
+# text as it is generated, and its result once it has one.
+OnDelta = Callable[[int, GenerationDelta], None]
+OnResult = Callable[[int, Any], None]
 
 
 class ModelState(StrEnum):
@@ -78,6 +85,8 @@ class Chunking(Protocol):
 
     def split_into_chunks(self, text: str) -> list[str]: ...
 
+    def split_keeping_lines(self, text: str) -> tuple[list[str], list[str]]: ...
+
 
 class Models(Protocol):
     """What the service and the routes use of the models: the engine's client, in-process or
@@ -110,9 +119,13 @@ class Models(Protocol):
         group: Hashable = None,
         tenant: Hashable = None,
         sizes: list[int] | None = None,
+        on_delta: OnDelta | None = None,
+        on_result: OnResult | None = None,
     ) -> list[Any]: ...
 
     async def split_into_chunks(self, name: str, text: str) -> list[str]: ...
+
+    async def split_keeping_lines(self, name: str, text: str) -> tuple[list[str], list[str]]: ...
 
     async def take(self, tenant: str, inputs: int) -> None: ...
 

@@ -509,7 +509,11 @@ class RunningBatch:
     def _progress(self, s: Generating) -> Progress:
         decoding = s.decoding
         if decoding.done:
-            return Progress(s, result=Generation(self.decode(decoding.best().tolist()).strip(), s.truncated))
+            text = self.decode(decoding.best().tolist()).strip()
+            rest = None
+            if s.streaming and len(text) > len(s.sent) and text.startswith(s.sent):  # the text not yet streamed
+                rest = GenerationDelta(text[len(s.sent) :], int(decoding.best().numel()) - 1)
+            return Progress(s, delta=rest, result=Generation(text, s.truncated))
         if not s.streaming:
             return Progress(s)
         settled = decoding.settled()

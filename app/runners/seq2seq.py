@@ -5,11 +5,13 @@ drives (app/batching/continuous.py).
 transformers v5 has no translation or summarization pipelines, so this module does
 their job: entry prefixes (T5), source-language and forced-BOS tokens (mBART, NLLB),
 each input's generation settings over the entry's, and inputs longer than the model's
-maximum either truncated (and reported) or split into sentence-aligned chunks.
+maximum either truncated (and reported) or split into sentence-aligned chunks (for a
+translation, at its line breaks first, so that its outputs rejoin in the text's shape).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +31,8 @@ from app.runners.tokens import TextEncoder
 _CHUNK_MARGIN = 4
 # Sets of generation settings whose preparation is kept (the oldest goes first).
 _PLANS_KEPT = 64
+# A line break, with the blanks around it: what separates the lines of a text cut at its lines.
+_LINE_BREAKS = re.compile(r"(\s*\n\s*)")
 
 
 class Seq2SeqRunner(Runner):
@@ -124,21 +128,60 @@ class Seq2SeqRunner(Runner):
     def split_into_chunks(self, text: str) -> list[str]:
         """Sentence-aligned pieces that each fit the model's input; long sentences are cut by tokens."""
         with self._chunk_lock:
-            prefix_tokens = len(self._chunk_tokenizer(self.prefix, add_special_tokens=False)["input_ids"])
-            budget = max(self.text.max_tokens - _CHUNK_MARGIN - prefix_tokens, 8)
-            chunks: list[str] = []
-            current: list[str] = []
-            used = 0
-            for sentence in self._segmenter.segment(text):
-                ids = self._chunk_tokenizer(sentence, add_special_tokens=False)["input_ids"]
-                pieces = [ids[i : i + budget] for i in range(0, len(ids), budget)] or [[]]
-                for piece in pieces:
-                    piece_text = sentence if len(pieces) == 1 else str(self._chunk_tokenizer.decode(piece))
-                    if current and used + len(piece) > budget:
-                        chunks.append(" ".join(current).strip())
-                        current, used = [], 0
-                    current.append(piece_text.strip())
-                    used += len(piece)
-            if current:
-                chunks.append(" ".join(current).strip())
+            return self._pack(text, self._chunk_budget())
+
+    def split_keeping_lines(self, text: str) -> tuple[list[str], list[str]]:
+        """``text`` as pieces that each fit the model's input, and the separators that join
+        their outputs back into its shape: ``separators[0]`` leads, ``separators[k + 1]``
+        follows piece k. A text that fits is one piece, itself. A longer one is cut at its
+        line breaks first (a model's tokenizer drops them, so each line is its own piece and
+        the breaks, blank lines and indents are kept as separators), then a line still too
+        long between its sentences, as ``split_into_chunks`` does (a space rejoins those)."""
+        with self._chunk_lock:
+            budget = self._chunk_budget()
+            if self._tokens(text) <= budget:
+                return [text], ["", ""]
+            pieces: list[str] = []
+            separators = [""]
+            # Lines at even places, the line breaks between them (and the spaces around those) at odd.
+            for place, part in enumerate(_LINE_BREAKS.split(text)):
+                line = part.strip()
+                if place % 2 or not line:
+                    separators[-1] += part
+                    continue
+                separators[-1] += part[: len(part) - len(part.lstrip())]
+                chunks = [line] if self._tokens(line) <= budget else self._pack(line, budget)
+                for k, chunk in enumerate(chunks):
+                    if k:
+                        separators[-1] += " "
+                    pieces.append(chunk)
+                    separators.append("")
+                separators[-1] += part[len(part.rstrip()) :]
+        return pieces, separators
+
+    def _chunk_budget(self) -> int:
+        prefix_tokens = self._tokens(self.prefix)
+        return max(self.text.max_tokens - _CHUNK_MARGIN - prefix_tokens, 8)
+
+    def _tokens(self, text: str) -> int:
+        # verbose=False: a text over the model's maximum is what this counts, not a mistake to warn of.
+        return len(self._chunk_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def _pack(self, text: str, budget: int) -> list[str]:
+        """Sentences of ``text`` packed into pieces of at most ``budget`` tokens (under the lock)."""
+        chunks: list[str] = []
+        current: list[str] = []
+        used = 0
+        for sentence in self._segmenter.segment(text):
+            ids = self._chunk_tokenizer(sentence, add_special_tokens=False)["input_ids"]
+            pieces = [ids[i : i + budget] for i in range(0, len(ids), budget)] or [[]]
+            for piece in pieces:
+                piece_text = sentence if len(pieces) == 1 else str(self._chunk_tokenizer.decode(piece))
+                if current and used + len(piece) > budget:
+                    chunks.append(" ".join(current).strip())
+                    current, used = [], 0
+                current.append(piece_text.strip())
+                used += len(piece)
+        if current:
+            chunks.append(" ".join(current).strip())
         return [c for c in chunks if c]

@@ -1,12 +1,13 @@
 """What the service is asked and what it answers, whatever route (native, Hugging Face,
-OpenAI) the request came through: plain typed values, nothing HTTP-shaped."""
+OpenAI) the request came through: plain typed values, nothing HTTP-shaped; and the
+``Progress`` a caller that streams gives the service to hear a request as it goes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
-from app.payloads import GenerationSettings
+from app.payloads import GenerationDelta, GenerationSettings
 
 T = TypeVar("T")
 
@@ -34,6 +35,7 @@ class Translate:
     generation: GenerationSettings = ()
     timeout_s: float | None = None
     must_fit: bool = False  # an input over the model's maximum: 413, not truncated
+    long_input: Literal["truncate", "chunk"] = "truncate"
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,27 @@ class FillMask:
 
 
 @dataclass
+class Translation:
+    text: str
+    truncated: bool = False
+    chunks: int = 1  # pieces the input was translated in (long_input: chunk)
+
+
+@dataclass
 class Summary:
     text: str
     truncated: bool = False
     chunks: int = 1  # pieces the input was summarized in (long_input: chunk)
+
+
+class Progress(Protocol):
+    """Where a streamed request's news goes as it happens, on the event loop: input
+    ``index``'s new text as it is generated, and its result once final (each input's at most
+    once, before the service answers; an input without one gets its result from the answer)."""
+
+    def delta(self, index: int, piece: GenerationDelta) -> None: ...
+
+    def final(self, index: int, result: Translation | Summary) -> None: ...
 
 
 @dataclass

@@ -4,15 +4,16 @@ The native routes, the Hugging Face Inference API and the OpenAI-compatible rout
 their bodies into the requests of app/service/requests.py, call one method here, and shape
 its Answer; none has a rule of its own. Here: the limits (app/service/checks.py), the
 tenant's rate, model choice (named, default, or by language pair), zero-shot hypotheses,
-``top_k``, refusing truncation when a client asks, ``dimensions``, and chunked
-summarization. Below: the engine's client (app/engine/client.py), whichever layout.
+``top_k``, refusing truncation when a client asks, ``dimensions``, chunked summarization
+and translation (app/service/chunking.py), and what a streamed request hears as it goes
+(``Progress``). Below: the engine's client (app/engine/client.py), whichever layout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from app.catalog import SummarizationEntry, TranslationEntry, ZeroShotEntry
@@ -26,15 +27,27 @@ from app.payloads import (
     ExtractInput,
     FillMaskInput,
     Generation,
+    GenerationDelta,
     GenerationSettings,
     MaskFills,
     Seq2SeqInput,
     ZeroShotInput,
 )
-from app.registry.slots import Models
+from app.registry.slots import Models, OnDelta, OnResult
 from app.service.checks import check_generation, check_inputs, timeout_of
 from app.service.choice import ModelChoice, translates
-from app.service.requests import Answer, Classify, Embed, FillMask, Summarize, Summary, Translate
+from app.service.chunking import Pieces
+from app.service.requests import (
+    Answer,
+    Classify,
+    Embed,
+    FillMask,
+    Progress,
+    Summarize,
+    Summary,
+    Translate,
+    Translation,
+)
 from app.tasks import Endpoint
 
 T = TypeVar("T")
@@ -78,9 +91,11 @@ class InferenceService:
         ranked = [Classification(r.labels[:top_k] if top_k else r.labels, r.truncated) for r in results]
         return Answer(entry.name, ranked, max(sizes, default=0))
 
-    async def translate(self, asked: Translate, tenant: str) -> Answer[Generation]:
+    async def translate(self, asked: Translate, tenant: str, progress: Progress | None = None) -> Answer[Translation]:
         """Each input translated by the named model, or the one for the language pair (either
-        side may be left open), or the endpoint's default."""
+        side may be left open), or the endpoint's default; with ``long_input: chunk``, an
+        input longer than the model's maximum in pieces cut at its lines, then rejoined.
+        ``progress`` hears each input's text as it is generated."""
         await self.admit(asked.texts, tenant)
         check_generation(self.settings, asked.generation)
         languages = asked.source_lang, asked.target_lang
@@ -97,16 +112,31 @@ class InferenceService:
                     f"model '{entry.name}' translates {entry.source_lang}->{entry.target_lang}, "
                     f"not {wanted}; drop model or the languages"
                 )
-        payloads = [Seq2SeqInput(t, asked.generation) for t in asked.texts]
         sizes: list[int] = []  # the batches its inputs ran in, for the access log
-        results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes, group=asked.generation)
+        translations: list[Translation]
+        if asked.long_input == "chunk":
+            translations = await self._translate_chunked(entry.name, asked, tenant, sizes, progress)
+        else:
+            payloads = [Seq2SeqInput(t, asked.generation) for t in asked.texts]
+            results = await self._run(
+                entry.name,
+                payloads,
+                tenant,
+                asked.timeout_s,
+                sizes,
+                group=asked.generation,
+                **listeners(progress, asked.must_fit, lambda r: Translation(r.text, r.truncated)),
+            )
+            translations = [Translation(r.text, r.truncated) for r in results]
         if asked.must_fit:
-            refuse_truncated(entry.name, results)
-        return Answer(entry.name, results, max(sizes, default=0))
+            refuse_truncated(entry.name, translations)
+        return Answer(entry.name, translations, max(sizes, default=0))
 
-    async def summarize(self, asked: Summarize, tenant: str) -> Answer[Summary]:
+    async def summarize(self, asked: Summarize, tenant: str, progress: Progress | None = None) -> Answer[Summary]:
         """Abstractive (seq2seq; a long document truncated, or summarized in chunks then
-        summarized again) or extractive (the sentences that best cover the document)."""
+        summarized again) or extractive (the sentences that best cover the document).
+        ``progress`` hears each abstractive summary's text as it is generated (of a chunked
+        one, its last round's)."""
         await self.admit(asked.texts, tenant)
         check_generation(self.settings, asked.generation)
         entry = self.choice.resolve(asked.model, Endpoint.summarize)
@@ -122,12 +152,20 @@ class InferenceService:
             # One deadline for every stage of every document.
             deadline = time.monotonic() + timeout_of(self.settings, asked.timeout_s)
             summaries = await all_or_nothing(
-                self._summarize_chunked(entry.name, i, text, asked.generation, deadline, tenant, sizes)
+                self._summarize_chunked(entry.name, i, text, asked, deadline, tenant, sizes, progress)
                 for i, text in enumerate(asked.texts)
             )
         else:
             payloads = [Seq2SeqInput(t, asked.generation) for t in asked.texts]
-            results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes, group=asked.generation)
+            results = await self._run(
+                entry.name,
+                payloads,
+                tenant,
+                asked.timeout_s,
+                sizes,
+                group=asked.generation,
+                **listeners(progress, asked.must_fit, lambda r: Summary(r.text, r.truncated)),
+            )
             summaries = [Summary(r.text, r.truncated) for r in results]
         if asked.must_fit:
             refuse_truncated(entry.name, summaries)
@@ -173,48 +211,99 @@ class InferenceService:
         timeout_s: float | None,
         sizes: list[int],
         group: GenerationSettings | None = None,
+        on_delta: OnDelta | None = None,
+        on_result: OnResult | None = None,
     ) -> list[Any]:
         timeout = timeout_of(self.settings, timeout_s)
-        return await self.registry.infer(name, payloads, timeout_s=timeout, group=group, tenant=tenant, sizes=sizes)
+        return await self.registry.infer(
+            name,
+            payloads,
+            timeout_s=timeout,
+            group=group,
+            tenant=tenant,
+            sizes=sizes,
+            on_delta=on_delta,
+            on_result=on_result,
+        )
+
+    async def _split(self, name: str, index: int, text: str, keep_lines: bool = False) -> Any:
+        """``text`` in pieces model ``name`` reads whole (app/runners/seq2seq.py)."""
+        try:
+            if keep_lines:
+                return await self.registry.split_keeping_lines(name, text)
+            return await self.registry.split_into_chunks(name, text)
+        except InvalidInput as exc:
+            raise InvalidInput(f"input {index} {exc.message}; send plain UTF-8 text") from exc
+
+    async def _translate_chunked(
+        self, name: str, asked: Translate, tenant: str, sizes: list[int], progress: Progress | None
+    ) -> list[Translation]:
+        """Every input cut at its lines (then sentences) into pieces the model reads whole; all
+        pieces of all inputs translated as one request, under one deadline; each input's
+        outputs joined with its own separators. Streamed, each input's deltas in order."""
+        deadline = time.monotonic() + timeout_of(self.settings, asked.timeout_s)
+        splits = await all_or_nothing(self._split(name, i, t, keep_lines=True) for i, t in enumerate(asked.texts))
+        pieces = Pieces(splits)
+        payloads = [Seq2SeqInput(t, asked.generation) for t in pieces.texts]
+        heard: dict[str, Any] = {}
+        if progress is not None:
+            order = pieces.in_order(progress)
+            heard = {"on_delta": order.delta, "on_result": None if asked.must_fit else order.result}
+        left = max(0.001, deadline - time.monotonic())
+        results = await self._run(name, payloads, tenant, left, sizes, group=asked.generation, **heard)
+        return pieces.joined(results)
 
     async def _summarize_chunked(
         self,
         name: str,
         index: int,
         text: str,
-        generation: GenerationSettings,
+        asked: Summarize,
         deadline: float,
         tenant: str,
         sizes: list[int],
+        progress: Progress | None,
     ) -> Summary:
         """Map-reduce: summarize model-sized chunks together (one batch), then their joined
         summaries, again while they are still too long for the model."""
+        generation = asked.generation
 
-        async def summarize_all(texts: list[str]) -> list[str]:
+        async def summarize_all(texts: list[str], **heard: Any) -> list[Generation]:
             left = max(0.001, deadline - time.monotonic())
             payloads = [Seq2SeqInput(t, generation) for t in texts]
-            results = await self.registry.infer(
-                name, payloads, group=generation, timeout_s=left, tenant=tenant, sizes=sizes
-            )
-            return [r.text for r in results]
+            return await self._run(name, payloads, tenant, left, sizes, group=generation, **heard)
 
-        async def split(document: str) -> list[str]:
-            try:
-                return await self.registry.split_into_chunks(name, document)
-            except InvalidInput as exc:
-                raise InvalidInput(f"input {index} {exc.message}; send plain UTF-8 text") from exc
-
-        chunks = await split(text)
+        chunks: list[str] = await self._split(name, index, text)
         pieces, joined = len(chunks), text
         for _ in range(MAX_REDUCE_ROUNDS):
             if len(chunks) <= 1:
                 break
-            joined = " ".join(await summarize_all(chunks))
-            chunks = await split(joined)
-        left = max(0.001, deadline - time.monotonic())
-        last = [Seq2SeqInput(joined, generation)]
-        [final] = await self.registry.infer(name, last, group=generation, timeout_s=left, tenant=tenant, sizes=sizes)
+            joined = " ".join(r.text for r in await summarize_all(chunks))
+            chunks = await self._split(name, index, joined)
+        heard = listeners(progress, asked.must_fit, lambda r: Summary(r.text, r.truncated, chunks=pieces), index)
+        [final] = await summarize_all([joined], **heard)
         return Summary(final.text, final.truncated, chunks=pieces)
+
+
+def listeners(
+    progress: Progress | None,
+    must_fit: bool,
+    shape: Callable[[Generation], Translation | Summary],
+    index: int | None = None,
+) -> dict[str, Any]:
+    """The engine client's listeners (``on_delta``, ``on_result``) that tell ``progress`` of a
+    streamed request's inputs (all of them under ``index``, where given); none without one.
+    A result waits for the answer where truncation is refused (it may yet be a 413)."""
+    if progress is None:
+        return {}
+
+    def on_delta(i: int, piece: GenerationDelta) -> None:
+        progress.delta(i if index is None else index, piece)
+
+    def on_result(i: int, result: Generation) -> None:
+        progress.final(i if index is None else index, shape(result))
+
+    return {"on_delta": on_delta, "on_result": None if must_fit else on_result}
 
 
 def zero_shot_payloads(
