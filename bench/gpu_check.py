@@ -7,8 +7,8 @@ the supervisor, one front and the engine) and is checked four ways:
   text per request at c=64, against the same texts offline in length-sorted batches of 32
   (bench/offline.py), rounds interleaved (bench/run.py); target served/offline >= 0.8x.
 - seq2seq (static): Marian at opus-mt-en-de size, exactly 32 new tokens, /translate at c=16
-  against offline ``generate`` batches of 16 (fp32). Static batches: there is no
-  seq2seq-mixed scenario yet.
+  against offline ``generate`` batches of 16 (fp32). Static batches: mixed lengths are
+  bench/seq2seq_mixed.py's (``--device cuda``), served only.
 - out of memory: this process takes all but 1 GiB of the GPU's free memory, then sends
   requests of 512 texts of ~450 tokens with batches of up to 512 allowed. The engine's
   forward pass raises a real CUDA out-of-memory error and the batcher halves the batch until
