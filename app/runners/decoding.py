@@ -83,21 +83,10 @@ class Plan:
     processors: Any  # a LogitsProcessorList: (ids, scores) -> scores
     stopping: Any  # a StoppingCriteriaList: (ids, scores) -> done per row
     start: int  # the decoder's start token
-    # Where stopping is only end-of-sequence tokens and a length (the usual): both, for
-    # checks without tensors; None where other criteria apply.
-    stops: tuple[frozenset[int], int] | None = None
 
     @property
     def beams(self) -> int:
         return int(self.config.num_beams or 1)
-
-    def process(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """``scores`` through the processors in order, as LogitsProcessorList calls them
-        without extra arguments, minus its per-call signature inspection (~0.1 ms per input
-        and step; measured in /tmp profiles of bench/seq2seq_mixed.py's model)."""
-        for processor in self.processors:
-            scores = processor(ids, scores)
-        return scores
 
 
 def plan(model: Any, settings: dict[str, Any], input_ids: torch.Tensor) -> Plan:
@@ -137,12 +126,7 @@ def plan(model: Any, settings: dict[str, Any], input_ids: torch.Tensor) -> Plan:
         stopping = model._get_stopping_criteria(generation_config=config, stopping_criteria=StoppingCriteriaList())
     except ValueError as exc:
         raise InvalidInput(f"model refused these generation settings: {exc}") from exc
-    start = int(config._decoder_start_token_tensor.reshape(-1)[0])
-    stops = None
-    if {type(c).__name__ for c in stopping} <= {"MaxLengthCriteria", "EosTokenCriteria"}:
-        eos = config._eos_token_tensor
-        stops = (frozenset(eos.reshape(-1).tolist() if eos is not None else ()), int(config.max_length))
-    return Plan(config, processors, stopping, start, stops)
+    return Plan(config, processors, stopping, int(config._decoder_start_token_tensor.reshape(-1)[0]))
 
 
 class Search:
@@ -156,14 +140,9 @@ class Search:
         self.length = 1  # tokens so far, the start token included
         self.done = False
 
-    @property
-    def greedy(self) -> bool:
-        """Whether its token is the best-scored one: then the batch picks it with the others'."""
-        return not self.plan.config.do_sample and self.plan.stops is not None
-
     def choose(self, logits: torch.Tensor) -> torch.Tensor | None:
         """The next token from this input's logits ([1, vocab], float32)."""
-        scores = self.scores(logits)
+        scores = self.plan.processors(self.ids[:, : self.length], logits)
         if self.plan.config.do_sample:
             token = torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
@@ -172,19 +151,6 @@ class Search:
         self.length += 1
         self.done = bool(self.plan.stopping(self.ids[:, : self.length], scores).all())
         return None
-
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Its logits ([1, vocab]) through its processors."""
-        return self.plan.process(self.ids[:, : self.length], logits)
-
-    def take(self, token: int) -> None:
-        """The best-scored token, chosen by the batch (``greedy``): stopping is the plain
-        pair, end-of-sequence or length, checked without tensors."""
-        assert self.plan.stops is not None
-        eos, max_length = self.plan.stops
-        self.ids[0, self.length] = token
-        self.length += 1
-        self.done = token in eos or self.length >= max_length
 
     @property
     def last(self) -> torch.Tensor:
@@ -232,7 +198,7 @@ class Beams:
         row continues (indices into this input's rows), to reorder their caches."""
         m, config, beams, length = self.model, self.plan.config, self.rows, self.length
         log_probs = torch.nn.functional.log_softmax(logits, dim=-1)
-        log_probs = self.plan.process(self.running[0, :, :length], log_probs)
+        log_probs = self.plan.processors(self.running[0, :, :length], log_probs)
         log_probs = (log_probs[None] + self.running_scores[:, :, None]).reshape(1, -1)
         top_probs, top_sequences, top_indices = m._get_top_k_continuations(
             accumulated_log_probs=log_probs,
@@ -433,46 +399,25 @@ class RunningBatch:
         return out.logits[:, -1, :].to(dtype=torch.float32)
 
     def _advance(self, logits: torch.Tensor) -> None:
-        """Each running sequence chooses its next tokens; beams' caches follow their parents."""
-        index = self._choose(self.sequences, logits)
-        if index is not None:
-            assert self.cache is not None
-            for layer in _self_layers(self.cache):
-                layer.keys = layer.keys.index_select(0, index)
-                layer.values = layer.values.index_select(0, index)
-
-    def _choose(self, sequences: Sequence[Generating], logits: torch.Tensor) -> torch.Tensor | None:
-        """Each sequence's next tokens from its rows of ``logits``; the row each new row
-        continues (beam search moves rows), or None where every row stays.
-
-        Greedy sequences are scored each with its own processors, then take their tokens from
-        one argmax over all of them: per sequence, an argmax over the vocabulary costs about
-        as much as the rest of its choice (bench/seq2seq_mixed.py: greedy c=16, see
-        docs/continuous-batching.md)."""
+        """Each sequence chooses its next tokens; beams' caches follow their parents."""
         order: list[torch.Tensor] = []
-        moved = False
-        greedy: list[Search] = []
-        scored: list[torch.Tensor] = []
+        reordered = False
         row = 0
-        for s in sequences:
-            decoding, rows = s.decoding, s.decoding.rows
-            if isinstance(decoding, Search) and decoding.greedy:
-                greedy.append(decoding)
-                scored.append(decoding.scores(logits[row : row + 1]))
-                parents = None
-            else:
-                parents = decoding.choose(logits[row : row + rows])
+        for s in self.sequences:
+            rows = s.decoding.rows
+            parents = s.decoding.choose(logits[row : row + rows])
             if parents is None:
                 order.append(torch.arange(row, row + rows, device=self.device))
             else:
                 order.append(parents + row)
-                moved = True
+                reordered = True
             row += rows
-        if greedy:
-            tokens = torch.cat(scored).argmax(dim=-1).tolist()
-            for decoding, token in zip(greedy, tokens, strict=True):
-                decoding.take(token)
-        return torch.cat(order) if moved else None
+        if reordered:
+            index = torch.cat(order)
+            assert self.cache is not None
+            for layer in _self_layers(self.cache):
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
 
     def _join(self, joining: list[Generating]) -> None:
         """The joining inputs' encoder pass and first decoder step, then their rows merged in."""
@@ -494,11 +439,17 @@ class RunningBatch:
         for layer in (*_self_layers(cache), *_cross_layers(cache)):
             layer.keys = layer.keys.index_select(0, expand)
             layer.values = layer.values.index_select(0, expand)
-        index = self._choose(joining, logits)
-        if index is not None:
-            for layer in _self_layers(cache):
-                layer.keys = layer.keys.index_select(0, index)
-                layer.values = layer.values.index_select(0, index)
+        row = 0
+        order = []
+        for s in joining:
+            rows = s.decoding.rows
+            parents = s.decoding.choose(logits[row : row + rows])
+            order.append(torch.arange(row, row + rows, device=self.device) if parents is None else parents + row)
+            row += rows
+        index = torch.cat(order)
+        for layer in _self_layers(cache):
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
         self._merge(cache, input_mask, joining)
 
     def _merge(self, cache: EncoderDecoderCache, input_mask: torch.Tensor, joining: list[Generating]) -> None:
