@@ -1,11 +1,9 @@
-"""Streamed answers whose deltas come from generation itself: these pass once a seq2seq
-runner reports its inputs' text step by step (the continuous batching scheduler calls
-``outcome.delta(GenerationDelta(...))`` on the engine's loop). With static batches, which
-report nothing before their results, a streamed request hears its finals only, and every
-test here fails on its first assertion about deltas.
+"""Streamed answers whose deltas come from generation itself: the continuous batcher's
+running batch reports each input's settled text step by step (``outcome.delta`` on the
+engine's loop), and every route, layout and chunking mode shows it to the client in order.
 
 The plumbing under them (engine events, clients, SSE, ordering, cancellation) is tested
-without a generating runner in tests/test_streaming.py.
+with injected deltas in tests/test_streaming.py.
 """
 
 from __future__ import annotations
