@@ -359,3 +359,24 @@ def test_absolute_decoder_positions_are_a_table_looked_up_by_position(family: st
     )
     assert issubclass(table, torch.nn.Embedding), DECODING
     assert "position_ids" in inspect.signature(table.forward).parameters, DECODING
+
+
+@pytest.mark.parametrize("family", ["m2m_100", "nllb_moe"])
+def test_sinusoidal_decoder_positions_count_from_past_the_padding_index(family: str) -> None:
+    """RowPositions looks M2M100's and NLLB's positions up at padding_idx + 1 + the row's
+    position, growing the table with make_weights, as their forward does."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    table = next(v for k, v in vars(module).items() if k.endswith("SinusoidalPositionalEmbedding"))
+    embed = table(16, 8, padding_idx=1)
+    for name in ("weights", "padding_idx", "make_weights", "offset", "create_position_ids_from_input_ids"):
+        assert hasattr(embed, name), f"{table.__name__}.{name} is gone; {DECODING} uses it"
+    ids = embed.create_position_ids_from_input_ids(torch_ids([[5, 6, 7]]), 1, 4)
+    assert ids.tolist() == [[1 + 1 + 4, 1 + 2 + 4, 1 + 3 + 4]], DECODING
+
+
+def torch_ids(rows: list[list[int]]) -> Any:
+    import torch
+
+    return torch.tensor(rows)

@@ -41,26 +41,45 @@ PER_INPUT_SETTINGS = ("encoder_no_repeat_ngram_size", "encoder_repetition_penalt
 
 
 class RowPositions(torch.nn.Module):
-    """Wraps a decoder's table of positions (BART, Marian, mBART, Pegasus: an embedding
-    looked up by position, BART's and mBART's shifted by ``offset``) so that each row of the
-    running batch is embedded at its own position (``rows``, shape [rows, 1]); with ``rows``
-    unset it is the wrapped module, unchanged."""
+    """Wraps a decoder's positional embedding so that each row of the running batch is
+    embedded at its own position (``rows``, shape [rows, 1]); with ``rows`` unset it is the
+    wrapped module, unchanged. Two kinds: a table looked up by position (BART, Marian, mBART,
+    Pegasus; BART's and mBART's shifted by ``offset``), and M2M100's and NLLB's sinusoids,
+    which count positions from past the padding index."""
 
-    def __init__(self, inner: torch.nn.Embedding) -> None:
+    def __init__(self, inner: Any) -> None:
         super().__init__()
         self.inner = inner
-        self.offset = int(getattr(inner, "offset", 0))
         self.rows: torch.Tensor | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.rows is None:
             return self.inner(*args, **kwargs)
-        return torch.nn.functional.embedding(self.rows + self.offset, self.inner.weight)
+        inner: Any = self.inner
+        if isinstance(inner, torch.nn.Embedding):
+            return torch.nn.functional.embedding(self.rows + int(getattr(inner, "offset", 0)), inner.weight)
+        positions = self.rows + inner.padding_idx + 1
+        fed = args[0] if args else kwargs.get("input_ids")
+        if fed is not None:  # a padding token fed back (generated) sits at the padding index, as there
+            positions = torch.where(fed.ne(inner.padding_idx), positions, inner.padding_idx)
+        needed = int(positions.max()) + 1
+        if needed > inner.weights.shape[0]:  # as its own forward grows the table
+            inner.make_weights(needed + inner.offset, inner.embedding_dim, inner.padding_idx)
+        return inner.weights.index_select(0, positions.reshape(-1)).reshape(*positions.shape, -1).detach()
+
+    @staticmethod
+    def fits(embed: Any) -> bool:
+        """Whether ``embed`` is a kind this wraps."""
+        if isinstance(embed, torch.nn.Embedding):
+            return "position_ids" in inspect.signature(embed.forward).parameters
+        return all(hasattr(embed, name) for name in ("weights", "padding_idx", "make_weights", "offset")) and hasattr(
+            embed, "create_position_ids_from_input_ids"
+        )
 
 
 def row_positions(model: Any) -> RowPositions | bool | None:
-    """Installs RowPositions on the model's decoder where its positions are a table looked
-    up by position; None where they are relative (T5), False where neither holds (rows then
+    """Installs RowPositions on the model's decoder where its positions are absolute and of
+    a kind it knows; None where they are relative (T5), False where neither holds (rows then
     join only an empty batch)."""
     if model.config.model_type in RELATIVE_POSITIONS:
         return None
@@ -68,7 +87,7 @@ def row_positions(model: Any) -> RowPositions | bool | None:
     embed = getattr(decoder, "embed_positions", None)
     if isinstance(embed, RowPositions):
         return embed
-    if not isinstance(embed, torch.nn.Embedding) or "position_ids" not in inspect.signature(embed.forward).parameters:
+    if not RowPositions.fits(embed):
         return False
     wrapped = RowPositions(embed)
     decoder.embed_positions = wrapped
@@ -423,22 +442,22 @@ class RunningBatch:
         """The joining inputs' encoder pass and first decoder step, then their rows merged in."""
         batch = pad_rows([s.input_ids for s in joining], self.pad_id, None, self.device)
         encoder = self.model.get_encoder()(**batch, return_dict=True)
-        starts = torch.tensor([[s.decoding.plan.start] for s in joining], device=self.device)
+        # Beams start as copies of their input's encoding (the encoder ran once per input),
+        # expanded before the first decoder step as generate expands them: the step's
+        # numbers are then generate's, where a batch of other sizes could round differently.
+        expand = torch.tensor([i for i, s in enumerate(joining) for _ in range(s.decoding.rows)], device=self.device)
+        input_mask = batch["attention_mask"].index_select(0, expand)
+        encoder = BaseModelOutput(last_hidden_state=encoder.last_hidden_state.index_select(0, expand))
+        starts = torch.tensor([[s.decoding.plan.start] for s in joining for _ in range(s.decoding.rows)])
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         out = self.model(
             encoder_outputs=encoder,
-            attention_mask=batch["attention_mask"],
-            decoder_input_ids=starts,
+            attention_mask=input_mask,
+            decoder_input_ids=starts.to(self.device),
             cache=cache,
             use_cache=True,
         )
-        # One row per input ran; beams start as copies of it.
-        expand = torch.tensor([i for i, s in enumerate(joining) for _ in range(s.decoding.rows)], device=self.device)
-        logits = out.logits[:, -1, :].to(dtype=torch.float32).index_select(0, expand)
-        input_mask = batch["attention_mask"].index_select(0, expand)
-        for layer in (*_self_layers(cache), *_cross_layers(cache)):
-            layer.keys = layer.keys.index_select(0, expand)
-            layer.values = layer.values.index_select(0, expand)
+        logits = out.logits[:, -1, :].to(dtype=torch.float32)
         row = 0
         order = []
         for s in joining:
