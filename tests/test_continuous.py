@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,43 +64,49 @@ async def loaded(client: Any, app: FastAPI) -> Any:
     return core_of(app).registry.slot(MODEL)
 
 
-async def test_a_request_joins_a_running_generation_and_answers_before_it_ends(
+@asynccontextmanager
+async def beside_a_long_generation(
     app_factory: Callable[..., FastAPI],
-) -> None:
+    steps: int,
+) -> AsyncIterator[tuple[Any, Any, list[int], asyncio.Task[Any]]]:
+    """A served app whose model runs a long generation (``steps`` steps in already): its
+    client, the model's slot, the decoder's rows per pass, and the long request."""
     app = app_factory()
     async with serve(app) as client:
         slot = await loaded(client, app)
         with decoder_rows(slot.runner) as rows:
             long = asyncio.create_task(client.post("/translate", json=translate("a long one", **LONG)))
-            await until(lambda: len(rows) >= 5, "the long generation runs")
-            short = await client.post("/translate", json=translate("a short one", max_new_tokens=3))
-            assert short.status_code == 200, short.text
-            assert not long.done()  # the short request did not wait for the long one's end
-            steps_at_short = len(rows)
-            answer = await long
-        assert answer.status_code == 200, answer.text
-        assert steps_at_short < 100
-        # The short one ran beside the long one (2 rows), then left: the long one ran on alone.
-        assert 2 in rows
-        assert rows[-1] == 1 and rows[steps_at_short:].count(2) == 0
-        assert slot.batcher.queue_depth == 0
+            await until(lambda: len(rows) >= steps, "the long generation runs")
+            yield client, slot, rows, long
+
+
+async def test_a_request_joins_a_running_generation_and_answers_before_it_ends(
+    app_factory: Callable[..., FastAPI],
+) -> None:
+    async with beside_a_long_generation(app_factory, steps=5) as (client, slot, rows, long):
+        short = await client.post("/translate", json=translate("a short one", max_new_tokens=3))
+        assert short.status_code == 200, short.text
+        assert not long.done()  # the short request did not wait for the long one's end
+        steps_at_short = len(rows)
+        answer = await long
+    assert answer.status_code == 200, answer.text
+    assert steps_at_short < 100
+    # The short one ran beside the long one (2 rows), then left: the long one ran on alone.
+    assert 2 in rows
+    assert rows[-1] == 1 and rows[steps_at_short:].count(2) == 0
+    assert slot.batcher.queue_depth == 0
 
 
 async def test_a_beam_search_holds_a_row_per_beam_and_its_rows_leave_together(
     app_factory: Callable[..., FastAPI],
 ) -> None:
-    app = app_factory()
-    async with serve(app) as client:
-        slot = await loaded(client, app)
-        with decoder_rows(slot.runner) as rows:
-            long = asyncio.create_task(client.post("/translate", json=translate("a long one", **LONG)))
-            await until(lambda: len(rows) >= 3, "the long generation runs")
-            beams = await client.post("/translate", json=translate("four beams", num_beams=4, max_new_tokens=5))
-            assert beams.status_code == 200, beams.text
-            after = len(rows)
-            assert (await long).status_code == 200
-        assert 1 + 4 in rows  # the greedy row and the four beams, in one pass
-        assert set(rows[after:]) == {1}
+    async with beside_a_long_generation(app_factory, steps=3) as (client, _, rows, long):
+        beams = await client.post("/translate", json=translate("four beams", num_beams=4, max_new_tokens=5))
+        assert beams.status_code == 200, beams.text
+        after = len(rows)
+        assert (await long).status_code == 200
+    assert 1 + 4 in rows  # the greedy row and the four beams, in one pass
+    assert set(rows[after:]) == {1}
 
 
 async def test_a_deadline_passed_mid_generation_answers_504_and_its_rows_stop(

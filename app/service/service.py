@@ -51,6 +51,7 @@ from app.service.requests import (
 from app.tasks import Endpoint
 
 T = TypeVar("T")
+G = TypeVar("G", Translation, Summary)  # what a generated text becomes in an answer
 
 # Rounds of summarizing summaries before the last one may truncate: each round shrinks the
 # text several-fold, so documents past a few hundred model windows are the only ones cut.
@@ -117,17 +118,9 @@ class InferenceService:
         if asked.long_input == "chunk":
             translations = await self._translate_chunked(entry.name, asked, tenant, sizes, progress)
         else:
-            payloads = [Seq2SeqInput(t, asked.generation) for t in asked.texts]
-            results = await self._run(
-                entry.name,
-                payloads,
-                tenant,
-                asked.timeout_s,
-                sizes,
-                group=asked.generation,
-                **listeners(progress, asked.must_fit, lambda r: Translation(r.text, r.truncated)),
+            translations = await self._generate(
+                entry.name, asked, tenant, sizes, progress, lambda r: Translation(r.text, r.truncated)
             )
-            translations = [Translation(r.text, r.truncated) for r in results]
         if asked.must_fit:
             refuse_truncated(entry.name, translations)
         return Answer(entry.name, translations, max(sizes, default=0))
@@ -156,20 +149,28 @@ class InferenceService:
                 for i, text in enumerate(asked.texts)
             )
         else:
-            payloads = [Seq2SeqInput(t, asked.generation) for t in asked.texts]
-            results = await self._run(
-                entry.name,
-                payloads,
-                tenant,
-                asked.timeout_s,
-                sizes,
-                group=asked.generation,
-                **listeners(progress, asked.must_fit, lambda r: Summary(r.text, r.truncated)),
+            summaries = await self._generate(
+                entry.name, asked, tenant, sizes, progress, lambda r: Summary(r.text, r.truncated)
             )
-            summaries = [Summary(r.text, r.truncated) for r in results]
         if asked.must_fit:
             refuse_truncated(entry.name, summaries)
         return Answer(entry.name, summaries, max(sizes, default=0))
+
+    async def _generate(
+        self,
+        name: str,
+        asked: Translate | Summarize,
+        tenant: str,
+        sizes: list[int],
+        progress: Progress | None,
+        shape: Callable[[Generation], G],
+    ) -> list[G]:
+        """Each text generated whole by model ``name``, as ``shape`` makes its answer;
+        ``progress`` hears each one's text as it goes."""
+        payloads = [Seq2SeqInput(t, asked.generation) for t in asked.texts]
+        listening = listeners(progress, asked.must_fit, shape)
+        results = await self._run(name, payloads, tenant, asked.timeout_s, sizes, group=asked.generation, **listening)
+        return [shape(r) for r in results]
 
     async def embed(self, asked: Embed, tenant: str) -> Answer[Embedding]:
         """One vector per input, pooled as the model declares, unit length unless
