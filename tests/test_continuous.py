@@ -89,12 +89,12 @@ async def test_a_request_joins_a_running_generation_and_answers_before_it_ends(
         assert not long.done()  # the short request did not wait for the long one's end
         steps_at_short = len(rows)
         answer = await long
+        assert slot.batcher.queue_depth == 0
     assert answer.status_code == 200, answer.text
     assert steps_at_short < 100
     # The short one ran beside the long one (2 rows), then left: the long one ran on alone.
     assert 2 in rows
     assert rows[-1] == 1 and rows[steps_at_short:].count(2) == 0
-    assert slot.batcher.queue_depth == 0
 
 
 async def test_a_beam_search_holds_a_row_per_beam_and_its_rows_leave_together(

@@ -1,13 +1,15 @@
 """What the service is asked and what it answers, whatever route (native, Hugging Face,
 OpenAI) the request came through: plain typed values, nothing HTTP-shaped; and the
-``Progress`` a caller that streams gives the service to hear a request as it goes."""
+``Progress`` a caller that streams gives the service to hear a request as it goes, with the
+engine client's listeners that feed it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
-from app.payloads import GenerationDelta, GenerationSettings
+from app.payloads import Generation, GenerationDelta, GenerationSettings
 
 T = TypeVar("T")
 
@@ -105,3 +107,24 @@ class Answer(Generic[T]):
 
     def __post_init__(self) -> None:
         self.inputs = len(self.results)
+
+
+def listeners(
+    progress: Progress | None,
+    must_fit: bool,
+    shape: Callable[[Generation], Translation | Summary],
+    index: int | None = None,
+) -> dict[str, Any]:
+    """The engine client's listeners (``on_delta``, ``on_result``) that tell ``progress`` of a
+    streamed request's inputs (all of them under ``index``, where given); none without one.
+    A result waits for the answer where truncation is refused (it may yet be a 413)."""
+    if progress is None:
+        return {}
+
+    def on_delta(i: int, piece: GenerationDelta) -> None:
+        progress.delta(i if index is None else index, piece)
+
+    def on_result(i: int, result: Generation) -> None:
+        progress.final(i if index is None else index, shape(result))
+
+    return {"on_delta": on_delta, "on_result": None if must_fit else on_result}

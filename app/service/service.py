@@ -27,7 +27,6 @@ from app.payloads import (
     ExtractInput,
     FillMaskInput,
     Generation,
-    GenerationDelta,
     GenerationSettings,
     MaskFills,
     Seq2SeqInput,
@@ -47,6 +46,7 @@ from app.service.requests import (
     Summary,
     Translate,
     Translation,
+    listeners,
 )
 from app.tasks import Endpoint
 
@@ -284,27 +284,6 @@ class InferenceService:
         heard = listeners(progress, asked.must_fit, lambda r: Summary(r.text, r.truncated, chunks=pieces), index)
         [final] = await summarize_all([joined], **heard)
         return Summary(final.text, final.truncated, chunks=pieces)
-
-
-def listeners(
-    progress: Progress | None,
-    must_fit: bool,
-    shape: Callable[[Generation], Translation | Summary],
-    index: int | None = None,
-) -> dict[str, Any]:
-    """The engine client's listeners (``on_delta``, ``on_result``) that tell ``progress`` of a
-    streamed request's inputs (all of them under ``index``, where given); none without one.
-    A result waits for the answer where truncation is refused (it may yet be a 413)."""
-    if progress is None:
-        return {}
-
-    def on_delta(i: int, piece: GenerationDelta) -> None:
-        progress.delta(i if index is None else index, piece)
-
-    def on_result(i: int, result: Generation) -> None:
-        progress.final(i if index is None else index, shape(result))
-
-    return {"on_delta": on_delta, "on_result": None if must_fit else on_result}
 
 
 def zero_shot_payloads(
