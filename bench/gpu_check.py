@@ -60,21 +60,20 @@ from offline import OfflineModel
 from run import GENERATION, interleave, ratio
 from servers import ServerProcess
 from transformers import BertConfig
-from workloads import WORDS, build_bert_base_classifier, build_marian, make_texts, marian_config, write_catalog
+from workloads import (
+    TINY_MARIAN,
+    WORDS,
+    build_bert_base_classifier,
+    build_marian,
+    make_texts,
+    marian_config,
+    write_catalog,
+)
 
 TARGET_RATIO = 0.8
 HEADROOM_GIB = 1.0  # GPU memory left free for the engine during the out-of-memory check
 LONG_TEXT_WORDS = 450  # one token each (workloads.bench_wordpiece_tokenizer): under bert's 512
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-TINY_MARIAN = {
-    "d_model": 32,
-    "encoder_layers": 1,
-    "decoder_layers": 1,
-    "encoder_attention_heads": 2,
-    "decoder_attention_heads": 2,
-    "encoder_ffn_dim": 64,
-    "decoder_ffn_dim": 64,
-}
 
 
 @dataclass

@@ -53,20 +53,11 @@ from marian_lengths import FIRST, LAST, MixedMarian, build_mixed_marian, output_
 from servers import ROOT
 from transformers import MarianMTModel, MarianTokenizer
 from translate_client import Answer, closed_loop, probe
-from workloads import SEED, write_catalog
+from workloads import SEED, TINY_MARIAN, write_catalog
 
 MODEL = "marian"
 CAPS = (16, 32, 64, 100, 160)
 SETTINGS = {"greedy": 1, "beams": 4}  # num_beams
-SMALL = {
-    "d_model": 32,
-    "encoder_layers": 1,
-    "decoder_layers": 1,
-    "encoder_attention_heads": 2,
-    "decoder_attention_heads": 2,
-    "encoder_ffn_dim": 64,
-    "decoder_ffn_dim": 64,
-}
 
 
 def requests_for(texts: list[str], count: int, beams: int) -> list[tuple[int, dict[str, Any]]]:
@@ -281,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tessera-s2s-mixed-")))
         started = time.monotonic()
         print("building the model and tuning its lengths ...", flush=True)
-        mixed = build_mixed_marian(work / MODEL, SMALL if args.small else None, args.device)
+        mixed = build_mixed_marian(work / MODEL, TINY_MARIAN if args.small else None, args.device)
         print(f"built in {time.monotonic() - started:.0f} s: {len(mixed.texts)} texts", flush=True)
         if args.check_model:
             check_model(mixed, args.device, args.check_texts)

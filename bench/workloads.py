@@ -35,6 +35,16 @@ from transformers import (
 )
 
 SEED = 0
+# A Marian of the smallest useful size, for dry and smoke runs (marian_config's overrides).
+TINY_MARIAN = {
+    "d_model": 32,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+}
 
 # Every text and its word count come from this list and the seed alone.
 _WORD_LIST = (
