@@ -300,3 +300,22 @@ async def test_a_queued_input_past_its_deadline_fails_without_running(marian: An
         assert order == ["first"]
     finally:
         batcher.close()
+
+
+async def test_sampling_with_top_k_1_gives_the_greedy_text(marian: Any) -> None:
+    """Sampling runs its own token choice (softmax, then a draw) per request: with one
+    candidate left (top_k 1) each draw must be greedy's pick, beside greedy requests."""
+    batcher = batcher_of(marian)
+    loop = asyncio.get_running_loop()
+    try:
+        texts = ["a sampled text", "another one, longer than the first"]
+        sampled = [Outcome(loop) for _ in texts]
+        greedy = [Outcome(loop) for _ in texts]
+        for text, one, other in zip(texts, sampled, greedy, strict=True):
+            enqueue(batcher, text, "t", one, do_sample=True, top_k=1, temperature=0.7, max_new_tokens=12)
+            enqueue(batcher, text, "t", other, max_new_tokens=12)
+        got = await asyncio.gather(*(o.future for o in sampled))
+        want = await asyncio.gather(*(o.future for o in greedy))
+        assert [g.text for g in got] == [w.text for w in want]
+    finally:
+        batcher.close()
