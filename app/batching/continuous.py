@@ -60,8 +60,7 @@ class ContinuousBatcher(DynamicBatcher):
     def _serve(self, lane: int) -> None:
         runner: SteppedRunner = self._runner  # type: ignore[assignment]
         batch = runner.running_batch()
-        running: dict[int, PendingInput] = {}  # id(sequence) -> its input
-        sequences: dict[int, Any] = {}
+        running: dict[Any, PendingInput] = {}  # each running sequence (hashed by identity) -> its input
         while True:
             with self._lock:
                 self._idle.discard(lane)
@@ -76,11 +75,11 @@ class ContinuousBatcher(DynamicBatcher):
             if new:
                 self._admit(new)
             # Clients that left, and deadlines that passed, free their rows before this step.
-            gone = [key for key, item in running.items() if self._drop_if_done(item)]
+            gone = [sequence for sequence, item in running.items() if self._drop_if_done(item)]
             if gone:
-                batch.remove([sequences.pop(key) for key in gone])
-                for key in gone:
-                    running.pop(key)
+                batch.remove(gone)
+                for sequence in gone:
+                    del running[sequence]
             with self._lock:
                 joining = self._joiners(running, batch)
                 self._running[lane] = [*running.values(), *joining]
@@ -93,8 +92,7 @@ class ContinuousBatcher(DynamicBatcher):
                 except Exception as exc:  # settings the model refuses (422), or a fault: this input alone
                     self._fail(item, describe_failure(self.name, exc))
                     continue
-                running[id(sequence)] = item
-                sequences[id(sequence)] = sequence
+                running[sequence] = item
                 entering.append(sequence)
                 item.ticket.batch_sizes.append(len(running))
             if not running:
@@ -108,14 +106,13 @@ class ContinuousBatcher(DynamicBatcher):
                 for item in running.values():
                     self._fail(item, describe_failure(self.name, exc))
                 running.clear()
-                sequences.clear()
                 batch = runner.running_batch()
                 continue
-            self._posted(progress, running, sequences, entering, started)
+            self._posted(progress, running, entering, started)
         for item in leftover:
             self._fail(item, ModelUnavailable(f"model '{self.name}' was unloaded before this input ran"))
 
-    def _joiners(self, running: dict[int, PendingInput], batch: Any) -> list[PendingInput]:
+    def _joiners(self, running: dict[Any, PendingInput], batch: Any) -> list[PendingInput]:
         """Waiting inputs that join the running batch at this step, in fair order (called
         holding ``_lock``)."""
         self._pool = [item for item in self._pool if not self._drop_if_done(item)]
@@ -142,16 +139,15 @@ class ContinuousBatcher(DynamicBatcher):
     def _posted(
         self,
         progress: Sequence[Any],
-        running: dict[int, PendingInput],
-        sequences: dict[int, Any],
+        running: dict[Any, PendingInput],
         entering: Sequence[Any],
         started: float,
     ) -> None:
         """One step's deltas and results posted; the finished inputs released."""
         elapsed = time.monotonic() - started
         self.batches += 1  # a step
-        deltas = [(running[id(p.sequence)], p.delta) for p in progress if p.delta is not None]
-        done = [(running[id(p.sequence)], p.result) for p in progress if p.result is not None]
+        deltas = [(running[p.sequence], p.delta) for p in progress if p.delta is not None]
+        done = [(running[p.sequence], p.result) for p in progress if p.result is not None]
         if self._observer is not None:
             items = list(running.values())
             self._observer(
@@ -159,7 +155,7 @@ class ContinuousBatcher(DynamicBatcher):
                     size=len(items),
                     tokens=sum(i.cost for i in items),
                     padded_tokens=sum(i.cost for i in items),
-                    queue_wait_s=max((started - running[id(s)].enqueued for s in entering), default=0.0),
+                    queue_wait_s=max((started - running[s].enqueued for s in entering), default=0.0),
                     infer_s=elapsed,
                     queue_depth=self._depth,
                 )
@@ -171,8 +167,7 @@ class ContinuousBatcher(DynamicBatcher):
         finished = [item for item, _ in done]
         for p in progress:
             if p.result is not None:
-                running.pop(id(p.sequence), None)
-                sequences.pop(id(p.sequence), None)
+                del running[p.sequence]
         now = time.monotonic()
         rate = len(finished) / max(now - (self._last_finish or started), 1e-6)
         self._last_finish = now
