@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from app.runners.decoding import RunningBatch, plan
+from app.runners.decoding import RunningBatch
+from app.runners.search import plan
 from tests.tiny_models import corpus
 
 NEAR_TIE = 1e-4

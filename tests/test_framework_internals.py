@@ -33,6 +33,8 @@ from app.api.json_route import JsonBodyRoute, _Plan
 
 SERVER = "app/serving.py"
 DECODING = "app/runners/decoding.py"
+POSITIONS = "app/runners/positions.py"
+SEARCH = "app/runners/search.py"
 JSON_ROUTE = "app/api/json_route.py"
 
 
@@ -228,7 +230,7 @@ def test_routes_match_a_scope_with_another_method_fully_or_partly() -> None:
     assert allowed_methods(Request(scope)) == ["POST"]
 
 
-# -- transformers: what iteration-level decoding reads (app/runners/decoding.py) -------------
+# -- transformers: what iteration-level decoding reads (app/runners/decoding.py, search.py) --
 
 GENERATION_INTERNALS = {
     # generate's preparation of a request's settings (Plan)
@@ -314,10 +316,10 @@ def test_generates_internals_that_decoding_calls_take_the_arguments_it_passes(na
     from transformers import GenerationMixin
 
     method = getattr(GenerationMixin, name, None)
-    assert method is not None, f"GenerationMixin.{name} is gone; {DECODING} calls it"
+    assert method is not None, f"GenerationMixin.{name} is gone; {SEARCH} calls it"
     parameters = inspect.signature(method).parameters
     missing = [arg for arg in GENERATION_INTERNALS[name] if arg not in parameters]
-    assert not missing, f"GenerationMixin.{name} no longer takes {missing}; {DECODING} passes them"
+    assert not missing, f"GenerationMixin.{name} no longer takes {missing}; {SEARCH} passes them"
 
 
 def test_decoder_caches_are_layers_of_keys_and_values_that_decoding_edits(tiny_models: dict[str, Any]) -> None:
@@ -342,7 +344,7 @@ def test_decoder_caches_are_layers_of_keys_and_values_that_decoding_edits(tiny_m
 
 @pytest.mark.parametrize("family", ["marian", "bart", "mbart", "pegasus"])
 def test_absolute_decoder_positions_are_a_table_looked_up_by_position(family: str) -> None:
-    """RowPositions (app/runners/decoding.py) looks each row's position up in the decoder's
+    """RowPositions (app/runners/positions.py) looks each row's position up in the decoder's
     table, past BART's offset: the table must still be an embedding called with position_ids."""
     import importlib
 
@@ -351,14 +353,14 @@ def test_absolute_decoder_positions_are_a_table_looked_up_by_position(family: st
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     decoder_class = next(v for k, v in vars(module).items() if k.lower() == f"{family}decoder")
     source = inspect.getsource(decoder_class.forward)
-    assert "self.embed_positions(" in source and "position_ids=position_ids" in source, DECODING
+    assert "self.embed_positions(" in source and "position_ids=position_ids" in source, POSITIONS
     table = next(
         v
         for k, v in vars(module).items()
         if k.endswith("PositionalEmbedding") and k.startswith(decoder_class.__name__[:-7])
     )
-    assert issubclass(table, torch.nn.Embedding), DECODING
-    assert "position_ids" in inspect.signature(table.forward).parameters, DECODING
+    assert issubclass(table, torch.nn.Embedding), POSITIONS
+    assert "position_ids" in inspect.signature(table.forward).parameters, POSITIONS
 
 
 @pytest.mark.parametrize("family", ["m2m_100", "nllb_moe"])
@@ -371,9 +373,9 @@ def test_sinusoidal_decoder_positions_count_from_past_the_padding_index(family: 
     table = next(v for k, v in vars(module).items() if k.endswith("SinusoidalPositionalEmbedding"))
     embed = table(16, 8, padding_idx=1)
     for name in ("weights", "padding_idx", "make_weights", "offset", "create_position_ids_from_input_ids"):
-        assert hasattr(embed, name), f"{table.__name__}.{name} is gone; {DECODING} uses it"
+        assert hasattr(embed, name), f"{table.__name__}.{name} is gone; {POSITIONS} uses it"
     ids = embed.create_position_ids_from_input_ids(torch_ids([[5, 6, 7]]), 1, 4)
-    assert ids.tolist() == [[1 + 1 + 4, 1 + 2 + 4, 1 + 3 + 4]], DECODING
+    assert ids.tolist() == [[1 + 1 + 4, 1 + 2 + 4, 1 + 3 + 4]], POSITIONS
 
 
 def torch_ids(rows: list[list[int]]) -> Any:

@@ -24,7 +24,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from app.catalog import SummarizationEntry, TranslationEntry
 from app.payloads import Seq2SeqInput
 from app.runners.base import Encoded, Runner, weights_kwargs
-from app.runners.decoding import PER_INPUT_SETTINGS, Generating, Plan, RunningBatch, plan
+from app.runners.decoding import Generating, RunningBatch
+from app.runners.search import PER_INPUT_SETTINGS, Plan, plan
 from app.runners.tokens import TextEncoder
 
 # Room left for special tokens when packing chunks.
