@@ -119,29 +119,40 @@ def requests_counted(metrics: str, route: str) -> dict[str, float]:
     return per
 
 
+# A translation forced to a long output: it holds its replica for many decoder steps.
+LONG = {"model": "marian-en-de", "parameters": {"min_length": 64, "max_new_tokens": 64}}
+
+
 def reference(url: str) -> dict[tuple[str, str], Any]:
     with httpx.Client(base_url=url, timeout=60) as c:
         out = {}
         for text in TEXTS:
             out[("/classify", text)] = c.post("/classify", json={"inputs": text}).json()["results"]
             out[("/embed", text)] = c.post("/embed", json={"inputs": text}).json()["embeddings"]
+            out[("/translate", text)] = c.post("/translate", json={"inputs": text, **LONG}).json()["results"]
         return out
 
 
 Result = tuple[str, str, int, Any, int]  # route, text, status, body, attempts the gateway made
 
 
-async def mixed_load(url: str, n: int, concurrency: int, answered: list[int] | None = None) -> list[Result]:
-    """n requests, alternating /classify and /embed over TEXTS, at most ``concurrency`` at once;
+async def mixed_load(
+    url: str,
+    n: int,
+    concurrency: int,
+    answered: list[int] | None = None,
+    routes: tuple[str, ...] = ("/classify", "/embed"),
+) -> list[Result]:
+    """n requests, taking ``routes`` in turn over TEXTS, at most ``concurrency`` at once;
     ``answered[0]`` counts the answers as they come."""
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
 
         async def one(i: int) -> Result:
-            route, text = ("/classify", "/embed")[i % 2], TEXTS[i % len(TEXTS)]
+            route, text = routes[i % len(routes)], TEXTS[i % len(TEXTS)]
             async with gate:
-                r = await c.post(route, json={"inputs": text})
+                r = await c.post(route, json={"inputs": text, **(LONG if route == "/translate" else {})})
             if answered is not None:
                 answered[0] += 1
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
@@ -154,7 +165,9 @@ def assert_all_correct(results: list[Result], expected: dict[tuple[str, str], An
     failures = [(route, status, body) for route, _, status, body, _ in results if status != 200]
     assert not failures, failures[:3]
     for route, text, _, body, _ in results:
-        if route == "/classify":
+        if route == "/translate":
+            assert body["results"] == expected[(route, text)]
+        elif route == "/classify":
             got, want = body["results"][0][0], expected[(route, text)][0][0]
             assert got["label"] == want["label"] and got["score"] == pytest.approx(want["score"], abs=1e-4)
         else:
@@ -164,11 +177,11 @@ def assert_all_correct(results: list[Result], expected: dict[tuple[str, str], An
 class Background:
     """Mixed load from a thread while the test does something to the cluster."""
 
-    def __init__(self, url: str, n: int, concurrency: int) -> None:
+    def __init__(self, url: str, n: int, concurrency: int, routes: tuple[str, ...] = ("/classify", "/embed")) -> None:
         self.results: list[Result] = []
         self.answered = [0]
         self.thread = threading.Thread(
-            target=lambda: self.results.extend(asyncio.run(mixed_load(url, n, concurrency, self.answered)))
+            target=lambda: self.results.extend(asyncio.run(mixed_load(url, n, concurrency, self.answered, routes)))
         )
 
     def __enter__(self) -> Background:
@@ -249,7 +262,8 @@ def test_a_rolling_update_under_load_fails_no_request(cluster_url: str, local_ca
 def test_a_replica_killed_under_load_fails_no_request(cluster_url: str) -> None:
     expected = reference(cluster_url)
     victim = replicas()[0]
-    with Background(cluster_url, 400, 8) as load:
+    # Long translations among the short requests: whenever the replica is killed, it holds some.
+    with Background(cluster_url, 400, 8, ("/classify", "/translate", "/embed", "/translate")) as load:
         # Once answers flow (a slow machine takes a while), both replicas hold requests.
         deadline = time.monotonic() + 120
         while load.answered[0] < 16 and time.monotonic() < deadline:

@@ -8,6 +8,7 @@ import shutil
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 import app.registry.registry as registry_module
 import app.registry.sources as sources_module
 import app.runners.traced as traced_module
+from app.catalog import TextClassificationEntry, TranslationEntry
 from app.config import Settings
 from app.main import create_app
 from tests.conftest import core_of, serve
@@ -53,6 +55,23 @@ async def test_twenty_concurrent_first_requests_load_the_model_once(
     models = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
     assert models["bert-clf"]["state"] == "loaded"
     assert models["bert-clf"]["memory_bytes"] > 0
+
+
+def test_models_loaded_on_several_threads_at_once_all_load_whole(tiny_models: dict[str, Path]) -> None:
+    # transformers' loading patches process-wide state: unserialized, two loads at once failed
+    # ("Cannot copy out of meta tensor") or left weights uninitialized, every time.
+    marian = TranslationEntry.model_validate(
+        {"name": "m", "task": "translation", "source_lang": "en", "target_lang": "de", "source": {"path": "."}}
+    )
+    bert = TextClassificationEntry.model_validate({"name": "b", "task": "text-classification", "source": {"path": "."}})
+    loads = [(marian, tiny_models["marian"]), (bert, tiny_models["bert-clf"]), (marian, tiny_models["marian"])]
+    alone = registry_module.build_runner(marian, tiny_models["marian"])
+    with ThreadPoolExecutor(len(loads)) as pool:
+        runners = list(pool.map(lambda load: registry_module.build_runner(*load), loads))
+    for together in (runners[0], runners[2]):
+        for name, weights in alone.model.state_dict().items():
+            assert torch.equal(together.model.state_dict()[name], weights), name
+    assert runners[1].model.config.model_type == "bert"
 
 
 async def test_hub_model_offline_answers_503_with_how_to_fix_at_once(

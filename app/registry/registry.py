@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -284,11 +285,19 @@ class ModelRegistry(CatalogSlots):
             self.hooks.on_load(name, seconds, ok)
 
 
+# transformers' from_pretrained patches process-wide state while it builds a model (a meta
+# device context, torch.linspace, torch.nn.init's functions): two loads on two threads at once
+# break each other ("Cannot copy out of meta tensor", weights left uninitialized). One at a time.
+_BUILDING = threading.Lock()
+
+
 def build_runner(entry: Any, path: Path) -> Runner:
-    """Load ``entry``'s weights from the local directory ``path`` onto its device. Blocking."""
+    """Load ``entry``'s weights from the local directory ``path`` onto its device. Blocking;
+    loads in one process run one after another."""
     device = resolve_device(entry.device)
     dtype = resolve_dtype(entry.dtype, device)
-    runner: Runner = runner_class(entry)(entry, path, device, dtype)
+    with _BUILDING:
+        runner: Runner = runner_class(entry)(entry, path, device, dtype)
     return runner
 
 
