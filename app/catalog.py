@@ -183,8 +183,45 @@ class FillMaskEntry(_EntryBase):
     task: Literal["fill-mask"]
 
 
+class RerankEntry(_EntryBase):
+    task: Literal["rerank"]
+    engine: Literal["cross-encoder", "similarity"] = Field(
+        "cross-encoder",
+        description="cross-encoder: a one-label sequence classifier reading (query, document) pairs; "
+        "similarity: an embedding model, scoring by cosine similarity.",
+    )
+    function_to_apply: Literal["sigmoid", "none"] | None = Field(
+        None,
+        description="Cross-encoder: how its logit becomes a score. Default: what the model's config declares "
+        "(sentence-transformers' activation), else sigmoid.",
+    )
+    pooling: Literal["auto", "mean", "cls", "max"] = Field("auto", description="Similarity engine: as embedding's.")
+
+
+AggregationStrategy = Literal["none", "simple", "first", "average", "max"]
+
+
+class TokenClassificationEntry(_EntryBase):
+    task: Literal["token-classification"]
+    aggregation_strategy: AggregationStrategy = Field(
+        "simple",
+        description="How tokens become entities unless a request says: as transformers' "
+        "TokenClassificationPipeline (none: one result per token).",
+    )
+    ignore_labels: list[str] = Field(["O"], description="Labels left out of answers unless a request says.")
+
+
 # Any catalog entry; CatalogEntry is the same, told apart by its task when a catalog is read.
-Entry = TextClassificationEntry | ZeroShotEntry | TranslationEntry | SummarizationEntry | EmbeddingEntry | FillMaskEntry
+Entry = (
+    TextClassificationEntry
+    | ZeroShotEntry
+    | TranslationEntry
+    | SummarizationEntry
+    | EmbeddingEntry
+    | FillMaskEntry
+    | RerankEntry
+    | TokenClassificationEntry
+)
 CatalogEntry = Annotated[Entry, Field(discriminator="task")]
 
 

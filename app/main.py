@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import generate_latest
 
-from app.api import compat_hf, compat_openai, docs, health, metrics, models, native
+from app.api import compat_hf, compat_openai, docs, health, metrics, models, native, rerank
 from app.api.compat_hf import hf_tasks
 from app.api.drain import Drain
 from app.api.errors import install_error_handlers
@@ -173,6 +173,7 @@ def create_app(
         replica=cluster.replica if cluster else None,
     )
     app.include_router(native.router)
+    app.include_router(rerank.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

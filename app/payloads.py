@@ -51,6 +51,23 @@ class FillMaskInput:
     targets: tuple[str, ...] | None = None  # score these candidates only
 
 
+@dataclass(frozen=True)
+class RerankInput:
+    """One (query, document) pair; a request's documents are inputs of their own."""
+
+    query: str
+    document: str
+    raw: bool = False  # the model's raw score (a cross-encoder's logit), not its activation
+
+
+@dataclass(frozen=True)
+class TokenClassifyInput:
+    text: str
+    aggregation_strategy: str = "simple"  # none | simple | first | average | max
+    ignore_labels: tuple[str, ...] = ("O",)
+    stride: int | None = None  # tokens shared by windows over a long text; None: truncate it
+
+
 @dataclass
 class Classification:
     labels: list[dict[str, Any]]  # [{label, score}], best first
@@ -78,6 +95,24 @@ class GenerationDelta:
 
     text: str
     tokens: int
+
+
+@dataclass
+class Relevance:
+    """How relevant a document is to its query."""
+
+    score: float
+    truncated: bool = False
+
+
+@dataclass
+class Entities:
+    """The entities (or, unaggregated, the tokens) of an input that are not ignored, in
+    text order: [{entity_group or entity, score, word, start, end (, index)}], with
+    character offsets into the input."""
+
+    entities: list[dict[str, Any]]
+    truncated: bool = False
 
 
 @dataclass

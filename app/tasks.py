@@ -19,11 +19,15 @@ from app.payloads import (
     ClassifyInput,
     Embedding,
     EmbedInput,
+    Entities,
     ExtractInput,
     FillMaskInput,
     Generation,
     MaskFills,
+    Relevance,
+    RerankInput,
     Seq2SeqInput,
+    TokenClassifyInput,
     ZeroShotInput,
 )
 
@@ -37,6 +41,8 @@ class Endpoint(StrEnum):
     summarize = "summarize"
     embed = "embed"
     fill_mask = "fill-mask"
+    rerank = "rerank"
+    token_classification = "token-classification"
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,34 @@ TASKS: tuple[Task, ...] = (
         "embedding", None, "embedding:EmbeddingRunner", (Endpoint.embed,), "feature-extraction", EmbedInput, Embedding
     ),
     Task("fill-mask", None, "fill_mask:FillMaskRunner", (Endpoint.fill_mask,), "fill-mask", FillMaskInput, MaskFills),
+    # A reranker speaks the HF API's sentence-similarity: one score per sentence against the source.
+    Task(
+        "rerank",
+        "cross-encoder",
+        "rerank:CrossEncoderRunner",
+        (Endpoint.rerank,),
+        "sentence-similarity",
+        RerankInput,
+        Relevance,
+    ),
+    Task(
+        "rerank",
+        "similarity",
+        "rerank:SimilarityRerankRunner",
+        (Endpoint.rerank,),
+        "sentence-similarity",
+        RerankInput,
+        Relevance,
+    ),
+    Task(
+        "token-classification",
+        None,
+        "token_classification:TokenClassificationRunner",
+        (Endpoint.token_classification,),
+        "token-classification",
+        TokenClassifyInput,
+        Entities,
+    ),
 )
 _BY_KIND = {(t.task, t.engine): t for t in TASKS}
 

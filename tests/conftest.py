@@ -101,6 +101,9 @@ def catalog_dict(models: dict[str, Path], broken_dir: Path) -> dict[str, Any]:
             {"name": "bert-embed", "task": "embedding", "source": {"path": str(models["bert-embed"])}},
             {"name": "bert-fill", "task": "fill-mask", "source": {"path": str(models["bert-mlm"])}},
             {"name": "minilm", "task": "embedding", "source": minilm},
+            {"name": "bert-ner", "task": "token-classification", "source": {"path": str(models["bert-ner"])}},
+            {"name": "bert-rerank", "task": "rerank", "source": {"path": str(models["bert-rerank"])}},
+            {"name": "minilm-rerank", "task": "rerank", "engine": "similarity", "source": minilm},
             {
                 "name": "minilm-sentiment",
                 "task": "zero-shot-classification",
@@ -126,6 +129,8 @@ def catalog_dict(models: dict[str, Path], broken_dir: Path) -> dict[str, Any]:
             "summarize": ["bart-sum"],
             "embed": ["minilm"],
             "fill-mask": ["bert-fill"],
+            "rerank": ["bert-rerank"],
+            "token-classification": ["bert-ner"],
         },
     }
 
@@ -155,6 +160,9 @@ LOCAL = [
     "minilm",
     "minilm-sentiment",
     "minilm-extractive",
+    "bert-ner",
+    "bert-rerank",
+    "minilm-rerank",
 ]
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import cohere
 import httpx
 import huggingface_hub.constants
 import numpy as np
@@ -139,6 +140,55 @@ def test_hf_parameters_without_meaning_here_are_refused_by_name(base_url: str, o
     assert response.json()["error"] == "invalid_input"
     assert "parameters.temperature" in response.json()["message"]
     assert response.headers["x-error-message"] == response.json()["message"]
+
+
+def test_hf_token_classification_gives_the_entities_of_our_route(base_url: str, ours: httpx.Client) -> None:
+    text = "Zoë met José in Zürich, near the café."
+    entities = hf(base_url, "bert-ner").token_classification(text, aggregation_strategy="first")
+    expected = post(ours, "/token-classification", {"inputs": text, "parameters": {"aggregation_strategy": "first"}})
+    assert entities, "the random model finds some entities"
+    got = [(e.entity_group, e.word, e.start, e.end, pytest.approx(e.score)) for e in entities]
+    assert got == [(e["entity_group"], e["word"], e["start"], e["end"], e["score"]) for e in expected["results"][0]]
+    tokens = hf(base_url, "bert-ner").token_classification(text, aggregation_strategy="none", ignore_labels=[])
+    every = post(
+        ours,
+        "/token-classification",
+        {"inputs": text, "parameters": {"aggregation_strategy": "none", "ignore_labels": []}},
+    )
+    assert [(t.entity, t.start, t.end) for t in tokens] == [
+        (e["entity"], e["start"], e["end"]) for e in every["results"][0]
+    ]
+    assert all(t.entity_group is None for t in tokens) and (tokens[0].start, tokens[-1].end) == (0, len(text))
+
+
+def test_hf_sentence_similarity_of_a_reranker_gives_its_scores_in_order(base_url: str, ours: httpx.Client) -> None:
+    documents = ["The train to Paris leaves at noon.", "My garden is green.", "Trains leave from platform two."]
+    scores = hf(base_url, "bert-rerank").sentence_similarity("When does the train leave?", documents)
+    ranked = post(ours, "/rerank", {"query": "When does the train leave?", "texts": documents, "model": "bert-rerank"})
+    assert scores == pytest.approx([next(r["score"] for r in ranked if r["index"] == i) for i in range(3)])
+
+
+# -- Cohere rerank ------------------------------------------------------------------------
+
+
+def test_the_cohere_clients_rerank_unchanged(base_url: str, ours: httpx.Client) -> None:
+    documents = ["The train to Paris leaves at noon.", "My garden is green.", "Trains leave from platform two."]
+    expected = post(
+        ours, "/rerank", {"query": "When does the train leave?", "texts": documents, "model": "bert-rerank"}
+    )
+    v1 = cohere.Client(api_key="unused", base_url=base_url, timeout=120)
+    answer = v1.rerank(query="When does the train leave?", documents=documents, model="bert-rerank", top_n=2)
+    assert [(r.index, pytest.approx(r.relevance_score)) for r in answer.results] == [
+        (e["index"], e["score"]) for e in expected[:2]
+    ]
+    assert [r.document.text for r in answer.results if r.document] == [documents[e["index"]] for e in expected[:2]]
+    v2 = cohere.ClientV2(api_key="unused", base_url=base_url, timeout=120)
+    again = v2.rerank(model="bert-rerank", query="When does the train leave?", documents=documents)
+    assert [(r.index, pytest.approx(r.relevance_score)) for r in again.results] == [
+        (e["index"], e["score"]) for e in expected
+    ]
+    with pytest.raises(cohere.errors.NotFoundError):
+        v2.rerank(model="rerank-v3.5", query="q", documents=["d"])  # a model the catalog lacks: 404, said
 
 
 # -- OpenAI embeddings ------------------------------------------------------------------

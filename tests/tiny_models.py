@@ -26,6 +26,7 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
+    BertForTokenClassification,
     BertModel,
     BertTokenizer,
     DistilBertConfig,
@@ -144,6 +145,25 @@ def build_bert_classifier(path: Path, labels: Sequence[str] = ("NEGATIVE", "POSI
     vocab = _wordpiece_vocab()
     tok = BertTokenizer(vocab=vocab, model_max_length=512)
     return _save(BertForSequenceClassification, _with_labels(_bert_config(vocab), labels), tok, path)
+
+
+NER_LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+
+
+def build_bert_token_classifier(path: Path) -> Path:
+    """BertForTokenClassification with CoNLL-style BIO labels: random weights label tokens at
+    random, which is what tests of the grouping want."""
+    vocab = _wordpiece_vocab()
+    tok = BertTokenizer(vocab=vocab, model_max_length=512)
+    return _save(BertForTokenClassification, _with_labels(_bert_config(vocab), NER_LABELS), tok, path)
+
+
+def build_bert_cross_encoder(path: Path) -> Path:
+    """A one-label BertForSequenceClassification: a cross-encoder reranker's shape."""
+    vocab = _wordpiece_vocab()
+    config = _bert_config(vocab)
+    config.num_labels = 1
+    return _save(BertForSequenceClassification, config, BertTokenizer(vocab=vocab, model_max_length=512), path)
 
 
 def build_bert_masked_lm(path: Path) -> Path:
@@ -311,5 +331,7 @@ def build_all(root: Path) -> dict[str, Path]:
         "t5": build_t5,
         "bert-embed": build_bert_embedder,
         "bert-mlm": build_bert_masked_lm,
+        "bert-ner": build_bert_token_classifier,
+        "bert-rerank": build_bert_cross_encoder,
     }
     return {name: build(root / name) for name, build in builders.items()}

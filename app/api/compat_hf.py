@@ -22,7 +22,7 @@ from app.api.compat import ReshapedErrorsRoute, error_body
 from app.api.fields import as_list
 from app.api.hf_bodies import EMBEDDING_FIELDS, HfBody, body_for, parse_body
 from app.catalog import Catalog
-from app.service.requests import FILL_MASK_TOP_K, Classify, Embed, FillMask, Summarize, Translate
+from app.service.requests import FILL_MASK_TOP_K, Classify, Embed, FillMask, Rerank, Summarize, TokenClassify, Translate
 from app.service.service import InferenceService
 from app.tasks import task_of
 
@@ -61,6 +61,16 @@ class HfFill(BaseModel):
     token: int
     token_str: str
     sequence: str
+
+
+class HfEntity(BaseModel):
+    entity_group: str | None = None
+    entity: str | None = None
+    score: float
+    word: str
+    start: int
+    end: int
+    index: int | None = None
 
 
 @dataclass
@@ -144,6 +154,32 @@ async def _fill_mask(c: Call) -> Any:
     return per_input[0] if c.single else per_input
 
 
+async def _token_classification(c: Call) -> Any:
+    params = c.body.parameters
+    asked = TokenClassify(
+        c.texts,
+        c.name,
+        params.aggregation_strategy,
+        params.ignore_labels,
+        params.stride,
+        must_fit=_must_fit(params),
+    )
+    answer = await call(c.request, c.service.token_classify(asked, c.tenant))
+    per_input = [r.entities for r in answer.results]
+    return per_input[0] if c.single else per_input
+
+
+async def _sentence_similarity(c: Call) -> Any:
+    # A reranker's scores, in the sentences' order (not ranked): the HF API's answer.
+    inputs = c.body.inputs
+    asked = Rerank(inputs.source_sentence, inputs.sentences, c.name, must_fit=_must_fit(c.body.parameters))
+    answer = await call(c.request, c.service.rerank(asked, c.tenant))
+    scores = [0.0] * len(inputs.sentences)
+    for ranked in answer.results:
+        scores[ranked.index] = ranked.score
+    return scores
+
+
 @dataclass(frozen=True)
 class HfAdapter:
     """How one HF task is answered: the service call and shape, and what the docs show."""
@@ -189,6 +225,21 @@ ADAPTERS: dict[str, HfAdapter] = {
             {"score": 0.12, "token": 2204, "token_str": "good", "sequence": "the weather is good today."},
         ],
     ),
+    "token-classification": HfAdapter(
+        _token_classification,
+        list[HfEntity] | list[list[HfEntity]],
+        {"inputs": "My name is Clara and I live in Berkeley.", "parameters": {"aggregation_strategy": "simple"}},
+        [
+            {"entity_group": "PER", "score": 0.998, "word": "Clara", "start": 11, "end": 16},
+            {"entity_group": "LOC", "score": 0.999, "word": "Berkeley", "start": 31, "end": 39},
+        ],
+    ),
+    "sentence-similarity": HfAdapter(
+        _sentence_similarity,
+        list[float],
+        {"inputs": {"source_sentence": "capital of France", "sentences": ["Paris is in France.", "Berlin."]}},
+        [0.93, 0.12],
+    ),
     "feature-extraction": HfAdapter(
         _feature_extraction,
         list[float] | list[list[float]],
@@ -220,7 +271,8 @@ def hf_tasks(catalog: Catalog) -> dict[str, HfTask]:
 async def hf_inference(name: str, request: Request) -> JSONResponse:
     """Run a catalog model as the Hugging Face Inference API does, so that
     `InferenceClient("http://host:port/models/<name>")` works unchanged: `text_classification`,
-    `zero_shot_classification`, `translation`, `summarization`, `feature_extraction` and `fill_mask`.
+    `zero_shot_classification`, `translation`, `summarization`, `feature_extraction`, `fill_mask`,
+    `token_classification` and (a reranker) `sentence_similarity`.
     The model's catalog task decides the parameters and the answer's shape. Errors carry
     their message in the `X-Error-Message` header too (that is what huggingface_hub shows)."""
     registry_of(request).slot(name)  # 404 for a name the catalog does not have

@@ -96,6 +96,15 @@ Inputs = Annotated[
 ]
 
 
+# One text with the rules of an input (a rerank query), and a list of them (its documents).
+Text = Annotated[str, AfterValidator(_one_text), WithJsonSchema(TEXT_SCHEMA)]
+Texts = Annotated[
+    list[Text],
+    Field(min_length=1),
+    WithJsonSchema({"type": "array", "items": TEXT_SCHEMA, "minItems": 1, **limit(maxItems="max_inputs_per_request")}),
+]
+
+
 def masked_inputs(mask: str) -> Any:
     """Inputs that each hold ``mask``, a fill-mask model's mask token: the same rule as
     ``Inputs``, and that one, stated in the schema too."""

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
-from app.api.fields import Inputs, Labels, PositiveInt, Template, integral, masked_inputs
-from app.api.schemas import GenerationParameters
+from app.api.fields import Inputs, Labels, PositiveInt, Template, Text, Texts, integral, masked_inputs
+from app.api.schemas import GenerationParameters, TokenClassificationParameters
 from app.errors import InvalidInput
 from app.registry.sources import declared_mask_token, declared_width
 from app.service.requests import FILL_MASK_TOP_K
@@ -86,6 +86,21 @@ class HfFillMaskParameters(_Strict):
     targets: Labels | None = Field(None, description="Score these candidate tokens only.")
 
 
+class HfTokenClassificationParameters(TokenClassificationParameters):
+    """The native route's parameters (the HF spec's names), and its truncation refusal."""
+
+    truncation: Truncation | None = TRUNCATION
+
+
+class SimilarityInputs(_Strict):
+    source_sentence: Text = Field(description="The query.")
+    sentences: Texts = Field(description="The documents scored against it, in order.")
+
+
+class SimilarityParameters(_Strict):
+    truncation: Truncation | None = TRUNCATION
+
+
 class HfOptions(_Strict):
     use_cache: bool | None = None
     wait_for_model: bool | None = None
@@ -142,6 +157,10 @@ def body_for(entry: Any, hf_task: str) -> type[HfBody]:
         return _body(entry, languages)
     if hf_task == "summarization":
         return _body(entry, ExtractiveParameters if entry.engine == "extractive" else SummarizationParameters)
+    if hf_task == "token-classification":
+        return _body(entry, HfTokenClassificationParameters)
+    if hf_task == "sentence-similarity":
+        return _body(entry, SimilarityParameters, top_level={"inputs": (SimilarityInputs, ...)})
     if hf_task == "fill-mask":
         mask = declared_mask_token(entry)  # known here: the schema asks every input to hold it
         return _body(entry, HfFillMaskParameters, top_level={"inputs": (masked_inputs(mask), ...)} if mask else None)

@@ -1,4 +1,5 @@
-"""The task routes: /classify, /translate, /summarize, /embed, /fill-mask.
+"""The task routes: /classify, /translate, /summarize, /embed, /fill-mask, /token-classification
+(and the rerank routes, in app/api/rerank.py).
 
 Each parses its body (app/api/schemas.py), asks the service (app/service/service.py,
 where every rule lives) and shapes the answer; it never touches torch or a runner. A
@@ -18,17 +19,20 @@ from app.api.schemas import (
     ClassifyResponse,
     EmbedRequest,
     EmbedResponse,
+    Entity,
     FillMaskRequest,
     FillMaskResponse,
     SummarizeRequest,
     SummarizeResponse,
     Summary,
+    TokenClassificationRequest,
+    TokenClassificationResponse,
     TranslateRequest,
     TranslateResponse,
     Translation,
 )
 from app.api.streaming import STREAMED_RESPONSE, stream
-from app.service.requests import Classify, Embed, FillMask, Summarize, Translate
+from app.service.requests import Classify, Embed, FillMask, Summarize, TokenClassify, Translate
 
 router = APIRouter(tags=["tasks"], route_class=JsonBodyRoute)
 
@@ -137,5 +141,32 @@ async def fill_mask(body: FillMaskRequest, request: Request) -> FillMaskResponse
     return FillMaskResponse(
         model=answer.model,
         results=[r.masks for r in answer.results],
+        truncated=[r.truncated for r in answer.results],
+    )
+
+
+@router.post(
+    "/token-classification",
+    response_model=TokenClassificationResponse,
+    response_model_exclude_none=True,
+    responses=TASK_ERRORS,
+    summary="Find entities in texts",
+)
+async def token_classification(body: TokenClassificationRequest, request: Request) -> TokenClassificationResponse:
+    """Label the tokens of each input (named entities, parts of speech ...) and group them into
+    entities as transformers' pipeline does, with character offsets into the input."""
+    params = body.parameters
+    asked = TokenClassify(
+        as_list(body.inputs),
+        body.model,
+        params.aggregation_strategy,
+        params.ignore_labels,
+        params.stride,
+        body.timeout_s,
+    )
+    answer = await call(request, service_of(request).token_classify(asked, tenant(request)))
+    return TokenClassificationResponse(
+        model=answer.model,
+        results=[[Entity.model_validate(e) for e in r.entities] for r in answer.results],
         truncated=[r.truncated for r in answer.results],
     )

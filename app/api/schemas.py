@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from app.api.fields import Inputs, Labels, NonNegativeInt, PositiveInt, Template, Timeout, integral, limit
+from app.api.fields import Inputs, Label, Labels, NonNegativeInt, PositiveInt, Template, Timeout, integral, limit
 from app.service.requests import FILL_MASK_TOP_K
 
 ModelName = Annotated[
@@ -360,4 +360,95 @@ class FillMaskResponse(BaseModel):
     results: list[list[list[FillCandidate]]] = Field(
         description="Per input, per mask token in it (in order), the candidates, best first."
     )
+    truncated: list[bool]
+
+
+# -- token classification ---------------------------------------------------------------
+
+Aggregation = Literal["none", "simple", "first", "average", "max"]
+AGGREGATION = Field(
+    None,
+    description="How tokens become entities, as in transformers' TokenClassificationPipeline: none (one result "
+    "per token), simple, first, average, max (words whole). Omitted: the model's catalog default.",
+)
+IGNORE_LABELS = Field(None, description="Labels to leave out. Omitted: the model's catalog default (usually O).")
+STRIDE = Field(
+    None,
+    description="Read a text longer than the model's maximum in windows sharing this many tokens (capped at "
+    "the window less one), joining their entities; needs an aggregation_strategy other than none. Omitted: "
+    "a long text is truncated.",
+)
+
+
+class TokenClassificationParameters(_Request):
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        strict=True,
+        json_schema_extra={
+            # stride joins windows into entities: it needs an aggregation (as the validator checks).
+            "if": {"required": ["stride"], "properties": {"stride": {"not": {"type": "null"}}}},
+            "then": {
+                "required": ["aggregation_strategy"],
+                "properties": {"aggregation_strategy": {"enum": ["simple", "first", "average", "max"]}},
+            },
+        },
+    )
+    aggregation_strategy: Aggregation | None = AGGREGATION
+    ignore_labels: Annotated[list[Label], Field(max_length=100)] | None = IGNORE_LABELS
+    stride: NonNegativeInt | None = STRIDE
+
+    @model_validator(mode="after")
+    def _stride_aggregates(self) -> TokenClassificationParameters:
+        if self.stride is not None and self.aggregation_strategy in (None, "none"):
+            raise ValueError("stride needs an aggregation_strategy other than none (simple, first, average, max)")
+        return self
+
+
+class TokenClassificationRequest(_Request):
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {"inputs": "My name is Clara and I live in Berkeley, California."},
+                {"inputs": ["Angela Merkel visited Paris."], "parameters": {"aggregation_strategy": "first"}},
+            ]
+        },
+    )
+    inputs: Inputs
+    model: ModelName = None
+    parameters: TokenClassificationParameters = Field(default_factory=TokenClassificationParameters)
+    timeout_s: Timeout = None
+
+
+class Entity(BaseModel):
+    entity_group: str | None = Field(None, description="The entity's label (aggregated strategies).")
+    entity: str | None = Field(None, description="The token's label (aggregation_strategy none).")
+    score: float
+    word: str = Field(description="The entity's text as the tokenizer decodes it; start and end give the input's.")
+    start: int = Field(description="Offset of its first character in the input (Unicode code points).")
+    end: int = Field(description="Offset just past its last character.")
+    index: int | None = Field(None, description="aggregation_strategy none: the token's position.")
+
+
+class TokenClassificationResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "bert-base-ner",
+                    "results": [
+                        [
+                            {"entity_group": "PER", "score": 0.998, "word": "Clara", "start": 11, "end": 16},
+                            {"entity_group": "LOC", "score": 0.999, "word": "Berkeley", "start": 31, "end": 39},
+                        ]
+                    ],
+                    "truncated": [False],
+                }
+            ]
+        }
+    )
+    model: str
+    results: list[list[Entity]] = Field(description="Per input, its entities in text order.")
     truncated: list[bool]

@@ -60,9 +60,10 @@ class TextEncoder:
         return cls(tokenizer, max_input_tokens(tokenizer, config, override))
 
     def encode(
-        self, texts: Sequence[str], pairs: Sequence[str] | None = None
+        self, texts: Sequence[str], pairs: Sequence[str] | None = None, truncation: str = "only_first"
     ) -> list[tuple[list[int], list[int] | None, bool]]:
-        """(ids, token_type_ids or None, truncated) per text (per text/pair with ``pairs``)."""
+        """(ids, token_type_ids or None, truncated) per text (per text/pair with ``pairs``, a
+        pair too long cut as ``truncation`` says: the tokenizer's strategies)."""
         full = (
             self._direct(self.direct, self.plain, texts, pairs) if self.direct is not None else self._call(texts, pairs)
         )
@@ -74,7 +75,7 @@ class TextEncoder:
             short = self.tokenizer(
                 texts[i],
                 pairs[i] if pairs is not None else None,
-                truncation="only_first" if pairs is not None else True,
+                truncation=truncation if pairs is not None else True,
                 max_length=self.max_tokens,
             )
             out.append((short["input_ids"], short.get("token_type_ids"), True))

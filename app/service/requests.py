@@ -71,6 +71,37 @@ class FillMask:
     must_fit: bool = False
 
 
+@dataclass(frozen=True)
+class Rerank:
+    query: str
+    documents: list[str]
+    model: str | None = None
+    top_n: int | None = None  # None: every document
+    raw_scores: bool = False  # the model's raw scores (a cross-encoder's logits)
+    timeout_s: float | None = None
+    must_fit: bool = False
+
+
+@dataclass(frozen=True)
+class TokenClassify:
+    texts: list[str]
+    model: str | None = None
+    aggregation_strategy: str | None = None  # None: the entry's own
+    ignore_labels: list[str] | None = None  # None: the entry's own
+    stride: int | None = None
+    timeout_s: float | None = None
+    must_fit: bool = False
+
+
+@dataclass
+class Ranked:
+    """A document's place in a rerank answer: its index in the request, and its score."""
+
+    index: int
+    score: float
+    truncated: bool = False
+
+
 @dataclass
 class Translation:
     text: str

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from app.catalog import SummarizationEntry, TranslationEntry, ZeroShotEntry
+from app.catalog import SummarizationEntry, TokenClassificationEntry, TranslationEntry, ZeroShotEntry
 from app.config import Settings
 from app.errors import InputTooLarge, InvalidInput, WrongTask
 from app.payloads import (
@@ -24,12 +24,15 @@ from app.payloads import (
     ClassifyInput,
     Embedding,
     EmbedInput,
+    Entities,
     ExtractInput,
     FillMaskInput,
     Generation,
     GenerationSettings,
     MaskFills,
+    RerankInput,
     Seq2SeqInput,
+    TokenClassifyInput,
     ZeroShotInput,
 )
 from app.registry.slots import Models, OnDelta, OnResult
@@ -42,8 +45,11 @@ from app.service.requests import (
     Embed,
     FillMask,
     Progress,
+    Ranked,
+    Rerank,
     Summarize,
     Summary,
+    TokenClassify,
     Translate,
     Translation,
     listeners,
@@ -196,6 +202,40 @@ class InferenceService:
         entry = self.choice.resolve(asked.model, Endpoint.fill_mask)
         targets = tuple(asked.targets) if asked.targets else None
         payloads = [FillMaskInput(t, asked.top_k, targets) for t in asked.texts]
+        sizes: list[int] = []
+        results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes)
+        if asked.must_fit:
+            refuse_truncated(entry.name, results)
+        return Answer(entry.name, results, max(sizes, default=0))
+
+    async def rerank(self, asked: Rerank, tenant: str) -> Answer[Ranked]:
+        """The documents ordered by relevance to the query, best first (equal scores keep the
+        request's order), the first ``top_n`` of them. Each (query, document) pair is an input:
+        the documents count against the inputs per request, the query against the characters."""
+        check_inputs(self.settings, [asked.query])
+        await self.admit(asked.documents, tenant)
+        entry = self.choice.resolve(asked.model, Endpoint.rerank)
+        payloads = [RerankInput(asked.query, document, asked.raw_scores) for document in asked.documents]
+        sizes: list[int] = []
+        results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes)
+        if asked.must_fit:
+            refuse_truncated(entry.name, results)
+        order = sorted(range(len(results)), key=lambda i: -results[i].score)
+        ranked = [Ranked(i, results[i].score, results[i].truncated) for i in order[: asked.top_n]]
+        return Answer(entry.name, ranked, max(sizes, default=0))
+
+    async def token_classify(self, asked: TokenClassify, tenant: str) -> Answer[Entities]:
+        """Per input, its entities (or tokens, with aggregation ``none``) whose label is not
+        ignored, with character offsets into it; a long input is truncated, or with ``stride``
+        read in windows that share that many tokens."""
+        await self.admit(asked.texts, tenant)
+        entry = self.choice.resolve(asked.model, Endpoint.token_classification)
+        assert isinstance(entry, TokenClassificationEntry)  # what /token-classification's models are
+        strategy = asked.aggregation_strategy or entry.aggregation_strategy
+        if asked.stride is not None and strategy == "none":
+            raise InvalidInput("stride joins windows into entities: it needs an aggregation_strategy other than none")
+        ignored = tuple(entry.ignore_labels if asked.ignore_labels is None else asked.ignore_labels)
+        payloads = [TokenClassifyInput(t, strategy, ignored, asked.stride) for t in asked.texts]
         sizes: list[int] = []
         results = await self._run(entry.name, payloads, tenant, asked.timeout_s, sizes)
         if asked.must_fit:
