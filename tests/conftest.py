@@ -242,7 +242,7 @@ def held_forward(core: EngineCore, name: str) -> Iterator[tuple[threading.Event,
     def held(*args: Any) -> Any:
         entered.set()
         gate.wait(30)
-        texts = [args[1].text] if runner.steps else [p.text for p in args[0]]
+        texts = [args[1].text] if runner.steps else [text_of(p) for p in args[0]]
         seen.extend(texts)
         if any("POISON" in text for text in texts):
             raise RuntimeError("injected failure")
@@ -254,6 +254,11 @@ def held_forward(core: EngineCore, name: str) -> Iterator[tuple[threading.Event,
     finally:
         gate.set()
         setattr(runner, method, real)
+
+
+def text_of(payload: Any) -> str:
+    """What a payload reads: its text, or a rerank pair's query and document."""
+    return str(payload.text) if hasattr(payload, "text") else f"{payload.query}\n{payload.document}"
 
 
 def core_of(app: FastAPI) -> EngineCore:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,14 +120,39 @@ EMBEDDING = {
     "encoding_format": st.sampled_from(["float", "base64"]),
     "prompt_name": TEXTS,
 }
+TOKENS = {
+    "aggregation_strategy": st.sampled_from(["none", "simple", "first", "average", "max", "longest"]),
+    "ignore_labels": st.lists(TEXTS, max_size=3),
+    "stride": st.one_of(st.integers(0, 600), NUMBERS),
+}
+RERANK = {
+    "raw_scores": st.booleans(),
+    "return_text": st.booleans(),
+    "truncate": st.booleans(),
+    "truncation_direction": st.sampled_from(["right", "left", "Right"]),
+    "top_n": st.one_of(st.integers(0, 30), NUMBERS),
+    "return_documents": st.booleans(),
+    "rank_fields": st.lists(TEXTS, max_size=2),
+    "max_chunks_per_doc": NUMBERS,
+    "max_tokens_per_doc": NUMBERS,
+}
 HF = {
     **CLASSIFY,
     **EMBEDDING,
+    **TOKENS,
     "src_lang": st.sampled_from(["en", "de", "fr"]),
     "tgt_lang": st.sampled_from(["en", "de", "fr"]),
     "truncation": st.sampled_from(["do_not_truncate", "longest_first", "only_first", "only_second"]),
     "clean_up_tokenization_spaces": st.booleans(),
 }
+
+
+def hf_parameters_of(field: Callable[[st.SearchStrategy[Any]], st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
+    """An HF body's parameters: every task's, with arbitrary values (through ``field``)."""
+    generation = field(st.fixed_dictionaries({}, optional={k: field(v) for k, v in GENERATION.items()}))
+    return field(
+        st.fixed_dictionaries({}, optional={**{k: field(v) for k, v in HF.items()}, "generate_parameters": generation})
+    )
 
 
 def requests(anything: bool) -> st.SearchStrategy[tuple[str, Any]]:
@@ -166,18 +191,40 @@ def requests(anything: bool) -> st.SearchStrategy[tuple[str, Any]]:
             timeout_s=timeout,
         ),
         "/embed": body(model=models, normalize=field(st.booleans()), timeout_s=timeout),
+        "/token-classification": body(model=models, parameters=fields(TOKENS), timeout_s=timeout),
     }
-    hf_parameters = field(
-        st.fixed_dictionaries({}, optional={**{k: field(v) for k, v in HF.items()}, "generate_parameters": generation})
+    documents = st.lists(
+        st.one_of(texts, st.fixed_dictionaries({"text": texts}, optional={"id": field(LEAVES)})),
+        min_size=1,
+        max_size=20,
     )
-    hf_body = body(parameters=hf_parameters, **{k: field(v) for k, v in EMBEDDING.items()})
+    rerank_options = {k: field(v) for k, v in RERANK.items()}
+    reranks = {
+        "/rerank": st.fixed_dictionaries(
+            {"query": texts, "texts": st.lists(texts, min_size=1, max_size=20)},
+            optional={"model": models, "timeout_s": timeout, **rerank_options},
+        ),
+        **{
+            path: st.fixed_dictionaries(
+                {"query": texts, "documents": field(documents)},
+                optional={"model": models, "timeout_s": timeout, **rerank_options},
+            )
+            for path in ("/v1/rerank", "/v2/rerank")
+        },
+    }
+    similarity = st.fixed_dictionaries(
+        {"inputs": field(st.fixed_dictionaries({"source_sentence": texts, "sentences": st.lists(texts, max_size=20)}))},
+        optional={"parameters": hf_parameters_of(field)},
+    )
+    hf_body = body(parameters=hf_parameters_of(field), **{k: field(v) for k, v in EMBEDDING.items()})
     openai_body = st.fixed_dictionaries(
         {"input": inputs, "model": models},
         optional={"encoding_format": field(EMBEDDING["encoding_format"]), "dimensions": field(NUMBERS)},
     )
     return st.one_of(
-        *(st.tuples(st.just(path), strategy) for path, strategy in routes.items()),
+        *(st.tuples(st.just(path), strategy) for path, strategy in {**routes, **reranks}.items()),
         st.tuples(st.sampled_from(LOCAL).map(lambda name: f"/models/{name}"), hf_body),
+        st.tuples(st.sampled_from(["/models/bert-rerank", "/models/minilm-rerank"]), similarity),
         st.tuples(st.just("/v1/embeddings"), openai_body),
     )
 
@@ -219,7 +266,13 @@ EVERY_RUNNER = [
     ("/models/minilm", {}),
     ("/models/nli", {"parameters": {"candidate_labels": ["a", "b"]}}),
     ("/v1/embeddings", {"model": "minilm"}),
+    ("/token-classification", {"model": "bert-ner", "parameters": {"aggregation_strategy": "average"}}),
+    ("/models/bert-ner", {"parameters": {"aggregation_strategy": "none"}}),
+    ("/rerank", {"model": "bert-rerank", "query": "which one?"}),
+    ("/v1/rerank", {"model": "minilm-rerank", "query": "which one?"}),
 ]
+# The field a route's texts go in: "inputs" unless named here.
+TEXTS_FIELD = {"/v1/embeddings": "input", "/rerank": "texts", "/v1/rerank": "documents"}
 
 
 # Readable, non-blank and within the character limit: every one of these must be answered.
@@ -236,7 +289,7 @@ def test_any_readable_text_reaches_its_model_and_is_answered(
     api: TestClient, route: tuple[str, dict[str, Any]], texts: list[str]
 ) -> None:
     path, extra = route
-    field = "input" if path == "/v1/embeddings" else "inputs"
+    field = TEXTS_FIELD.get(path, "inputs")
     response = api.post(path, content=encoded({field: texts, **extra}), headers={"content-type": "application/json"})
     assert response.status_code == 200, f"{path} {texts!r:.300} -> {response.text[:300]}"
     body = response.json()
@@ -258,12 +311,13 @@ def test_a_lone_surrogate_in_any_text_is_a_422_naming_that_input(
     index = data.draw(st.integers(0, len(texts) - 1))
     at = data.draw(st.integers(0, len(texts[index])))
     texts[index] = texts[index][:at] + surrogate + texts[index][at:]
-    field = "input" if path == "/v1/embeddings" else "inputs"
+    field = TEXTS_FIELD.get(path, "inputs")
     response = api.post(path, content=encoded({field: texts, **extra}), headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     body = response.json()
     message = body["message"] if "message" in body else body["error"]["message"]
-    assert f"input {index} holds a lone surrogate (U+{ord(surrogate):04X}" in message
+    named = f"input {index} holds" if field in ("input", "inputs") else f"{field}.{index}: Value error, the text holds"
+    assert f"{named} a lone surrogate (U+{ord(surrogate):04X}" in message
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -282,7 +336,9 @@ def test_no_json_body_on_any_route_gets_a_5xx(api: TestClient, request: tuple[st
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    st.sampled_from(["/classify", "/translate", "/summarize", "/embed", "/models/minilm", "/v1/embeddings"]),
+    st.sampled_from(
+        ["/classify", "/translate", "/summarize", "/embed", "/models/minilm", "/v1/embeddings", "/rerank", "/v2/rerank"]
+    ),
     st.one_of(
         st.binary(max_size=200),  # not JSON, not UTF-8
         st.integers(1, 200_000).map(lambda depth: b"[" * depth + b"]" * depth),

@@ -42,6 +42,9 @@ ROUTES = [
     ("/summarize", {"inputs": [SENTENCES[:400]] * 2, "model": "minilm-extractive"}, "minilm-extractive", 2),
     ("/models/bert-clf", {"inputs": [f"{MARK} hf one", f"{MARK} hf two"]}, "bert-clf", 2),
     ("/v1/embeddings", {"input": [f"{MARK} x", f"{MARK} y"], "model": "bert-embed"}, "bert-embed", 2),
+    ("/rerank", {"query": f"{MARK} asks", "texts": ["one", "two", "three"], "model": "bert-rerank"}, "bert-rerank", 3),
+    ("/v1/rerank", {"query": f"{MARK} asks", "documents": ["a", "b"], "model": "minilm-rerank"}, "minilm-rerank", 2),
+    ("/token-classification", {"inputs": [f"{MARK} one", f"{MARK} two"], "model": "bert-ner"}, "bert-ner", 2),
 ]
 
 ROUTE_IDS = [
@@ -55,7 +58,18 @@ ROUTE_IDS = [
     "summarize-extractive",
     "hf",
     "openai",
+    "rerank",
+    "rerank-cohere",
+    "token-classification",
 ]
+
+
+def holding(body: dict[str, Any], text: str) -> dict[str, Any]:
+    """The fields that make ``body`` a one-text request of ``text``."""
+    for documents in ("texts", "documents"):  # a rerank body: one pair
+        if documents in body:
+            return {"query": text, documents: [text]}
+    return {"input": text} if "input" in body else {"inputs": text}
 
 
 async def until(condition: Callable[[], bool], what: str, seconds: float = 20) -> None:
@@ -78,7 +92,7 @@ async def test_a_client_that_leaves_has_its_queued_inputs_dropped_at_once_and_ne
         with held_forward(core_of(app), model) as (gate, entered, computed):
             # The same route, one short text: it holds the lane while the leaver's inputs queue.
             text = "hold the [MASK] here."  # fill-mask needs its mask; the others read it as text
-            hold = {**body, **({"input": text} if "input" in body else {"inputs": text})}
+            hold = {**body, **holding(body, text)}
             blocker = asyncio.create_task(client.post(path, json=hold))
             assert await asyncio.to_thread(entered.wait, 20)
             leaver = asyncio.create_task(client.post(path, json=body))

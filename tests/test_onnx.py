@@ -16,13 +16,14 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from app.catalog import EmbeddingEntry, SummarizationEntry, TextClassificationEntry, TranslationEntry
+from app.catalog import EmbeddingEntry, RerankEntry, SummarizationEntry, TextClassificationEntry, TranslationEntry
 from app.config import Settings
 from app.main import create_app
-from app.payloads import ClassifyInput, EmbedInput
+from app.payloads import ClassifyInput, EmbedInput, RerankInput
 from app.runners import onnx_runtime
 from app.runners.classification import ClassificationRunner
 from app.runners.embedding import EmbeddingRunner
+from app.runners.rerank import CrossEncoderRunner
 from tests.conftest import serve
 
 pytestmark = pytest.mark.anyio
@@ -52,12 +53,18 @@ def embedder(models: dict[str, Path], backend: str, **options: Any) -> Embedding
     return EmbeddingRunner(entry, models["bert-embed"], torch.device("cpu"), torch.float32)
 
 
-def test_an_onnx_classifier_and_embedder_answer_as_their_torch_twins(
+def reranker(models: dict[str, Path], backend: str, **options: Any) -> CrossEncoderRunner:
+    entry = RerankEntry(name=f"rr-{backend}", task="rerank", source={"path": "unused"}, backend=backend, **options)
+    return CrossEncoderRunner(entry, models["bert-rerank"], torch.device("cpu"), torch.float32)
+
+
+def test_an_onnx_classifier_embedder_and_reranker_answer_as_their_torch_twins(
     tiny_models: dict[str, Path], onnx_cache: Path
 ) -> None:
     for build, payloads in (
         (classifier, [ClassifyInput(t, None, None) for t in TEXTS]),
         (embedder, [EmbedInput(t) for t in TEXTS]),
+        (reranker, [RerankInput(TEXTS[0], t) for t in TEXTS]),
     ):
         torch_runner, onnx_runner = build(tiny_models, "torch"), build(tiny_models, "onnx")
         assert (torch_runner.backend, onnx_runner.backend, onnx_runner.backend_note) == ("torch", "onnx", None)
@@ -69,8 +76,10 @@ def test_an_onnx_classifier_and_embedder_answer_as_their_torch_twins(
             if hasattr(w, "labels"):
                 assert [x["label"] for x in g.labels] == [x["label"] for x in w.labels]
                 assert np.allclose([x["score"] for x in g.labels], [x["score"] for x in w.labels], atol=1e-4)
-            else:
+            elif hasattr(w, "vector"):
                 assert np.allclose(g.vector, w.vector, atol=1e-4)
+            else:
+                assert g.score == pytest.approx(w.score, abs=1e-4)
 
 
 def test_the_export_is_cached_and_a_changed_model_is_exported_again(
@@ -132,7 +141,7 @@ def test_int8_is_refused_on_a_cpu_without_vnni_and_runs_where_it_keeps_the_answe
     assert lost.backend == "onnx" and "changed the best label" in (lost.backend_note or "")
 
 
-def test_the_int8_quality_guard_compares_labels_and_pooled_vectors() -> None:
+def test_the_int8_quality_guard_compares_labels_pooled_vectors_and_one_score_heads() -> None:
     batch = {"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}
 
     class Fixed:
@@ -151,6 +160,9 @@ def test_the_int8_quality_guard_compares_labels_and_pooled_vectors() -> None:
     assert "cosine" in (
         onnx_runtime.int8_keeps_quality("last_hidden_state", [(batch, hidden)], Fixed(-hidden)) or ""  # type: ignore[arg-type]
     )
+    scores = torch.tensor([[2.0], [-1.0]])  # a cross-encoder's: one logit per pair, no label to keep
+    assert onnx_runtime.int8_keeps_quality("logits", [(batch, scores)], Fixed(scores + 0.1)) is None  # type: ignore[arg-type]
+    assert "moved a score" in (onnx_runtime.int8_keeps_quality("logits", [(batch, scores)], Fixed(-scores)) or "")  # type: ignore[arg-type]
 
 
 def test_settings_the_backend_cannot_honour_are_refused_at_start_up() -> None:

@@ -51,7 +51,7 @@ def text_problem(text: str) -> str | None:
     return None
 
 
-def _one_text(value: str) -> str:
+def one_text(value: str) -> str:
     problem = text_problem(value)
     if problem is not None:
         raise ValueError(f"the text {problem}")
@@ -70,7 +70,7 @@ def _texts(value: str | list[str]) -> str | list[str]:
 
 
 def _template(value: str) -> str:
-    return _one_text(check_template(value))
+    return one_text(check_template(value))
 
 
 TEXT_SCHEMA: dict[str, Any] = {
@@ -97,7 +97,7 @@ Inputs = Annotated[
 
 
 # One text with the rules of an input (a rerank query), and a list of them (its documents).
-Text = Annotated[str, AfterValidator(_one_text), WithJsonSchema(TEXT_SCHEMA)]
+Text = Annotated[str, AfterValidator(one_text), WithJsonSchema(TEXT_SCHEMA)]
 Texts = Annotated[
     list[Text],
     Field(min_length=1),
@@ -128,7 +128,7 @@ def masked_inputs(mask: str) -> Any:
 
 Label = Annotated[
     str,
-    AfterValidator(_one_text),
+    AfterValidator(one_text),
     WithJsonSchema({"type": "string", "minLength": 1, "pattern": NOT_BLANK}),
 ]
 Labels = Annotated[list[Label], Field(min_length=1, max_length=100)]

@@ -7,15 +7,16 @@ limits, the model, the order, ``top_n``) and shapes the answer as its clients ex
 
 from __future__ import annotations
 
+import json
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from app.api.calls import TASK_ERRORS, call, service_of, tenant
 from app.api.errors import request_id_of
-from app.api.fields import INT_MAX, PositiveInt, Text, Texts, Timeout
+from app.api.fields import INT_MAX, TEXT_SCHEMA, PositiveInt, Text, Texts, Timeout, one_text
 from app.api.json_route import JsonBodyRoute
 from app.api.schemas import ModelName
 from app.service.requests import Ranked, Rerank
@@ -78,11 +79,33 @@ async def rerank(body: TeiRerankRequest, request: Request) -> list[TeiRank]:
 # -- Cohere and Jina: POST /v1/rerank, POST /v2/rerank ---------------------------------
 
 
-class CohereDocument(BaseModel):
-    """A document as an object: its ``text`` is ranked, every other field comes back as sent."""
+def _document(value: Any) -> Any:
+    """A document: a string, or an object whose ``text`` is ranked (its other fields come back
+    as sent); either way its text follows an input's rules."""
+    if isinstance(value, str):
+        return one_text(value)
+    if isinstance(value, dict) and isinstance(value.get("text"), str):
+        one_text(value["text"])
+        try:  # answered as sent: it must be JSON that UTF-8 can carry
+            json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+        except (ValueError, UnicodeEncodeError, RecursionError):
+            raise ValueError("a document's fields must be JSON without NaN, Infinity or lone surrogates") from None
+        return value
+    raise ValueError("a document is a string, or an object with a string 'text'")
 
-    model_config = ConfigDict(extra="allow", strict=True)
-    text: Text
+
+Document = Annotated[
+    Any,
+    BeforeValidator(_document),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                TEXT_SCHEMA,
+                {"type": "object", "properties": {"text": TEXT_SCHEMA}, "required": ["text"]},
+            ]
+        }
+    ),
+]
 
 
 def _unsupported(name: str, value: Any, why: str) -> Any:
@@ -93,7 +116,7 @@ def _unsupported(name: str, value: Any, why: str) -> Any:
 
 class CohereRerankRequest(_Body):
     query: Text
-    documents: list[Text | CohereDocument] = Field(
+    documents: list[Document] = Field(
         min_length=1,
         description="Strings, or objects whose `text` is ranked (their other fields are answered as sent).",
         json_schema_extra={"x-limit": {"maxItems": "max_inputs_per_request"}},
@@ -103,11 +126,11 @@ class CohereRerankRequest(_Body):
     timeout_s: Timeout = None
 
     def texts(self) -> list[str]:
-        return [d if isinstance(d, str) else d.text for d in self.documents]
+        return [d if isinstance(d, str) else d["text"] for d in self.documents]
 
     def document(self, index: int) -> dict[str, Any]:
         given = self.documents[index]
-        return {"text": given} if isinstance(given, str) else given.model_dump()
+        return {"text": given} if isinstance(given, str) else dict(given)
 
 
 class CohereV1Request(CohereRerankRequest):

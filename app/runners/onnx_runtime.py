@@ -16,7 +16,8 @@ is logged and shown in ``/models``. ``quantize: int8`` quantizes the weights dyn
 (``onnxruntime.quantization``), only on a CPU with 8-bit dot-product instructions (VNNI;
 without them int8 measured no faster than fp32) and only where its outputs keep the
 float model's on ``QUALITY_TEXTS``: pooled vectors at cosine >= ``INT8_MIN_COSINE``,
-classifiers' best label on every sentence.
+classifiers' best label on every sentence, a one-score head's (a cross-encoder's) sigmoid
+within ``INT8_MAX_SCORE_SHIFT``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch import nn
 # What the export writes; a change here exports every model again.
 EXPORT_FORMAT = 2
 INT8_MIN_COSINE = 0.99
+INT8_MAX_SCORE_SHIFT = 0.05
 
 
 @dataclass
@@ -253,6 +255,10 @@ def int8_keeps_quality(
             cosine = float(torch.nn.functional.cosine_similarity(pooled_want, pooled_got).min())
             if cosine < INT8_MIN_COSINE:
                 return f"int8 vectors at cosine {cosine:.3f} of the float model's (needs {INT8_MIN_COSINE})"
+        elif want.shape[-1] == 1:  # one score per input (a cross-encoder): no best label to keep
+            moved = float((torch.sigmoid(got) - torch.sigmoid(want)).abs().max())
+            if moved > INT8_MAX_SCORE_SHIFT:
+                return f"int8 moved a score by {moved:.3f} (allowed {INT8_MAX_SCORE_SHIFT})"
         elif not np.array_equal(want.argmax(-1).numpy(), got.argmax(-1).numpy()):
             return "int8 changed the best label of a check input"
     return None
