@@ -382,3 +382,17 @@ def torch_ids(rows: list[list[int]]) -> Any:
     import torch
 
     return torch.tensor(rows)
+
+
+def test_the_token_classification_pipelines_postprocess_reads_the_outputs_its_runner_builds() -> None:
+    # app/runners/token_classification.py calls postprocess with windows it built itself (the
+    # keys below) and the pipeline's AggregationStrategy; tests/test_token_classification.py
+    # checks the answers, this names what moved if an upgrade changes the contract.
+    from transformers.pipelines.token_classification import AggregationStrategy, TokenClassificationPipeline
+
+    assert {s.value for s in AggregationStrategy} == {"none", "simple", "first", "average", "max"}
+    parameters = inspect.signature(TokenClassificationPipeline.postprocess).parameters
+    assert list(parameters)[1:] == ["all_outputs", "aggregation_strategy", "ignore_labels"]
+    source = inspect.getsource(TokenClassificationPipeline.postprocess)
+    for key in ("logits", "input_ids", "offset_mapping", "special_tokens_mask", "sentence"):
+        assert f'"{key}"' in source, f"postprocess no longer reads {key!r}; the runner builds it"
