@@ -9,6 +9,11 @@ from typing import Any
 import httpx
 import pytest
 from jsonschema import Draft202012Validator
+from pydantic import BaseModel
+
+from app.api.model_rules import serves
+from app.tasks import Endpoint
+from tests.conftest import AppFactory, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -92,3 +97,22 @@ async def test_a_routes_default_is_the_branch_that_takes_no_model(client: httpx.
         models = branch["properties"]["model"]["enum"]
         default = defaults["zero-shot" if labels == {"type": "array"} else "classify"]
         assert (None in models) is (default in models), branch
+
+
+class MaskedBody(BaseModel):
+    inputs: str
+    model: str | None = None
+
+
+async def a_new_route(body: MaskedBody) -> dict[str, str]:
+    return {}
+
+
+async def test_a_new_route_gets_its_models_and_rules_from_its_marker_alone(app_factory: AppFactory) -> None:
+    app = app_factory()
+    app.post("/fill-mask-too", openapi_extra=serves(Endpoint.fill_mask))(a_new_route)
+    async with serve(app) as client:
+        document = (await client.get("/openapi.json")).json()
+    assert listed(document, "/fill-mask-too") == listed(document, "/fill-mask") == ["bert-fill"]
+    [branch] = body_schema(document, "/fill-mask-too")["anyOf"]
+    assert branch["properties"]["inputs"]["pattern"] == r"\[MASK\]"
