@@ -7,9 +7,10 @@ what each of them takes beside, one branch per group of models alike: a zero-sho
 takes no ``function_to_apply``, a translation model its own languages, an embedding model
 its own vector size as ``dimensions``, a fill-mask model only texts holding its mask token.
 The branch that takes ``null`` for ``model`` is the endpoint's default (app/service/choice.py),
-which answers a body that names none. The service checks every one of these rules (answering
-404 or 400 with what to send instead); this module states them, from the same catalog, so
-that a body the document allows is one the server answers.
+which answers a body that names none. The server checks every one of these rules, the service
+(app/service) or, for the mask token, the fill-mask runner, answering 404 or 400 with what to
+send instead; this module states them, from the same catalog, so that a body the document
+allows is one the server answers.
 """
 
 from __future__ import annotations
