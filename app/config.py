@@ -151,10 +151,65 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _timeouts_consistent(self) -> Settings:
-        if self.request_timeout_s > self.max_request_timeout_s:
-            raise ValueError("request_timeout_s must not exceed max_request_timeout_s")
+    def _consistent(self) -> Settings:
+        """Settings that contradict each other stop the server, each pair named."""
+        contradictions = contradictions_of(self)
+        if contradictions:
+            raise ValueError("; ".join(contradictions))
         return self
+
+
+# The smallest JSON body of one input of n characters, and of n one-character inputs:
+# {"inputs":"…"} and {"inputs":["a","a",…]}.
+def _one_text_bytes(chars: int) -> int:
+    return len('{"inputs":""}') + chars
+
+
+def _many_texts_bytes(inputs: int) -> int:
+    return len('{"inputs":[]}') + 4 * inputs - 1
+
+
+def contradictions_of(s: Settings) -> list[str]:
+    """Pairs of settings under which a request the OpenAPI document allows could never be served,
+    in words naming both and what to change. (Inputs x characters past the body limit is not
+    one: such a body answers 413, while fewer or shorter inputs fit.)"""
+    found = []
+    if s.request_timeout_s > s.max_request_timeout_s:
+        found.append(
+            f"TESSERA_REQUEST_TIMEOUT_S ({s.request_timeout_s:g}) exceeds TESSERA_MAX_REQUEST_TIMEOUT_S "
+            f"({s.max_request_timeout_s:g}): the default deadline must be within the cap; lower it or raise the cap"
+        )
+    inputs = f"TESSERA_MAX_INPUTS_PER_REQUEST ({s.max_inputs_per_request})"
+    if s.max_queue_items < s.max_inputs_per_request:
+        found.append(
+            f"TESSERA_MAX_QUEUE_ITEMS ({s.max_queue_items}) is below {inputs}: a request of the largest allowed "
+            "size could never be queued; raise the queue or lower the input limit"
+        )
+    burst = s.rate_limit_burst if s.rate_limit_inputs_per_s is not None else None  # without a rate, no limit
+    if burst is not None and burst < s.max_inputs_per_request:
+        found.append(
+            f"TESSERA_RATE_LIMIT_BURST ({burst}) is below {inputs}: a request of the largest allowed size "
+            "could never pass the rate limit; raise the burst or lower the input limit"
+        )
+    if s.max_tokens_per_request < s.max_inputs_per_request:
+        found.append(
+            f"TESSERA_MAX_TOKENS_PER_REQUEST ({s.max_tokens_per_request}) is below {inputs}: every input is a "
+            "token at least, so a request of the largest allowed size could never be served; raise the tokens "
+            "or lower the input limit"
+        )
+    if s.max_body_bytes < _one_text_bytes(s.max_chars_per_input):
+        found.append(
+            f"TESSERA_MAX_BODY_BYTES ({s.max_body_bytes}) cannot hold one input of TESSERA_MAX_CHARS_PER_INPUT "
+            f"({s.max_chars_per_input}) characters ({_one_text_bytes(s.max_chars_per_input)} bytes at least); "
+            "raise the body limit or lower the characters"
+        )
+    if s.max_body_bytes < _many_texts_bytes(s.max_inputs_per_request):
+        found.append(
+            f"TESSERA_MAX_BODY_BYTES ({s.max_body_bytes}) cannot hold {inputs} inputs "
+            f"({_many_texts_bytes(s.max_inputs_per_request)} bytes at least); raise the body limit or lower "
+            "the input limit"
+        )
+    return found
 
 
 def available_cores() -> int:

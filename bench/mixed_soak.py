@@ -198,7 +198,9 @@ def main() -> None:
     args = parser.parse_args()
 
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TESSERA_MAX_QUEUE_ITEMS": str(args.queue)}
+    # A queue this small takes requests of at most as many inputs (the server refuses to start otherwise).
+    limits = {"TESSERA_MAX_QUEUE_ITEMS": str(args.queue), "TESSERA_MAX_INPUTS_PER_REQUEST": str(args.queue)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **limits}
     if args.catalog:
         env["TESSERA_CATALOG"] = str(args.catalog)
     for item in args.env:

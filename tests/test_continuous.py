@@ -129,7 +129,7 @@ async def test_a_deadline_passed_mid_generation_answers_504_and_its_rows_stop(
 async def test_a_full_queue_answers_429_with_retry_after_while_generations_run(
     app_factory: Callable[..., FastAPI],
 ) -> None:
-    app = app_factory(max_queue_items=2, max_batch_size=1)
+    app = app_factory(max_queue_items=2, max_inputs_per_request=2, max_batch_size=1)
     async with serve(app) as client:
         slot = await loaded(client, app)
         with decoder_rows(slot.runner) as rows:

@@ -91,7 +91,7 @@ async def test_deadlines_disconnects_and_full_queues_hold_across_the_boundary(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
     # The leaver's and the late input are dropped at once: the blocker and 3 more fill 4.
-    settings = make_settings(lanes_per_model=1, max_queue_items=4)
+    settings = make_settings(lanes_per_model=1, max_queue_items=4, max_inputs_per_request=4)
     with engine_thread(settings, tmp_path) as core:
         async with front(settings, core) as client:
             assert (await client.post("/models/bert-clf/load")).status_code == 200
@@ -175,7 +175,9 @@ async def test_a_request_the_wire_cannot_carry_fails_alone_and_not_its_frame(
 async def test_every_process_is_in_metrics_and_the_rate_limit_is_one_per_tenant(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    settings = make_settings(api_keys="k1,k2", rate_limit_inputs_per_s=0.5, rate_limit_burst=4)
+    settings = make_settings(
+        api_keys="k1,k2", rate_limit_inputs_per_s=0.5, rate_limit_burst=4, max_inputs_per_request=4
+    )
     k1 = {"Authorization": "Bearer k1"}
     with engine_thread(settings, tmp_path) as core:
         async with front(settings, core, "front-0") as one, front(settings, core, "front-1") as two:

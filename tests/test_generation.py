@@ -221,7 +221,7 @@ async def test_a_chunked_request_larger_than_the_queue_is_a_413_not_a_429(
     app_factory: Callable[..., FastAPI],
 ) -> None:
     document = "The council met on Tuesday to discuss the new transit plan for the city. " * 150
-    async with serve(app_factory(max_queue_items=8)) as client:
+    async with serve(app_factory(max_queue_items=8, max_inputs_per_request=8)) as client:
         r = await client.post("/summarize", json={"inputs": document, "parameters": {"long_input": "chunk"}})
         assert r.status_code == 413, r.text
         assert "TESSERA_MAX_QUEUE_ITEMS" in r.json()["message"]

@@ -69,7 +69,7 @@ async def wait_for_queue(app: FastAPI, name: str, depth: int) -> None:
 
 
 async def test_full_queue_answers_429_with_retry_after(app_factory: Callable[..., FastAPI]) -> None:
-    app = app_factory(max_queue_items=4, lanes_per_model=1)
+    app = app_factory(max_queue_items=4, max_inputs_per_request=4, lanes_per_model=1)
     async with serve(app) as client:
         await client.post("/models/bert-clf/load")
         with held(app, "bert-clf") as (gate, _):

@@ -155,7 +155,8 @@ async def test_admin_keys_alone_guard_management_and_leave_inference_open(
 
 
 async def test_the_rate_limit_answers_429_with_retry_after_per_key(app_factory: Callable[..., FastAPI]) -> None:
-    app = app_factory(api_keys="k1,k2", rate_limit_inputs_per_s=0.5, rate_limit_burst=4)
+    # A burst of 4 takes requests of at most 4 inputs (a larger one could never pass).
+    app = app_factory(api_keys="k1,k2", rate_limit_inputs_per_s=0.5, rate_limit_burst=4, max_inputs_per_request=4)
     async with serve(app) as client:
         body = {"inputs": ["one", "two", "three"], "model": "bert-clf"}
         assert (await client.post("/classify", json=body, headers=bearer("k1"))).status_code == 200
@@ -177,7 +178,7 @@ async def queued(slot: Any, depth: int) -> None:
 async def test_a_key_that_fills_a_models_queue_does_not_lock_another_key_out(
     app_factory: Callable[..., FastAPI],
 ) -> None:
-    app = app_factory(api_keys="flooder,light", max_queue_items=4, lanes_per_model=1)
+    app = app_factory(api_keys="flooder,light", max_queue_items=4, max_inputs_per_request=4, lanes_per_model=1)
     async with serve(app) as client:
         await client.post("/classify", json={"inputs": "warm", "model": "bert-clf"}, headers=bearer("flooder"))
         slot = core_of(app).registry.slot("bert-clf")
@@ -218,7 +219,7 @@ def test_api_keys_never_appear_in_settings_output() -> None:
         ({"max_inputs_per_request": 3}, {"inputs": ["a"] * 4}, "limit is 3 (TESSERA_MAX_INPUTS_PER_REQUEST)"),
         ({"max_chars_per_input": 10}, {"inputs": ["short", "x" * 11]}, "input 1 has 11 characters"),
         (
-            {"max_tokens_per_request": 20},
+            {"max_tokens_per_request": 20, "max_inputs_per_request": 20},
             {"inputs": ["one two three four five six"] * 4},
             "TESSERA_MAX_TOKENS_PER_REQUEST",
         ),
@@ -236,7 +237,7 @@ async def test_per_request_limits_answer_413_naming_the_limit(
 
 
 async def test_oversized_bodies_are_refused_before_parsing(app_factory: Callable[..., FastAPI]) -> None:
-    async with serve(app_factory(max_body_bytes=2048)) as client:
+    async with serve(app_factory(max_body_bytes=2048, max_chars_per_input=2000)) as client:
         big = {"inputs": "x" * 5000}
         declared = await client.post("/classify", json=big)
         assert declared.status_code == 413

@@ -29,6 +29,8 @@ from mixed_soak import bodies, mixed_storm, server_processes
 pytestmark = pytest.mark.soak
 
 REQUESTS, CONCURRENCY, QUEUE = 5000, 128, 64
+# A queue of 64 takes requests of at most 64 inputs (the server refuses to start otherwise).
+LIMITS = {"TESSERA_MAX_QUEUE_ITEMS": str(QUEUE), "TESSERA_MAX_INPUTS_PER_REQUEST": str(QUEUE)}
 BODY = {"inputs": "the quick brown fox jumps over the lazy dog near the river bank", "model": "bert-clf"}
 # After the first storm the allocator holds what a storm needs; five storms in a row on the
 # tiny classifier read 446, 446, 447, 447, 447 MB here (and 544-557 MB on MiniLM), so growth
@@ -52,7 +54,7 @@ def check(result: Storm) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc (Linux)")
 def test_storms_get_only_200_or_429_with_retry_after_and_memory_plateaus(local_catalog: Path) -> None:
-    env = {"TESSERA_CATALOG": str(local_catalog), "TESSERA_MAX_QUEUE_ITEMS": str(QUEUE)}
+    env = {"TESSERA_CATALOG": str(local_catalog), **LIMITS}
     with server_process(env) as server:
         base = server.url
         assert httpx.post(f"{base}/classify", json=BODY, timeout=60).status_code == 200
@@ -83,7 +85,7 @@ MIXED_REQUESTS, MIXED_GROWTH = 3000, 1.06
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc (Linux)")
 def test_storms_of_mixed_shapes_leave_every_process_on_a_plateau(local_catalog: Path) -> None:
-    env = {"TESSERA_CATALOG": str(local_catalog), "TESSERA_MAX_QUEUE_ITEMS": str(QUEUE), "TESSERA_WORKERS": "1"}
+    env = {"TESSERA_CATALOG": str(local_catalog), **LIMITS, "TESSERA_WORKERS": "1"}
     with server_process(env) as server:
         base, port = server.url, int(server.url.rsplit(":", 1)[1])
         body = {"inputs": ["warm up"], "model": "minilm-sentiment"}

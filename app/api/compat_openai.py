@@ -21,7 +21,9 @@ from app.api.calls import call, registry_of, service_of, tenant
 from app.api.compat import ReshapedErrorsRoute, error_body, with_body
 from app.api.errors import error_responses
 from app.api.fields import Inputs, PositiveInt, as_list
+from app.api.model_rules import serves
 from app.service.requests import Embed
+from app.tasks import Endpoint
 
 
 def openai_error(code: str, message: str, param: str | None, request_id: str | None) -> dict[str, Any]:
@@ -165,6 +167,7 @@ def as_base64(vector: list[float]) -> str:
     response_model=EmbeddingsResponse,
     responses=openai_error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504),
     summary="Create embeddings (OpenAI)",
+    openapi_extra=serves(Endpoint.embed),
 )
 async def create_embeddings(body: EmbeddingsRequest, request: Request) -> EmbeddingsResponse:
     """OpenAI's embeddings endpoint over a catalog embedding model: the vectors `/embed` gives

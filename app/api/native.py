@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request, Response
 from app.api.calls import TASK_ERRORS, call, service_of, tenant
 from app.api.fields import as_list
 from app.api.json_route import JsonBodyRoute
+from app.api.model_rules import serves
 from app.api.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -33,11 +34,18 @@ from app.api.schemas import (
 )
 from app.api.streaming import STREAMED_RESPONSE, stream
 from app.service.requests import Classify, Embed, FillMask, Summarize, TokenClassify, Translate
+from app.tasks import Endpoint
 
 router = APIRouter(tags=["tasks"], route_class=JsonBodyRoute)
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=TASK_ERRORS, summary="Classify texts")
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=TASK_ERRORS,
+    summary="Classify texts",
+    openapi_extra=serves(Endpoint.classify),
+)
 async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     """Label each input with a text-classification model, or with a zero-shot model and your
     `candidate_labels`. Scores are sorted best first; `top_k: null` returns every label."""
@@ -65,6 +73,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     response_model=TranslateResponse,
     responses={**TASK_ERRORS, **STREAMED_RESPONSE},
     summary="Translate texts",
+    openapi_extra=serves(Endpoint.translate),
 )
 async def translate(body: TranslateRequest, request: Request) -> TranslateResponse | Response:
     """Translate each input with a catalog model, named by `model` or picked by the
@@ -94,6 +103,7 @@ async def translate(body: TranslateRequest, request: Request) -> TranslateRespon
     response_model=SummarizeResponse,
     responses={**TASK_ERRORS, **STREAMED_RESPONSE},
     summary="Summarize texts",
+    openapi_extra=serves(Endpoint.summarize),
 )
 async def summarize(body: SummarizeRequest, request: Request) -> SummarizeResponse | Response:
     """Summarize each input, abstractively (a seq2seq model) or extractively (the sentences
@@ -117,7 +127,13 @@ async def summarize(body: SummarizeRequest, request: Request) -> SummarizeRespon
     return SummarizeResponse(model=answer.model, results=results)
 
 
-@router.post("/embed", response_model=EmbedResponse, responses=TASK_ERRORS, summary="Embed texts")
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    responses=TASK_ERRORS,
+    summary="Embed texts",
+    openapi_extra=serves(Endpoint.embed),
+)
 async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
     """One vector per input, pooled as the model declares (mean for all-MiniLM-L6-v2) and,
     unless `normalize` is false, scaled to unit length."""
@@ -131,7 +147,13 @@ async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
     )
 
 
-@router.post("/fill-mask", response_model=FillMaskResponse, responses=TASK_ERRORS, summary="Fill masked words")
+@router.post(
+    "/fill-mask",
+    response_model=FillMaskResponse,
+    responses=TASK_ERRORS,
+    summary="Fill masked words",
+    openapi_extra=serves(Endpoint.fill_mask),
+)
 async def fill_mask(body: FillMaskRequest, request: Request) -> FillMaskResponse:
     """The likeliest tokens for each mask token (e.g. `[MASK]`, the model's own) in each
     input, best first, with the input completed by each."""
@@ -147,6 +169,7 @@ async def fill_mask(body: FillMaskRequest, request: Request) -> FillMaskResponse
 
 @router.post(
     "/token-classification",
+    openapi_extra=serves(Endpoint.token_classification),
     response_model=TokenClassificationResponse,
     response_model_exclude_none=True,
     responses=TASK_ERRORS,

@@ -3,9 +3,11 @@
 FastAPI writes the document from the routes; this module then makes it this server's own:
 limits marked ``x-limit`` (app.api.fields) take the settings' values, each catalog model
 gets its own ``/models/<name>`` path with the Hugging Face body and answer of its task
-(app.api.compat_hf), model-name path parameters list the catalog, and with keys the
-document says which operations need which kind. What the document says is what the validators enforce; CI checks
-it with schemathesis (tests/test_schema_contract.py).
+(app.api.compat_hf), model-name path parameters list the catalog, each task route's body
+lists its endpoint's models and what each takes (app.api.model_rules), and with keys the
+document says which operations need which kind. What the document says is what the
+validators and the service enforce; CI checks it with schemathesis
+(tests/test_schema_contract.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic.json_schema import models_json_schema
 
 from app.api.compat_hf import HfTask
 from app.api.fields import LIMIT_KEY
+from app.api.model_rules import state_model_rules
 from app.config import Settings
 
 REF = "#/components/schemas/{model}"
@@ -27,7 +30,7 @@ HF_PATH = "/models/{name}"
 
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:
-    """The app's document, built once."""
+    """The app's document, built once the app has started (its defaults are the engine's)."""
     if app.openapi_schema is None:
         document = get_openapi(
             title=app.title,
@@ -39,6 +42,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         settings: Settings = app.state.settings
         _model_paths(document, app.state.hf_tasks)
         _catalog_names(document, sorted(app.state.hf_tasks))
+        state_model_rules(document, app.state.catalog, app.state.service.choice)
         _fill_limits(document, settings)
         _security(document, settings)
         app.openapi_schema = document

@@ -18,8 +18,10 @@ from app.api.calls import TASK_ERRORS, call, service_of, tenant
 from app.api.errors import request_id_of
 from app.api.fields import INT_MAX, TEXT_SCHEMA, PositiveInt, Text, Texts, Timeout, one_text
 from app.api.json_route import JsonBodyRoute
+from app.api.model_rules import serves
 from app.api.schemas import ModelName
 from app.service.requests import Ranked, Rerank
+from app.tasks import Endpoint
 
 router = APIRouter(tags=["rerank"], route_class=JsonBodyRoute)
 
@@ -64,7 +66,13 @@ class TeiRank(BaseModel):
     text: str | None = Field(None, description="With return_text: the document.")
 
 
-@router.post("/rerank", response_model=list[TeiRank], response_model_exclude_none=True, responses=TASK_ERRORS)
+@router.post(
+    "/rerank",
+    openapi_extra=serves(Endpoint.rerank),
+    response_model=list[TeiRank],
+    response_model_exclude_none=True,
+    responses=TASK_ERRORS,
+)
 async def rerank(body: TeiRerankRequest, request: Request) -> list[TeiRank]:
     """Rank `texts` by relevance to `query`, best first (TEI's `/rerank`): a cross-encoder's
     score (sigmoid of its logit, or the logit with `raw_scores`), or an embedder's cosine."""
@@ -242,14 +250,26 @@ async def _cohere(body: CohereRerankRequest, request: Request, version: str) -> 
     )
 
 
-@router.post("/v1/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True, responses=TASK_ERRORS)
+@router.post(
+    "/v1/rerank",
+    openapi_extra=serves(Endpoint.rerank),
+    response_model=CohereRerankResponse,
+    response_model_exclude_none=True,
+    responses=TASK_ERRORS,
+)
 async def rerank_v1(body: CohereV1Request, request: Request) -> CohereRerankResponse:
     """Cohere's (and Jina's) v1 rerank: `documents` best first as `results`, each with its
     `relevance_score`, its `index` and (unless `return_documents` is false) the document."""
     return await _cohere(body, request, "1")
 
 
-@router.post("/v2/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True, responses=TASK_ERRORS)
+@router.post(
+    "/v2/rerank",
+    openapi_extra=serves(Endpoint.rerank),
+    response_model=CohereRerankResponse,
+    response_model_exclude_none=True,
+    responses=TASK_ERRORS,
+)
 async def rerank_v2(body: CohereV2Request, request: Request) -> CohereRerankResponse:
     """Cohere's v2 rerank: as v1, the documents answered only with `return_documents: true`."""
     return await _cohere(body, request, "2")
