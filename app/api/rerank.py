@@ -12,17 +12,18 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from app.api.calls import TASK_ERRORS, call, service_of, tenant
 from app.api.errors import request_id_of
-from app.api.fields import INT_MAX, TEXT_SCHEMA, PositiveInt, Text, Texts, Timeout, one_text
+from app.api.fields import TEXT_SCHEMA, PositiveInt, Text, Texts, Timeout, one_text
 from app.api.json_route import JsonBodyRoute
 from app.api.model_rules import serves
 from app.api.schemas import ModelName
 from app.service.requests import Ranked, Rerank
 from app.tasks import Endpoint
 
+Schema = dict[str, Any]
 router = APIRouter(tags=["rerank"], route_class=JsonBodyRoute)
 
 
@@ -116,10 +117,31 @@ Document = Annotated[
 ]
 
 
-def _unsupported(name: str, value: Any, why: str) -> Any:
-    if value is not None:
+def refusing(name: str, why: str, allowed: tuple[Any, ...] = (None,)) -> BeforeValidator:
+    """A Cohere field this server does not implement: any value but ``allowed`` is refused by
+    name, saying why (the schema states the same: see ``not_supported``)."""
+
+    def check(value: Any) -> Any:
+        if value in allowed:
+            return None
         raise ValueError(f"{name} is not supported: {why}; drop it")
-    return value
+
+    return BeforeValidator(check)
+
+
+def not_supported(why: str, *also: Schema) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": [{"type": "null"}, *also], "description": f"Not supported: {why}."})
+
+
+_BY_TEXT = "documents rank by their text"
+_TRUNCATED = "a pair past the model's maximum is truncated"
+RankFields = Annotated[
+    Any,
+    refusing("rank_fields", _BY_TEXT, (None, [], ["text"])),
+    not_supported(_BY_TEXT, {"type": "array", "items": {"const": "text"}, "maxItems": 1}),
+]
+ChunksPerDoc = Annotated[Any, refusing("max_chunks_per_doc", _TRUNCATED), not_supported(_TRUNCATED)]
+TokensPerDoc = Annotated[Any, refusing("max_tokens_per_doc", _TRUNCATED), not_supported(_TRUNCATED)]
 
 
 class CohereRerankRequest(_Body):
@@ -157,20 +179,8 @@ class CohereV1Request(CohereRerankRequest):
         },
     )
     return_documents: bool = Field(True, description="Answer each document beside its score (Cohere v1, Jina).")
-    rank_fields: list[str] | None = Field(None, description="Not supported: each document's `text` is ranked.")
-    max_chunks_per_doc: int | None = Field(
-        None, ge=1, le=INT_MAX, description="Not supported: a document over the model's maximum is truncated."
-    )
-
-    @field_validator("rank_fields")
-    @classmethod
-    def _rank_fields(cls, value: list[str] | None) -> list[str] | None:
-        return None if value in (None, ["text"]) else _unsupported("rank_fields", value, "documents rank by 'text'")
-
-    @field_validator("max_chunks_per_doc")
-    @classmethod
-    def _chunks(cls, value: int | None) -> int | None:
-        return _unsupported("max_chunks_per_doc", value, "documents past the model's maximum are truncated")
+    rank_fields: RankFields = None
+    max_chunks_per_doc: ChunksPerDoc = None
 
 
 class CohereV2Request(CohereRerankRequest):
@@ -190,14 +200,7 @@ class CohereV2Request(CohereRerankRequest):
         },
     )
     return_documents: bool = Field(False, description="Answer each document beside its score.")
-    max_tokens_per_doc: int | None = Field(
-        None, ge=1, le=INT_MAX, description="Not supported: a pair over the model's maximum is truncated."
-    )
-
-    @field_validator("max_tokens_per_doc")
-    @classmethod
-    def _tokens(cls, value: int | None) -> int | None:
-        return _unsupported("max_tokens_per_doc", value, "pairs past the model's maximum are truncated")
+    max_tokens_per_doc: TokensPerDoc = None
 
 
 class CohereResult(BaseModel):
