@@ -160,6 +160,8 @@ async def test_models_lists_every_entry_with_state_and_defaults(client: httpx.As
         "summarize": "bart-sum",
         "embed": "minilm",
         "fill-mask": "bert-fill",
+        "rerank": "bert-rerank",
+        "token-classification": "bert-ner",
     }
     models = {m["name"]: m for m in body["models"]}
     assert models["minilm"]["state"] == "loaded" and models["minilm"]["loaded_on"] == "cpu"
