@@ -179,7 +179,7 @@ def local_catalog(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPat
 @pytest.fixture
 def make_settings(catalog_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        return Settings(catalog=catalog_path, hub="offline", load_retry_after_s=0.5, **overrides)
+        return Settings(**{"catalog": catalog_path, "hub": "offline", "load_retry_after_s": 0.5, **overrides})
 
     return make
 

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+import yaml
 from sentence_transformers import CrossEncoder
 
 from tests.conftest import serve
@@ -138,3 +139,17 @@ async def test_a_requests_pairs_run_through_the_batcher_as_one_batch(client: htt
     count = re.search(r'^tessera_batch_size_count\{[^}]*model="bert-rerank"[^}]*\} (\S+)$', metrics, re.M)
     total = re.search(r'^tessera_batch_size_sum\{[^}]*model="bert-rerank"[^}]*\} (\S+)$', metrics, re.M)
     assert count and total and (float(count[1]), float(total[1])) == (1, 16)
+
+
+async def test_a_classifier_with_several_labels_is_refused_as_a_reranker_naming_the_fix(
+    app_factory: Any, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    catalog = tmp_path / "catalog.yaml"
+    entry = {"name": "not-a-reranker", "task": "rerank", "source": {"path": str(tiny_models["bert-clf"])}}
+    catalog.write_text(yaml.safe_dump({"models": [entry]}))
+    async with serve(app_factory(catalog=catalog)) as client:
+        r = await client.post("/rerank", json={"query": QUERY, "texts": DOCUMENTS})
+        assert r.status_code == 503, r.text
+        assert "one output label" in r.json()["message"] and "engine: similarity" in r.json()["message"]
+        listed = (await client.get("/models/not-a-reranker")).json()
+        assert listed["state"] == "failed" and "one output label" in listed["error"]
