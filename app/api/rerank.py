@@ -35,10 +35,7 @@ class _Body(BaseModel):
 
 
 class TeiRerankRequest(_Body):
-    model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
-        strict=True,
+    model_config = ConfigDict(  # with _Body's: pydantic merges a subclass's config into its parent's
         json_schema_extra={
             "examples": [
                 {
@@ -164,10 +161,7 @@ class CohereRerankRequest(_Body):
 
 
 class CohereV1Request(CohereRerankRequest):
-    model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
-        strict=True,
+    model_config = ConfigDict(  # with _Body's: pydantic merges a subclass's config into its parent's
         json_schema_extra={
             "examples": [
                 {
@@ -184,10 +178,7 @@ class CohereV1Request(CohereRerankRequest):
 
 
 class CohereV2Request(CohereRerankRequest):
-    model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
-        strict=True,
+    model_config = ConfigDict(  # with _Body's: pydantic merges a subclass's config into its parent's
         json_schema_extra={
             "examples": [
                 {
