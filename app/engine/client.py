@@ -17,7 +17,9 @@ import logging
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from app import errors
+from opentelemetry.trace import SpanKind
+
+from app import errors, tracing
 from app.catalog import Catalog
 from app.engine import wire
 from app.errors import ServiceError
@@ -175,15 +177,38 @@ class EngineClient(CatalogSlots):
         struct = wire.INFER[kind]
         listener = None if on_delta is None and on_result is None else _Listener(on_delta, on_result, kind)
         stream = listener is not None
+        hop = carried = None
+        if tracing.enabled:
+            hop, carried = _hop(name, len(payloads))
 
         def request(rid: int) -> wire.Infer:
             # Each kind's struct adds its typed payloads; tenants are API keys' names, strings.
-            return struct(rid, name, timeout_s, tenant, group, payloads, stream=stream)  # type: ignore[misc, arg-type]
+            return struct(rid, name, timeout_s, tenant, group, payloads, stream=stream, trace=carried)  # type: ignore[misc, arg-type]
 
-        results, batch_sizes = await self._ask(request, kind, listener)
+        try:
+            results, batch_sizes = await self._ask(request, kind, listener)
+        except BaseException as exc:
+            if hop is not None:
+                tracing.failed(hop, type(exc).__name__)
+            raise
+        finally:
+            if hop is not None:
+                hop.end()
         if sizes is not None:
             sizes.extend(batch_sizes)
         return list(results)
+
+
+def _hop(model: str, inputs: int) -> tuple[Any, tuple[str, str] | None]:
+    """The span of a request's trip to the engine and back (None where its trace is not
+    sampled), and the context the engine's spans go under."""
+    here = tracing.current()
+    if here.get_span_context().is_valid and not here.is_recording():
+        return None, tracing.wire_of(here)  # not sampled: only the context travels
+    hop = tracing.start_here(
+        "tessera.engine", kind=SpanKind.CLIENT, attributes={"tessera.model": model, "tessera.inputs": inputs}
+    )
+    return (hop if hop.is_recording() else None), tracing.wire_of(hop)
 
 
 class InprocClient(EngineClient):

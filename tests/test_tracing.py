@@ -1,0 +1,163 @@
+"""Distributed tracing (app/tracing.py, docs/tracing.md) against a real OTLP/HTTP receiver:
+`python -m app serve` in either layout, configured by the standard OTEL_* variables, sends
+the spans of a request made with a caller's ``traceparent``, from the HTTP route through the
+engine hop, the queue and the batch to the forward pass; off, it sends nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess, server_process
+from tests.otlp_receiver import ReceivedSpan, Receiver, serve_receiver
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+SERVER, CLIENT = 2, 3  # OTLP span kinds
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    yield from serve_receiver()
+
+
+def traced_env(receiver: Receiver, catalog: Path, layout_env: dict[str, str]) -> dict[str, str]:
+    return {
+        **layout_env,
+        "TESSERA_CATALOG": str(catalog),
+        "TESSERA_HUB": "offline",
+        "TESSERA_LOG_FORMAT": "json",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_SERVICE_NAME": "tessera-test",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+
+
+def stop(server: ServerProcess) -> None:
+    """SIGTERM, as an orchestrator stops it: every process flushes its spans on the way out."""
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(120) == 0, server.output()[-3000:]
+
+
+def one(spans: list[ReceivedSpan], name: str) -> ReceivedSpan:
+    found = [span for span in spans if span.name == name]
+    assert len(found) == 1, (name, [s.name for s in spans])
+    return found[0]
+
+
+def test_a_request_is_traced_from_the_route_to_the_forward_pass_under_the_callers_trace(
+    receiver: Receiver, local_catalog: Path, layout_env: dict[str, str]
+) -> None:
+    fronts = layout_env["TESSERA_WORKERS"] != "0"
+    traceparent = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    with server_process(traced_env(receiver, local_catalog, layout_env)) as server:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            answer = http.post(
+                "/embed",
+                json={"inputs": ["a first text", "a second one"], "model": "bert-embed"},
+                headers={"traceparent": traceparent, "tracestate": "vendor=1"},
+            )
+            assert answer.status_code == 200, answer.text
+            # Another request, in a trace of its own (no traceparent), and one that shares
+            # batches with others: each batch links to every request it served.
+            untraced = http.post("/embed", json={"inputs": "alone", "model": "bert-embed"})
+            assert untraced.status_code == 200
+            texts = [f"text {i}" for i in range(6)]
+            together: list[httpx.Response] = []
+            threads = [
+                threading.Thread(
+                    target=lambda t=t: together.append(http.post("/embed", json={"inputs": t, "model": "bert-embed"}))
+                )
+                for t in texts
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert [r.status_code for r in together] == [200] * len(texts)
+            assert http.get("/health/live").headers.get("traceparent") is None  # probes: no trace
+        stop(server)
+        logs = server.output()
+
+    # The answer names the request's trace: the caller's, and the server span's id.
+    version, trace_id, server_span_id, flags = answer.headers["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", CALLER_TRACE, "01")
+    own_trace = untraced.headers["traceparent"].split("-")[1]
+    assert own_trace != CALLER_TRACE
+
+    spans = receiver.of_trace(CALLER_TRACE)
+    print(f"\n{'fronts+engine' if fronts else 'one-process'}:\n{receiver.tree(CALLER_TRACE)}")
+    http_span = one(spans, "POST /embed")
+    hop = one(spans, "tessera.engine")
+    engine = one(spans, "tessera.engine.request")
+    queue = one(spans, "tessera.queue")
+    load = one(spans, "tessera.model.load")  # the first request loads the model
+    assert http_span.span_id == server_span_id
+    assert (http_span.parent_id, http_span.kind) == (CALLER_SPAN, SERVER)
+    assert (hop.parent_id, hop.kind) == (http_span.span_id, CLIENT)
+    assert (engine.parent_id, engine.kind) == (hop.span_id, SERVER)
+    assert queue.parent_id == engine.span_id
+    assert load.parent_id == engine.span_id and load.attributes["tessera.model.state"] == "loaded"
+
+    assert http_span.attributes["http.route"] == "/embed"
+    assert http_span.attributes["http.response.status_code"] == 200
+    assert http_span.attributes["tessera.model"] == "bert-embed"
+    assert http_span.attributes["tessera.inputs"] == 2
+    assert engine.attributes["tessera.inputs"] == 2 and engine.attributes["tessera.tokens"] > 0
+    assert not any(span.error for span in spans)
+
+    # The batch that served it is no one's child: it links to the request's engine span.
+    batches = [s for s in receiver.named("tessera.batch") if (CALLER_TRACE, engine.span_id) in s.links]
+    assert len(batches) == 1
+    [batch] = batches
+    assert batch.parent_id == "" and batch.trace_id != CALLER_TRACE
+    assert batch.attributes["tessera.batch.size"] == 2 and batch.attributes["tessera.batch.padded_tokens"] > 0
+    assert "tessera.batch.lane" in batch.attributes
+    forward = [s for s in receiver.named("tessera.forward") if s.parent_id == batch.span_id]
+    assert len(forward) == 1 and forward[0].trace_id == batch.trace_id
+    # Every batch links to each request it served (the concurrent ones included).
+    engine_spans = {(s.trace_id, s.span_id) for s in receiver.named("tessera.engine.request")}
+    assert len(engine_spans) == 2 + len(texts)
+    linked = [link for s in receiver.named("tessera.batch") for link in s.links]
+    assert sorted(linked) == sorted(engine_spans)
+
+    # Each process configured its own provider from the OTEL_* variables.
+    processes = {s.resource["tessera.process"] for s in spans}
+    assert processes == ({"front-0", "engine"} if fronts else {"server"})
+    assert engine.resource["tessera.process"] == ("engine" if fronts else "server")
+    assert len({s.resource["process.pid"] for s in spans}) == (2 if fronts else 1)
+    assert all(s.resource["service.name"] == "tessera-test" for s in spans)
+    assert all(s.resource["deployment.environment"] == "test" for s in spans)
+
+    # The access log's JSON line of the request carries its trace.
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "tessera.access" and line.get("trace_id") == CALLER_TRACE]
+    assert len(access) == 1 and access[0]["span_id"] == server_span_id
+
+
+def test_tracing_off_sends_no_span_and_no_traceparent(
+    receiver: Receiver, local_catalog: Path, layout_env: dict[str, str]
+) -> None:
+    env = {**layout_env, "TESSERA_CATALOG": str(local_catalog), "TESSERA_HUB": "offline", "TESSERA_LOG_FORMAT": "json"}
+    assert not any(name.startswith("OTEL_EXPORTER") for name in os.environ)
+    with server_process(env) as server:
+        answer = httpx.post(
+            f"{server.url}/embed",
+            json={"inputs": "a text", "model": "bert-embed"},
+            headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"},
+            timeout=120,
+        )
+        assert answer.status_code == 200
+        assert "traceparent" not in answer.headers
+        stop(server)
+        logs = server.output()
+    assert receiver.posts == 0 and receiver.spans == []
+    assert "trace_id" not in logs
