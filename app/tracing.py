@@ -107,12 +107,12 @@ def _make_provider(role: str) -> Any:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 
     resource = Resource.create({"tessera.process": role, "process.pid": os.getpid()})
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: "tessera"}))
-    provider = TracerProvider(resource=resource, sampler=_linked_sampler(_get_from_env_or_default()))
+    provider = TracerProvider(resource=resource)  # its sampler: OTEL_TRACES_SAMPLER(_ARG)'s
+    provider.sampler = _linked_sampler(provider.sampler)
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
@@ -182,6 +182,20 @@ def parse(header: str, state: str = "") -> SpanContext | None:
         return None
     trace_state = TraceState.from_header([state]) if state else TraceState()
     return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & 1), trace_state=trace_state)
+
+
+def start_server(method: str, path: str, headers: Iterable[tuple[bytes, bytes]]) -> Span:
+    """The server span of an HTTP request, below the caller's ``traceparent`` if it sent one
+    (then with its ``tracestate``); renamed once its route is known."""
+    given = state = ""
+    for name, value in headers:
+        if name == b"traceparent":
+            given = value.decode("latin-1")
+        elif name == b"tracestate":
+            state = value.decode("latin-1")
+    parent = parse(given, state) if given else None
+    attributes = {"http.request.method": method, "url.path": path}
+    return start(f"{method} {path}", parent, kind=SpanKind.SERVER, attributes=attributes)
 
 
 def from_wire(carried: WireContext | None) -> SpanContext | None:
