@@ -20,6 +20,8 @@ from tests.otlp_receiver import ReceivedSpan, Receiver, serve_receiver
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
+GENERATE_TRACE = "5af7651916cd43dd8448eb211c80319d"
+UNSAMPLED_TRACE = "6bf92f3577b34da6a3ce929d0e0e4737"
 SERVER, CLIENT = 2, 3  # OTLP span kinds
 
 
@@ -84,6 +86,21 @@ def test_a_request_is_traced_from_the_route_to_the_forward_pass_under_the_caller
                 thread.join()
             assert [r.status_code for r in together] == [200] * len(texts)
             assert http.get("/health/live").headers.get("traceparent") is None  # probes: no trace
+            # A translation: continuous batching, whose generation is one span with its steps.
+            translated = http.post(
+                "/translate",
+                json={"inputs": "hello world", "model": "marian-en-de"},
+                headers={"traceparent": f"00-{GENERATE_TRACE}-{CALLER_SPAN}-01"},
+            )
+            assert translated.status_code == 200, translated.text
+            # A caller that does not sample: the context goes on (the answer names it), no span is sent.
+            unsampled = http.post(
+                "/embed",
+                json={"inputs": "not sampled", "model": "bert-embed"},
+                headers={"traceparent": f"00-{UNSAMPLED_TRACE}-{CALLER_SPAN}-00"},
+            )
+            assert unsampled.headers["traceparent"].startswith(f"00-{UNSAMPLED_TRACE}-")
+            assert unsampled.headers["traceparent"].endswith("-00")
         stop(server)
         logs = server.output()
 
@@ -125,9 +142,19 @@ def test_a_request_is_traced_from_the_route_to_the_forward_pass_under_the_caller
     assert len(forward) == 1 and forward[0].trace_id == batch.trace_id
     # Every batch links to each request it served (the concurrent ones included).
     engine_spans = {(s.trace_id, s.span_id) for s in receiver.named("tessera.engine.request")}
-    assert len(engine_spans) == 2 + len(texts)
+    embeds = {span for span in engine_spans if span[0] != GENERATE_TRACE}
+    assert len(embeds) == 2 + len(texts)
     linked = [link for s in receiver.named("tessera.batch") for link in s.links]
-    assert sorted(linked) == sorted(engine_spans)
+    assert sorted(linked) == sorted(embeds)
+
+    # Continuous batching: the input's generation, with its steps, below the request's span.
+    generated = receiver.of_trace(GENERATE_TRACE)
+    print(receiver.tree(GENERATE_TRACE))
+    request = one(generated, "tessera.engine.request")
+    generate = one(generated, "tessera.generate")
+    assert generate.parent_id == request.span_id and generate.attributes["tessera.steps"] >= 1
+    assert one(generated, "tessera.queue").parent_id == request.span_id
+    assert receiver.of_trace(UNSAMPLED_TRACE) == []
 
     # Each process configured its own provider from the OTEL_* variables.
     processes = {s.resource["tessera.process"] for s in spans}

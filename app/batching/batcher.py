@@ -515,8 +515,9 @@ class DynamicBatcher:
             if span is None:
                 results = self._runner.infer([i.payload for i in batch], [i.encoded for i in batch])
             else:
+                forward = {"tessera.model": self.name, "tessera.batch.size": len(batch)}
                 with tracing.tracer.start_as_current_span(
-                    "tessera.forward", context=tracing.context_of(span.get_span_context())
+                    "tessera.forward", context=tracing.context_of(span.get_span_context()), attributes=forward
                 ):
                     results = self._runner.infer([i.payload for i in batch], [i.encoded for i in batch])
         except Exception as exc:
