@@ -198,6 +198,12 @@ def start_server(method: str, path: str, headers: Iterable[tuple[bytes, bytes]])
     return start(f"{method} {path}", parent, kind=SpanKind.SERVER, attributes=attributes)
 
 
+def sampled_on_wire(carried: WireContext) -> bool:
+    """Whether a travelling context's ``traceparent`` says its trace is sampled."""
+    last = carried[0][-1:]
+    return bool(last) and last in "13579bdf"  # the flags' last hex digit: bit 0 is "sampled"
+
+
 def from_wire(carried: WireContext | None) -> SpanContext | None:
     return parse(*carried) if carried is not None else None
 

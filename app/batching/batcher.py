@@ -515,7 +515,7 @@ class DynamicBatcher:
             if span is None:
                 results = self._runner.infer([i.payload for i in batch], [i.encoded for i in batch])
             else:
-                forward = {"tessera.model": self.name, "tessera.batch.size": len(batch)}
+                forward: dict[str, Any] = {"tessera.model": self.name, "tessera.batch.size": len(batch)}
                 with tracing.tracer.start_as_current_span(
                     "tessera.forward", context=tracing.context_of(span.get_span_context()), attributes=forward
                 ):

@@ -140,9 +140,9 @@ class _Request:
 
 def request_span(op: wire.Infer) -> Span | None:
     """The engine's span of a request, below the client's (None: its trace is not sampled)."""
+    if op.trace is not None and not tracing.sampled_on_wire(op.trace):
+        return None  # read from the flags alone: an unsampled request costs no parsing here
     parent = tracing.from_wire(op.trace)
-    if parent is not None and not parent.trace_flags.sampled:
-        return None
     attributes = {"tessera.model": op.model, "tessera.inputs": len(op.payloads), "tessera.stream": op.stream}  # type: ignore[attr-defined]
     span = tracing.start("tessera.engine.request", parent, kind=SpanKind.SERVER, attributes=attributes)
     return span if span.is_recording() else None
