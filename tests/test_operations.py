@@ -327,3 +327,14 @@ async def test_tracing_uses_the_provider_the_process_set_up_and_only_when_asked_
         assert "trace_id" not in (await client.get("/metrics")).text  # the Prometheus text format has none
     names = {span.name for span in recorded_spans.get_finished_spans()}
     assert {"POST /embed", "tessera.engine", "tessera.engine.request", "tessera.queue", "tessera.batch"} <= names
+
+    # With keys, the server span names the tenant, never the key.
+    recorded_spans.clear()
+    async with serve(app_factory(opentelemetry=True, api_keys="s3cret-key")) as client:
+        keyed = await client.post("/embed", json=body, headers={"Authorization": "Bearer s3cret-key"})
+        assert keyed.status_code == 200
+    [server] = [span for span in recorded_spans.get_finished_spans() if span.name == "POST /embed"]
+    assert server.attributes is not None and server.attributes["tessera.tenant"] == "inference-key-1"
+    assert not any(
+        "s3cret" in str(value) for s in recorded_spans.get_finished_spans() for value in (s.attributes or {}).values()
+    )
