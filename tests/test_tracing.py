@@ -9,13 +9,17 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
-from tests.conftest import ServerProcess, server_process
+from app import tracing
+from app.engine import core as engine_core
+from tests.conftest import ServerProcess, core_of, serve, server_process
 from tests.otlp_receiver import ReceivedSpan, Receiver, serve_receiver
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -188,3 +192,35 @@ def test_tracing_off_sends_no_span_and_no_traceparent(
         logs = server.output()
     assert receiver.posts == 0 and receiver.spans == []
     assert "trace_id" not in logs
+
+
+@pytest.mark.anyio
+async def test_tracing_off_makes_no_span_and_carries_no_context(
+    app_factory: Callable[..., FastAPI], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off, every site stops at its one check: nothing that makes a span or a context runs
+    (in the front, on the wire, in the engine, in the batcher and the continuous batcher)."""
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("tracing work with tracing off")
+
+    for name in ("start", "start_here", "start_server", "record", "wire_of", "current", "task_context"):
+        monkeypatch.setattr(tracing, name, refused)
+    monkeypatch.setattr(engine_core, "request_span", refused)
+    app = app_factory()
+    carried: list[Any] = []
+    async with serve(app) as client:
+        core = core_of(app)
+        handle = core.handle
+        monkeypatch.setattr(
+            core, "handle", lambda origin, op: (carried.append(getattr(op, "trace", None)), handle(origin, op))
+        )
+        for route, body in (
+            ("/embed", {"inputs": ["a text", "another"], "model": "bert-embed"}),
+            ("/translate", {"inputs": "hello world", "model": "marian-en-de"}),
+        ):
+            answer = await client.post(route, json=body, headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+            assert answer.status_code == 200, answer.text
+            assert "traceparent" not in answer.headers
+    assert not tracing.enabled
+    assert carried and all(trace is None for trace in carried)
