@@ -172,7 +172,7 @@ def parse(header: str, state: str = "") -> SpanContext | None:
     parts = header.strip().split("-")
     if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff" or len(parts[1]) != 32 or len(parts[2]) != 16:
         return None
-    if parts[0] == "00" and len(parts) != 4:
+    if parts[0] == "00" and (len(parts) != 4 or len(parts[3]) != 2):
         return None
     try:
         trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)

@@ -224,3 +224,42 @@ async def test_tracing_off_makes_no_span_and_carries_no_context(
             assert "traceparent" not in answer.headers
     assert not tracing.enabled
     assert carried and all(trace is None for trace in carried)
+
+
+def test_tracing_is_on_with_its_setting_its_alias_or_an_otlp_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.config import Settings
+
+    for name in (*tracing.ENDPOINTS, "TESSERA_OPENTELEMETRY", "TESSERA_TRACING"):
+        monkeypatch.delenv(name, raising=False)
+    assert not tracing.requested(Settings())
+    for name, value in (
+        ("TESSERA_OPENTELEMETRY", "true"),
+        ("TESSERA_TRACING", "1"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:4318/v1/traces"),
+    ):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            assert tracing.requested(Settings()), name
+
+
+def test_a_malformed_traceparent_starts_a_new_trace() -> None:
+    good = tracing.parse(f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", "vendor=1")
+    assert good is not None and good.trace_flags.sampled and good.is_remote
+    assert (f"{good.trace_id:032x}", f"{good.span_id:016x}") == (CALLER_TRACE, CALLER_SPAN)
+    assert good.trace_state.get("vendor") == "1"
+    assert not tracing.parse(f"00-{CALLER_TRACE}-{CALLER_SPAN}-00").trace_flags.sampled  # type: ignore[union-attr]
+    for bad in (
+        "",
+        "garbage",
+        f"ff-{CALLER_TRACE}-{CALLER_SPAN}-01",  # the forbidden version
+        f"00-{'0' * 32}-{CALLER_SPAN}-01",  # an all-zero trace id
+        f"00-{CALLER_TRACE}-{'0' * 16}-01",
+        f"00-{CALLER_TRACE}-{CALLER_SPAN}-01-extra",  # version 00 has four fields
+        f"00-{CALLER_TRACE}-{CALLER_SPAN}-011",
+        f"00-{CALLER_TRACE[:-1]}x-{CALLER_SPAN}-01",
+    ):
+        assert tracing.parse(bad) is None, bad
+    assert tracing.parse(f"01-{CALLER_TRACE}-{CALLER_SPAN}-01-future") is not None  # a later version: read its prefix
+    assert tracing.sampled_on_wire((f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", ""))
+    assert not tracing.sampled_on_wire((f"00-{CALLER_TRACE}-{CALLER_SPAN}-00", ""))

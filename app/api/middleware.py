@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry.trace import Span, SpanKind, set_span_in_context
+from opentelemetry.trace import Span, set_span_in_context
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import tracing
@@ -122,18 +122,7 @@ class RequestContextMiddleware:
     @staticmethod
     def _traced(scope: Scope) -> tuple[Span, object]:
         """The request's server span, a child of the caller's ``traceparent``, made current."""
-        headers = dict(scope["headers"])
-        given = headers.get(b"traceparent")
-        parent = (
-            tracing.parse(given.decode("latin-1"), headers.get(b"tracestate", b"").decode("latin-1")) if given else None
-        )
-        method = scope["method"]
-        span = tracing.start(
-            f"{method} {scope['path']}",
-            parent,
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "url.path": scope["path"]},
-        )
+        span = tracing.start_server(scope["method"], scope["path"], scope["headers"])
         return span, otel_context.attach(set_span_in_context(span))
 
     @staticmethod
