@@ -133,6 +133,11 @@ def test_a_request_is_traced_from_the_route_to_the_forward_pass_under_the_caller
     assert http_span.attributes["tessera.model"] == "bert-embed"
     assert http_span.attributes["tessera.inputs"] == 2
     assert engine.attributes["tessera.inputs"] == 2 and engine.attributes["tessera.tokens"] > 0
+    assert (
+        http_span.attributes["tessera.tokens"]
+        == hop.attributes["tessera.tokens"]
+        == engine.attributes["tessera.tokens"]
+    )
     assert not any(span.error for span in spans)
 
     # The batch that served it is no one's child: it links to the request's engine span.

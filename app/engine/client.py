@@ -85,9 +85,9 @@ class EngineClient(CatalogSlots):
                 future.set_result(event.value)
             elif isinstance(event, wire.DoneRaw):
                 assert kind is not None
-                future.set_result((wire.RESULTS[kind](event.results), event.sizes))
+                future.set_result((wire.RESULTS[kind](event.results), event.sizes, event.tokens))
             else:
-                future.set_result((event.results, event.sizes))
+                future.set_result((event.results, event.sizes, event.tokens))
         else:
             self._event(event)
 
@@ -186,7 +186,9 @@ class EngineClient(CatalogSlots):
             return struct(rid, name, timeout_s, tenant, group, payloads, stream=stream, trace=carried)  # type: ignore[misc, arg-type]
 
         try:
-            results, batch_sizes = await self._ask(request, kind, listener)
+            results, batch_sizes, tokens = await self._ask(request, kind, listener)
+            if hop is not None:
+                _count_tokens(hop, tokens)
         except BaseException as exc:
             if hop is not None:
                 tracing.failed(hop, type(exc).__name__)
@@ -197,6 +199,16 @@ class EngineClient(CatalogSlots):
         if sizes is not None:
             sizes.extend(batch_sizes)
         return list(results)
+
+
+def _count_tokens(hop: Any, tokens: int) -> None:
+    """The request's tokens on the hop's span and, summed over its calls to the engine (a
+    chunked summary makes several), on the request's server span above it."""
+    hop.set_attribute("tessera.tokens", tokens)
+    server = tracing.current()
+    if server.is_recording():
+        attributes = getattr(server, "attributes", None) or {}
+        server.set_attribute("tessera.tokens", int(attributes.get("tessera.tokens", 0)) + tokens)
 
 
 def _hop(model: str, inputs: int) -> tuple[Any, tuple[str, str] | None]:

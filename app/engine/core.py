@@ -131,7 +131,8 @@ class _Request:
         if self.stream and not self.finished:
             self.core.deliver(self.key[0], wire.Result(self.key[1], index, result))
         if self.left == 0 and not self.finished:
-            self.core.finish(self, wire.Done(self.key[1], self.results, self.ticket.batch_sizes))
+            ticket = self.ticket
+            self.core.finish(self, wire.Done(self.key[1], self.results, ticket.batch_sizes, ticket.tokens))
 
     def failed(self, error: BaseException) -> None:
         if not self.finished:

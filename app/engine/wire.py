@@ -114,11 +114,13 @@ class ResultRaw(msgspec.Struct, array_like=True, tag="Result"):
 
 
 class Done(msgspec.Struct, array_like=True, tag="Done"):
-    """A request's results, in input order, and the sizes of the batches they ran in."""
+    """A request's results, in input order, the sizes of the batches they ran in, and its
+    tokens (the request's span says them: app/tracing.py)."""
 
     rid: int
     results: list[Any]
     sizes: list[int]
+    tokens: int = 0
 
 
 class DoneRaw(msgspec.Struct, array_like=True, tag="Done"):
@@ -127,6 +129,7 @@ class DoneRaw(msgspec.Struct, array_like=True, tag="Done"):
     rid: int
     results: msgspec.Raw
     sizes: list[int]
+    tokens: int = 0
 
 
 class Failed(msgspec.Struct, array_like=True, tag=True):
