@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import random
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -55,6 +57,16 @@ _configured = False
 # A span context as it travels (the engine wire, a relayed request's headers): the W3C
 # ``traceparent`` and ``tracestate`` header values.
 WireContext = tuple[str, str]
+
+# The HTTP request being served here: its server span and that span's context as it travels.
+# Set by the request middleware; an unsampled request is only here (no OpenTelemetry context).
+request: contextvars.ContextVar[tuple[Span, WireContext] | None] = contextvars.ContextVar("request", default=None)
+
+# The head sampling rule of the provider made here, when it is a parent-based one with a known
+# root (always on, always off, a ratio): the bound a new trace id must be under to be sampled.
+# It lets a request that is not sampled skip the SDK altogether (see start_server).
+_root_bound: int | None = None
+_preset = threading.local()  # a trace id the next root span takes (see _PresetIds)
 
 
 def requested(settings: Settings) -> bool:
@@ -108,11 +120,14 @@ def _make_provider(role: str) -> Any:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    global _root_bound
     resource = Resource.create({"tessera.process": role, "process.pid": os.getpid()})
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: "tessera"}))
-    provider = TracerProvider(resource=resource)  # its sampler: OTEL_TRACES_SAMPLER(_ARG)'s
+    # Its sampler: OTEL_TRACES_SAMPLER(_ARG)'s, as the SDK reads them.
+    provider = TracerProvider(resource=resource, id_generator=_preset_ids())
     provider.sampler = _linked_sampler(provider.sampler)
+    _root_bound = _parent_based_bound()
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
@@ -120,6 +135,41 @@ def _make_provider(role: str) -> Any:
         return provider
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
+
+
+def _parent_based_bound() -> int | None:
+    """The trace-id bound of the configured sampler's root rule, for the parent-based
+    samplers whose root decision is the trace id's alone; None for any other."""
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name == "parentbased_always_on":
+        return TraceIdRatioBased.get_bound_for_rate(1.0)
+    if name == "parentbased_always_off":
+        return 0
+    if name == "parentbased_traceidratio":
+        try:
+            rate = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+        except ValueError:
+            rate = 1.0  # as the SDK falls back
+        return TraceIdRatioBased.get_bound_for_rate(rate) if 0.0 <= rate <= 1.0 else None
+    return None
+
+
+def _preset_ids() -> Any:
+    """The SDK's random ids, except that a root span may take the trace id its sampling
+    decision was made on (start_server decides before it asks the SDK for a span)."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class PresetIds(RandomIdGenerator):
+        def generate_trace_id(self) -> int:
+            preset: int = getattr(_preset, "trace_id", 0)
+            if preset:
+                _preset.trace_id = 0
+                return preset
+            return super().generate_trace_id()
+
+    return PresetIds()
 
 
 def _linked_sampler(delegate: Any) -> Any:
@@ -138,8 +188,11 @@ def _linked_sampler(delegate: Any) -> Any:
             links: Sequence[Link] | None = None,
             trace_state: TraceState | None = None,
         ) -> SamplingResult:
-            orphan = not get_current_span(parent_context).get_span_context().is_valid
-            if links and orphan and any(link.context.trace_flags.sampled for link in links):
+            if (
+                links
+                and any(link.context.trace_flags.sampled for link in links)
+                and not get_current_span(parent_context).get_span_context().is_valid  # a root
+            ):
                 return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
             result: SamplingResult = delegate.should_sample(
                 parent_context, trace_id, name, kind, attributes, links, trace_state
@@ -194,8 +247,27 @@ def start_server(method: str, path: str, headers: Iterable[tuple[bytes, bytes]])
         elif name == b"tracestate":
             state = value.decode("latin-1")
     parent = parse(given, state) if given else None
+    bound = _root_bound
+    if bound is not None:  # head sampling decided here: a request not sampled costs no SDK call
+        if parent is None:
+            trace_id = random.getrandbits(128) or 1
+            if (trace_id & _TRACE_ID_LIMIT) >= bound:
+                return _unsampled(trace_id, TraceState())
+            _preset.trace_id = trace_id  # the SDK's sampler decides the same on this id
+        elif not parent.trace_flags.sampled:
+            return _unsampled(parent.trace_id, parent.trace_state)
     attributes = {"http.request.method": method, "url.path": path}
     return start(f"{method} {path}", parent, kind=SpanKind.SERVER, attributes=attributes)
+
+
+_TRACE_ID_LIMIT = (1 << 64) - 1  # the trace id bits a ratio sampler reads (TraceIdRatioBased's)
+
+
+def _unsampled(trace_id: int, trace_state: TraceState) -> Span:
+    """A server span of a trace that is not sampled: its context only, for the answer and the
+    engine (the SDK would make the same, at several times the cost)."""
+    span_id = random.getrandbits(64) or 1
+    return NonRecordingSpan(SpanContext(trace_id, span_id, False, TraceFlags(0), trace_state))
 
 
 def sampled_on_wire(carried: WireContext) -> bool:

@@ -268,3 +268,26 @@ def test_a_malformed_traceparent_starts_a_new_trace() -> None:
     assert tracing.parse(f"01-{CALLER_TRACE}-{CALLER_SPAN}-01-future") is not None  # a later version: read its prefix
     assert tracing.sampled_on_wire((f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", ""))
     assert not tracing.sampled_on_wire((f"00-{CALLER_TRACE}-{CALLER_SPAN}-00", ""))
+
+
+def test_a_ratio_sampler_decides_at_the_route_and_a_sampled_caller_still_wins(
+    receiver: Receiver, local_catalog: Path
+) -> None:
+    """parentbased_traceidratio at 0: a request of its own is not sampled (its answer names an
+    unsampled trace, nothing is sent), one whose caller samples is traced (parent-based)."""
+    env = traced_env(receiver, local_catalog, {"TESSERA_WORKERS": "0"})
+    env.update({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"})
+    with server_process(env) as server:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            body = {"inputs": "a text", "model": "bert-embed"}
+            alone = http.post("/embed", json=body)
+            called = http.post("/embed", json=body, headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+        stop(server)
+    assert alone.status_code == called.status_code == 200
+    version, own_trace, _, flags = alone.headers["traceparent"].split("-")
+    assert (version, flags) == ("00", "00") and own_trace != CALLER_TRACE
+    assert receiver.of_trace(own_trace) == []
+    names = {span.name for span in receiver.of_trace(CALLER_TRACE)}
+    assert {"POST /embed", "tessera.engine", "tessera.engine.request", "tessera.queue"} <= names
+    batches = ("tessera.batch", "tessera.forward")  # a batch's own trace, linked to the request
+    assert {span.trace_id for span in receiver.spans if span.name not in batches} == {CALLER_TRACE}

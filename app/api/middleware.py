@@ -91,8 +91,8 @@ class RequestContextMiddleware:
         own = self.own_headers or [(b"x-request-id", request_id.encode())]
         span = None
         if tracing.enabled and not scope["path"].startswith(UNTRACED):
-            span, attached = self._traced(scope)
-            own = [*own, (b"traceparent", tracing.traceparent(span.get_span_context()).encode())]
+            span, held, carried = self._traced(scope)
+            own = [*own, (b"traceparent", carried[0].encode())]
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -116,17 +116,21 @@ class RequestContextMiddleware:
         finally:
             route = self._record(scope, status, time.perf_counter() - started, stats, span)
             if span is not None:
-                self._end(span, attached, scope, route, status, stats)
+                self._end(span, held, scope, route, status, stats)
             request_id_var.reset(token)
 
     @staticmethod
-    def _traced(scope: Scope) -> tuple[Span, object]:
-        """The request's server span, a child of the caller's ``traceparent``, made current."""
+    def _traced(scope: Scope) -> tuple[Span, tuple[Any, Any], tracing.WireContext]:
+        """The request's server span, a child of the caller's ``traceparent``, made this
+        request's (``tracing.request``) and, sampled, OpenTelemetry's current span."""
         span = tracing.start_server(scope["method"], scope["path"], scope["headers"])
-        return span, otel_context.attach(set_span_in_context(span))
+        carried = tracing.wire_of(span)
+        held = tracing.request.set((span, carried))
+        attached = otel_context.attach(set_span_in_context(span)) if span.is_recording() else None
+        return span, (held, attached), carried
 
     @staticmethod
-    def _end(span: Span, attached: object, scope: Scope, route: str, status: int, stats: dict[str, Any]) -> None:
+    def _end(span: Span, held: tuple[Any, Any], scope: Scope, route: str, status: int, stats: dict[str, Any]) -> None:
         if span.is_recording():
             span.update_name(f"{scope['method']} {route}")
             span.set_attributes(
@@ -140,7 +144,10 @@ class RequestContextMiddleware:
             if status >= 500:
                 tracing.failed(span, f"HTTP {status}")
         span.end()
-        otel_context.detach(attached)  # type: ignore[arg-type]
+        token, attached = held
+        if attached is not None:
+            otel_context.detach(attached)
+        tracing.request.reset(token)
 
     def _record(self, scope: Scope, status: int, seconds: float, stats: dict[str, Any], span: Span | None) -> str:
         route = getattr(scope.get("route"), "path", "unmatched")

@@ -177,9 +177,9 @@ class EngineClient(CatalogSlots):
         struct = wire.INFER[kind]
         listener = None if on_delta is None and on_result is None else _Listener(on_delta, on_result, kind)
         stream = listener is not None
-        hop = carried = None
+        hop = carried = server = None
         if tracing.enabled:
-            hop, carried = _hop(name, len(payloads))
+            hop, carried, server = _hop(name, len(payloads))
 
         def request(rid: int) -> wire.Infer:
             # Each kind's struct adds its typed payloads; tenants are API keys' names, strings.
@@ -188,7 +188,7 @@ class EngineClient(CatalogSlots):
         try:
             results, batch_sizes, tokens = await self._ask(request, kind, listener)
             if hop is not None:
-                _count_tokens(hop, tokens)
+                _count_tokens(hop, server, tokens)
         except BaseException as exc:
             if hop is not None:
                 tracing.failed(hop, type(exc).__name__)
@@ -201,26 +201,28 @@ class EngineClient(CatalogSlots):
         return list(results)
 
 
-def _count_tokens(hop: Any, tokens: int) -> None:
+def _count_tokens(hop: Any, server: Any, tokens: int) -> None:
     """The request's tokens on the hop's span and, summed over its calls to the engine (a
     chunked summary makes several), on the request's server span above it."""
     hop.set_attribute("tessera.tokens", tokens)
-    server = tracing.current()
-    if server.is_recording():
+    if server is not None and server.is_recording():
         attributes = getattr(server, "attributes", None) or {}
         server.set_attribute("tessera.tokens", int(attributes.get("tessera.tokens", 0)) + tokens)
 
 
-def _hop(model: str, inputs: int) -> tuple[Any, tuple[str, str] | None]:
+def _hop(model: str, inputs: int) -> tuple[Any, tuple[str, str] | None, Any]:
     """The span of a request's trip to the engine and back (None where its trace is not
-    sampled), and the context the engine's spans go under."""
-    here = tracing.current()
-    if here.get_span_context().is_valid and not here.is_recording():
-        return None, tracing.wire_of(here)  # not sampled: only the context travels
-    hop = tracing.start_here(
-        "tessera.engine", kind=SpanKind.CLIENT, attributes={"tessera.model": model, "tessera.inputs": inputs}
-    )
-    return (hop if hop.is_recording() else None), tracing.wire_of(hop)
+    sampled), the context the engine's spans go under, and the request's server span."""
+    attributes = {"tessera.model": model, "tessera.inputs": inputs}
+    held = tracing.request.get()
+    if held is None:  # not an HTTP request's: below the current span, or a trace of its own
+        hop = tracing.start_here("tessera.engine", kind=SpanKind.CLIENT, attributes=attributes)
+        return (hop if hop.is_recording() else None), tracing.wire_of(hop), None
+    server, carried = held
+    if not server.is_recording():
+        return None, carried, server  # not sampled: only the context travels
+    hop = tracing.start("tessera.engine", server.get_span_context(), kind=SpanKind.CLIENT, attributes=attributes)
+    return hop, tracing.wire_of(hop), server
 
 
 class InprocClient(EngineClient):
