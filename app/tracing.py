@@ -216,7 +216,8 @@ def traceparent(context: SpanContext) -> str:
 def wire_of(span: Span) -> WireContext:
     """How ``span``'s context travels."""
     context = span.get_span_context()
-    return traceparent(context), context.trace_state.to_header()
+    state = context.trace_state
+    return traceparent(context), state.to_header() if state else ""
 
 
 def parse(header: str, state: str = "") -> SpanContext | None:
