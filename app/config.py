@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.yaml")
@@ -115,8 +115,11 @@ class Settings(BaseSettings):
     )
     opentelemetry: bool = Field(
         False,
-        description="FastAPI's OpenTelemetry spans, metrics and logs, exported by the providers the "
-        "process configures (opentelemetry-sdk, OTEL_* variables); off, they cost nothing per request.",
+        validation_alias=AliasChoices("opentelemetry", "TESSERA_OPENTELEMETRY", "TESSERA_TRACING"),
+        description="Distributed tracing (docs/tracing.md): spans for each request from the HTTP route to "
+        "the forward pass, exported over OTLP/HTTP as the OTEL_* variables say (`tessera[otel]`); also on "
+        "when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set. Alias: "
+        "TESSERA_TRACING. Off, it costs nothing per request.",
     )
     drain_timeout_s: float = Field(
         25.0,

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 from app.api.middleware import RequestIdFilter
 
-# Fields the access log adds; copied into JSON lines when present.
-_EXTRA_FIELDS = ("route", "status", "model", "latency_ms")
+# Fields the access log adds, and the trace's (app/tracing.py); copied into JSON lines when present.
+_EXTRA_FIELDS = ("route", "status", "model", "latency_ms", "trace_id", "span_id")
 
 
 class JsonFormatter(logging.Formatter):

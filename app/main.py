@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from prometheus_client import generate_latest
 
+from app import tracing
 from app.api import compat_hf, compat_openai, docs, health, metrics, models, native, rerank
 from app.api.compat_hf import hf_tasks
 from app.api.drain import Drain
@@ -30,7 +30,7 @@ from app.cluster import ReplicaAgent
 from app.config import Settings
 from app.engine.client import InprocClient
 from app.engine.zmq_client import ZmqClient
-from app.metrics import Metrics
+from app.metrics import Metrics, exposition
 from app.registry.inferred import catalog_of
 from app.service.service import InferenceService
 
@@ -88,12 +88,12 @@ def create_app(
     settings = settings or Settings()
     catalog = catalog_of(settings)
 
-    def own_metrics() -> bytes:
+    def own_metrics(openmetrics: bool = False) -> bytes:
         """This process's exposition (a front's, a replica's, or the whole server's)."""
-        return generate_latest(app.state.metrics.registry)
+        return exposition(app.state.metrics.registry, openmetrics)
 
-    async def local_metrics() -> bytes:
-        return own_metrics()
+    async def local_metrics(openmetrics: bool = False) -> bytes:
+        return own_metrics(openmetrics)
 
     @asynccontextmanager
     async def front_lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,6 +110,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        role = engine.identity if engine else ("replica" if cluster else "server")
+        traced = tracing.configure(settings, role)
+        try:
+            async with serving_lifespan(app):
+                yield
+        finally:
+            if traced:
+                tracing.release()
+
+    @asynccontextmanager
+    async def serving_lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
             async with front_lifespan(app):
                 yield
@@ -143,9 +154,11 @@ def create_app(
         redoc_url=None,
         # Without keys there is nothing to check: no dependency to solve on every request.
         dependencies=[Depends(require_api_key)] if settings.api_keys or settings.admin_keys else [],
-        # FastAPI's OpenTelemetry hooks ask the global providers on every request (5 % of the
-        # event loop's time under load, measured); they are on only when asked for.
-        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
+        # FastAPI's own OpenTelemetry hooks ask the global providers on every request (5 % of the
+        # event loop's time under load, measured), and its handler's steps would take the direct
+        # JSON path's place (app/api/json_route.py): Tessera's request middleware makes the server
+        # span instead (app/tracing.py).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.cluster = cluster

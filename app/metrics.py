@@ -1,7 +1,9 @@
 """Prometheus metrics: requests, batches, queues, model loads and memory (served at /metrics
 by app/api/metrics.py).
 
-Each process (and each app in tests) owns its CollectorRegistry, so they never collide.
+Each process (and each app in tests) owns its CollectorRegistry, so they never collide. A
+scraper that asks for OpenMetrics gets it, with the exemplars (a sampled request's trace id,
+app/tracing.py) that the Prometheus text format cannot carry.
 Request metrics are fed by the request middleware, batch and load metrics by registry
 hooks, and queue depth and model memory are read from the models' slots at scrape time.
 """
@@ -10,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
 from app.batching.running import BatchRecord
@@ -75,9 +78,12 @@ class Metrics:
     def hooks(self) -> RegistryHooks:
         return RegistryHooks(on_batch=self.observe_batch, on_load=self.observe_load)
 
-    def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
+    def observe_request(
+        self, route: str, model: str, status: int, seconds: float, exemplar: dict[str, str] | None = None
+    ) -> None:
+        """One answered request; ``exemplar`` (its trace's ids) shows in the OpenMetrics exposition."""
         self.requests.labels(route, model, str(status)).inc()
-        self.latency.labels(route, model, str(status)).observe(seconds)
+        self.latency.labels(route, model, str(status)).observe(seconds, exemplar)
 
     def observe_batch(self, model: str, record: BatchRecord) -> None:
         self.batch_size.labels(model).observe(record.size)
@@ -114,15 +120,21 @@ class _ModelCollector(Collector):
         yield from (loaded, memory, depth)
 
 
-def merge_expositions(texts: dict[str, str], label: str = "replica") -> str:
-    """Prometheus text expositions of several replicas (or processes) as one: each family's
-    HELP and TYPE once, then every one's samples of it, each labelled ``<label>="<id>"``."""
+def exposition(registry: CollectorRegistry, openmetrics: bool = False) -> bytes:
+    """``registry``'s samples in the Prometheus text format, or OpenMetrics (with exemplars)."""
+    return generate_openmetrics(registry) if openmetrics else generate_latest(registry)
+
+
+def merge_expositions(texts: dict[str, str], label: str = "replica", openmetrics: bool = False) -> str:
+    """Expositions of several replicas (or processes) as one: each family's HELP and TYPE (and
+    UNIT) once, then every one's samples of it, each labelled ``<label>="<id>"``; OpenMetrics
+    ones end with one ``# EOF``."""
     families: dict[str, list[str]] = {}
     headers: dict[str, list[str]] = {}
     for replica, text in texts.items():
         current = ""
         for line in text.splitlines():
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            if line.startswith(("# HELP ", "# TYPE ", "# UNIT ")):
                 current = line.split(" ", 3)[2]
                 seen = headers.setdefault(current, [])
                 families.setdefault(current, [])
@@ -134,6 +146,8 @@ def merge_expositions(texts: dict[str, str], label: str = "replica") -> str:
     for name, samples in families.items():
         lines += headers.get(name, [])
         lines += samples
+    if openmetrics:
+        lines.append("# EOF")
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,9 @@ runs as many threads as the replica has CPUs. A replica takes traffic once its p
 models are loaded; Serve's health check asks the same as /health/ready; on downscale or a
 rolling update Serve stops routing to a replica, lets its requests finish
 (``graceful_shutdown_timeout_s``: TESSERA_DRAIN_TIMEOUT_S) and the app unloads its models.
+Traced (app/tracing.py), the gateway makes a request's server span and one span per
+replica it tries, whose context reaches the replica's app as the relayed request's
+``traceparent``: the replica's spans go below it.
 """
 
 from __future__ import annotations
@@ -35,16 +38,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+from opentelemetry.trace import Span, SpanKind
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from app import tracing
 from app.api.health import preload_status
 from app.api.streaming import frame
 from app.cluster import Coordinator, ReplicaAgent
-from app.relay import HTTPAnswer, HTTPCall, HTTPHead, answer, answer_stream, read_capped, streams
+from app.relay import HTTPAnswer, HTTPCall, HTTPHead, answer, answer_stream, naming, read_capped, streams, under
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,9 @@ class TesseraGateway:
         from app.config import Settings
 
         os.environ.update(env)
-        self.replicas, self.max_body_bytes, self.attempts = replicas, Settings().max_body_bytes, attempts
+        settings = Settings()
+        self.replicas, self.max_body_bytes, self.attempts = replicas, settings.max_body_bytes, attempts
+        tracing.configure(settings, "gateway")  # for the actor's life
 
     async def __call__(self, request: Request) -> Response:
         client = (request.client.host, request.client.port) if request.client else None
@@ -87,46 +94,91 @@ class TesseraGateway:
             await read_capped(request.stream(), self.max_body_bytes),
             client,
         )
+        span = tracing.start_server(call.method, call.path, call.headers) if tracing.enabled else None
         if streams(call):
-            return await self._streamed(call, request)
+            return await self._streamed(call, request, span)
+        try:
+            response = await self._answered(call, request, span)
+        except BaseException as exc:
+            if span is not None:
+                tracing.failed(span, type(exc).__name__)
+            raise
+        finally:
+            if span is not None:
+                span.end()
+        return response
+
+    async def _answered(self, call: HTTPCall, request: Request, span: Span | None) -> Response:
         for attempt in range(1, self.attempts + 1):
+            hop = self._hop(span, attempt)
             try:
-                got: HTTPAnswer = await self.replicas.forward.remote(call)
+                got: HTTPAnswer = await self.replicas.forward.remote(under(call, hop or span))
             except RayActorError as exc:  # the replica died holding it; Serve routes around the dead one
                 self._lost(call, attempt, exc)
+                _ended(hop, exc)
                 continue
+            _ended(hop, None)
             response = Response(got.body, got.status)
-            response.raw_headers = got.headers
+            response.raw_headers = naming(got.headers, span)
             if attempt > 1:  # the client's answer needed a replay: say so (logs, tests)
                 response.raw_headers.append((b"x-tessera-attempts", str(attempt).encode()))
+            _answered(span, got.status)
             return response
         return self._failed(request)
 
-    async def _streamed(self, call: HTTPCall, request: Request) -> Response:
+    @staticmethod
+    def _hop(span: Span | None, attempt: int) -> Span | None:
+        """The span of one try on a replica, below the gateway's (traced and sampled only)."""
+        if span is None or not span.is_recording():
+            return None
+        context = span.get_span_context()
+        return tracing.start("tessera.replica", context, kind=SpanKind.CLIENT, attributes={"tessera.attempt": attempt})
+
+    async def _streamed(self, call: HTTPCall, request: Request, span: Span | None) -> Response:
         """A streamed answer, relayed as it comes; sent to another replica while its head has not come."""
+        try:
+            response = await self._stream_head(call, request, span)
+        except BaseException:
+            if span is not None:
+                span.end()
+            raise
+        if span is not None and not isinstance(response, StreamingResponse):
+            span.end()
+        return response
+
+    async def _stream_head(self, call: HTTPCall, request: Request, span: Span | None) -> Response:
         streaming = self.replicas.options(stream=True)
         for attempt in range(1, self.attempts + 1):
-            relayed = streaming.stream_forward.remote(call)
+            hop = self._hop(span, attempt)
+            relayed = streaming.stream_forward.remote(under(call, hop or span))
             assert isinstance(relayed, DeploymentResponseGenerator)  # what a streaming handle gives
             try:
                 head = await relayed.__anext__()
             except RayActorError as exc:
                 self._lost(call, attempt, exc)
+                _ended(hop, exc)
                 continue
-            except BaseException:  # the client left before the first event: so does the replica's work
+            except BaseException as exc:  # the client left before the first event: so does the replica's work
                 relayed.cancel()
+                _ended(hop, exc)
                 raise
             assert isinstance(head, HTTPHead)
-            response = StreamingResponse(self._relay(relayed, call, request), head.status)
-            response.raw_headers = head.headers
+            _answered(span, head.status)
+            response = StreamingResponse(self._relay(relayed, call, request, (hop, span)), head.status)
+            response.raw_headers = naming(head.headers, span)
             if attempt > 1:
                 response.raw_headers.append((b"x-tessera-attempts", str(attempt).encode()))
             return response
         return self._failed(request)
 
     async def _relay(
-        self, relayed: DeploymentResponseGenerator[Any], call: HTTPCall, request: Request
+        self,
+        relayed: DeploymentResponseGenerator[Any],
+        call: HTTPCall,
+        request: Request,
+        spans: tuple[Span | None, Span | None] = (None, None),
     ) -> AsyncIterator[bytes]:
+        """The stream's events as they come; its spans (the try's, the gateway's) end with it."""
         finished = False
         try:
             async for chunk in relayed:
@@ -142,6 +194,9 @@ class TesseraGateway:
         finally:
             if not finished:  # the client left: so does the replica's work
                 relayed.cancel()
+            for span in spans:
+                if span is not None:
+                    span.end()
 
     def _lost(self, call: HTTPCall, attempt: int, exc: Exception) -> None:
         log.warning(
@@ -152,6 +207,20 @@ class TesseraGateway:
         message = f"{self.attempts} replicas were lost while answering this request; retry it"
         body = {"error": "replica_lost", "message": message, "request_id": request.headers.get("x-request-id")}
         return JSONResponse(body, 503, headers={"Retry-After": "1"})
+
+
+def _answered(span: Span | None, status: int) -> None:
+    if span is not None and span.is_recording():
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            tracing.failed(span, f"HTTP {status}")
+
+
+def _ended(hop: Span | None, error: BaseException | None) -> None:
+    if hop is not None:
+        if error is not None:
+            tracing.failed(hop, type(error).__name__)
+        hop.end()
 
 
 @serve.deployment(name="Tessera")

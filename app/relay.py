@@ -10,16 +10,24 @@ that asks for a streamed answer (``streams``) is answered as it comes instead
 (``answer_stream``: its head, then each piece of its body), and can be sent again only
 until its head came.
 
+Traced (app/tracing.py), the call carries the context of the gateway's span as its
+``traceparent`` (``under``), and the answer names the gateway's span (``naming``).
+
 Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+
+from opentelemetry.trace import Span
+
+from app import tracing
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -142,3 +150,24 @@ async def answer_stream(app: Any, call: HTTPCall) -> AsyncIterator[HTTPHead | by
         await running  # the app's own failure, if it had one
     finally:
         running.cancel()
+
+
+def under(call: HTTPCall, span: Span | None) -> HTTPCall:
+    """``call`` with ``span``'s context as its ``traceparent`` (and ``tracestate``): the replica's
+    spans go below it. Untraced, the call as it came."""
+    if span is None:
+        return call
+    parent, state = tracing.wire_of(span)
+    headers = [(k, v) for k, v in call.headers if k not in (b"traceparent", b"tracestate")]
+    headers.append((b"traceparent", parent.encode()))
+    if state:
+        headers.append((b"tracestate", state.encode()))
+    return dataclasses.replace(call, headers=headers)
+
+
+def naming(headers: list[tuple[bytes, bytes]], span: Span | None) -> list[tuple[bytes, bytes]]:
+    """A replica's answer headers, naming the gateway's span as the answer's ``traceparent``."""
+    if span is None:
+        return headers
+    own = tracing.traceparent(span.get_span_context()).encode()
+    return [(k, v) for k, v in headers if k != b"traceparent"] + [(b"traceparent", own)]

@@ -243,6 +243,25 @@ def test_compose_files_are_valid(engine: None) -> None:
     assert "ports" not in replicas["tessera"] or not replicas["tessera"]["ports"]
     assert replicas["lb"]["ports"][0]["host_ip"] == "127.0.0.1"
 
+    traced = compose_config(
+        "-f", "docker-compose.yml", "--profile", "tracing", env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318"}
+    )["services"]
+    assert traced["tessera"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    assert traced["jaeger"]["ports"][0]["target"] == 16686
+
+
+def test_the_tracing_profile_adds_a_trace_store_the_server_can_export_to() -> None:
+    """Read without a Docker engine: the optional Jaeger service (OTLP on 4318) sits behind its
+    profile, and the server passes the OTEL_* variables on when set (docs/tracing.md)."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    jaeger = compose["services"]["jaeger"]
+    assert jaeger["profiles"] == ["tracing"]
+    assert jaeger["ports"] == ["${TESSERA_BIND:-127.0.0.1}:${JAEGER_UI_PORT:-16686}:16686"]
+    environment = compose["services"]["tessera"]["environment"]
+    for name in ("TESSERA_OPENTELEMETRY", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER"):
+        assert name in environment
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4318" in (REPO / "docker-compose.yml").read_text()
+
 
 def test_port_is_published_on_loopback_only_by_default(engine: None) -> None:
     [port] = compose_config("-f", "docker-compose.yml")["services"]["tessera"]["ports"]

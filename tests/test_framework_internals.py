@@ -14,7 +14,6 @@ import contextlib
 import inspect
 import signal
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -148,7 +147,6 @@ def test_fastapis_route_keeps_what_json_body_route_reads() -> None:
 
 def bare_app(route_class: type[APIRoute]) -> FastAPI:
     app = FastAPI(dependencies=[Depends(refuse_when_asked)])
-    app.state.settings = SimpleNamespace(opentelemetry=False)  # what _Plan.applies reads of our Settings
     router = APIRouter(route_class=route_class)
     router.add_api_route("/echo", echo, methods=["POST"], response_model=Echo)
     app.include_router(router)

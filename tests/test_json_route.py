@@ -126,15 +126,17 @@ def test_the_direct_path_takes_an_app_only_when_every_app_wide_dependency_is_a_g
     assert plan.app_guards(app_with(Depends(require_api_key), Depends(solved_by_fastapi))) is None
 
 
-async def test_opentelemetry_and_dependency_overrides_keep_fastapis_handler(
+async def test_dependency_overrides_keep_fastapis_handler_and_tracing_keeps_the_direct_path(
     app_factory: Callable[..., FastAPI], direct_answers: list[int]
 ) -> None:
-    """OpenTelemetry sees FastAPI's handler steps; an override must replace the dependency it names."""
+    """An override must replace the dependency it names; tracing (app/tracing.py) is the
+    request middleware's, so it leaves the direct path on."""
     body = {"inputs": "I love this movie", "model": "bert-clf"}
-    async with serve(app_factory(opentelemetry=True)) as client:
-        assert (await client.post("/classify", json=body)).status_code == 200
     keyed = app_factory(api_keys="k")
     keyed.dependency_overrides[require_api_key] = lambda: None
     async with serve(keyed) as client:
         assert (await client.post("/classify", json=body)).status_code == 200  # no key: overridden
     assert direct_answers == []
+    async with serve(app_factory(opentelemetry=True)) as client:
+        assert (await client.post("/classify", json=body)).status_code == 200
+    assert direct_answers == [1]

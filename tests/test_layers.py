@@ -11,7 +11,10 @@ APP = Path(__file__).resolve().parent.parent / "app"
 
 # Lowest first: a module imports from its own layer and the layers below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("shared types", ("app.errors", "app.payloads", "app.tasks", "app.config", "app.catalog", "app.heap")),
+    (
+        "shared types",
+        ("app.errors", "app.payloads", "app.tasks", "app.config", "app.catalog", "app.heap", "app.tracing"),
+    ),
     ("runners", ("app.runners",)),
     ("batching", ("app.batching",)),
     ("registry", ("app.registry", "app.metrics")),

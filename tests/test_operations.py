@@ -302,26 +302,39 @@ def test_download_command_fails_clearly_offline(catalog_path: Path) -> None:
     assert unknown.returncode == 2 and "unknown model(s): nope" in unknown.stderr
 
 
-_SPANS: Any = None  # the process's one span exporter, made by the first test that needs it
-
-
-async def test_opentelemetry_spans_are_recorded_only_when_asked_for(app_factory: Callable[..., FastAPI]) -> None:
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    global _SPANS
-    if _SPANS is None:  # what an OpenTelemetry setup does, once per process (a second is refused)
-        _SPANS = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_SPANS))
-        trace.set_tracer_provider(provider)
-    exporter = _SPANS
-    exporter.clear()
+async def test_tracing_uses_the_provider_the_process_set_up_and_only_when_asked_for(
+    app_factory: Callable[..., FastAPI], recorded_spans: Any
+) -> None:
+    """An app embedded in a process that configured OpenTelemetry itself traces into that
+    process's provider (app/tracing.py); off, nothing is recorded and no answer names a trace."""
+    recorded_spans.clear()
+    body = {"inputs": "a text", "model": "bert-embed"}
     async with serve(app_factory()) as client:
-        assert (await client.get("/health/live")).status_code == 200
-    assert exporter.get_finished_spans() == ()
+        answer = await client.post("/embed", json=body)
+        assert answer.status_code == 200 and "traceparent" not in answer.headers
+    assert recorded_spans.get_finished_spans() == ()
     async with serve(app_factory(opentelemetry=True)) as client:
-        assert (await client.get("/health/live")).status_code == 200
-    assert any("/health/live" in span.name for span in exporter.get_finished_spans())
+        answer = await client.post("/embed", json=body)
+        assert answer.status_code == 200
+        probe = await client.get("/health/live")
+        assert "traceparent" not in probe.headers  # probes and scrapes are not traced
+        # Exemplars: the request latency's sample names the request's trace, in OpenMetrics only.
+        scrape = await client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert scrape.headers["content-type"].startswith("application/openmetrics-text")
+        assert scrape.text.rstrip().endswith("# EOF")
+        trace_id = answer.headers["traceparent"].split("-")[1]
+        assert f'trace_id="{trace_id}"' in scrape.text
+        assert "trace_id" not in (await client.get("/metrics")).text  # the Prometheus text format has none
+    names = {span.name for span in recorded_spans.get_finished_spans()}
+    assert {"POST /embed", "tessera.engine", "tessera.engine.request", "tessera.queue", "tessera.batch"} <= names
+
+    # With keys, the server span names the tenant, never the key.
+    recorded_spans.clear()
+    async with serve(app_factory(opentelemetry=True, api_keys="s3cret-key")) as client:
+        keyed = await client.post("/embed", json=body, headers={"Authorization": "Bearer s3cret-key"})
+        assert keyed.status_code == 200
+    [server] = [span for span in recorded_spans.get_finished_spans() if span.name == "POST /embed"]
+    assert server.attributes is not None and server.attributes["tessera.tenant"] == "inference-key-1"
+    assert not any(
+        "s3cret" in str(value) for s in recorded_spans.get_finished_spans() for value in (s.attributes or {}).values()
+    )

@@ -288,3 +288,55 @@ def test_the_application_builder_refuses_what_it_cannot_honour() -> None:
         build({"attempts": 0})  # no try at all would answer every request 503
     with pytest.raises(ValueError, match="unknown"):
         build({"gateway": 1})
+
+
+def test_a_request_is_traced_through_the_gateway_and_a_replica_under_the_callers_trace(
+    cluster_url: str, local_catalog: Path
+) -> None:
+    """The cluster redeployed with an OTLP endpoint (app/tracing.py): the gateway's span is a
+    child of the caller's, its try on a replica carries the context through the Serve handle,
+    and the replica's spans (route, engine, queue, linked batch) go below it."""
+    from tests.otlp_receiver import serve_receiver
+
+    receiver_running = serve_receiver()
+    receiver = next(receiver_running)
+    try:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        serve.run(_app(local_catalog, env=env), name="tessera", route_prefix="/")
+        wait_until_serving(cluster_url, time.monotonic() + READY_BOUND_S)
+        trace_id, caller = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+        answer = httpx.post(
+            f"{cluster_url}/embed",
+            json={"inputs": ["a traced text", "another"], "model": "bert-embed"},
+            headers={"traceparent": f"00-{trace_id}-{caller}-01"},
+            timeout=120,
+        )
+        assert answer.status_code == 200, answer.text
+        expected = {"POST /embed", "tessera.replica", "tessera.engine", "tessera.engine.request", "tessera.queue"}
+        deadline = time.monotonic() + 120  # the processes export every 100 ms: a bound, not a measure
+        while time.monotonic() < deadline:
+            names = [s.name for s in receiver.of_trace(trace_id)]
+            if expected <= set(names) and names.count("POST /embed") == 2:
+                break
+            time.sleep(0.2)
+        spans = receiver.of_trace(trace_id)
+        print(f"\nray:\n{receiver.tree(trace_id)}")
+        by_process = {(s.name, s.resource["tessera.process"]): s for s in spans}
+        gateway = by_process[("POST /embed", "gateway")]
+        attempt = by_process[("tessera.replica", "gateway")]
+        replica = by_process[("POST /embed", "replica")]
+        hop = by_process[("tessera.engine", "replica")]
+        engine = by_process[("tessera.engine.request", "replica")]
+        assert gateway.parent_id == caller
+        assert answer.headers["traceparent"] == f"00-{trace_id}-{gateway.span_id}-01"
+        assert attempt.parent_id == gateway.span_id and attempt.attributes["tessera.attempt"] == 1
+        assert replica.parent_id == attempt.span_id and replica.attributes["tessera.inputs"] == 2
+        assert hop.parent_id == replica.span_id and engine.parent_id == hop.span_id
+        assert by_process[("tessera.queue", "replica")].parent_id == engine.span_id
+        while time.monotonic() < deadline and not any(
+            (trace_id, engine.span_id) in s.links for s in receiver.named("tessera.batch")
+        ):
+            time.sleep(0.2)
+        assert any((trace_id, engine.span_id) in s.links for s in receiver.named("tessera.batch"))
+    finally:
+        receiver_running.close()

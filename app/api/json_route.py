@@ -6,10 +6,9 @@ validates twice); ``JsonBodyRoute`` gives such routes a direct path for the comm
 a JSON body that validates. The body is validated from its bytes by pydantic, guards that
 read only the request (the API-key check) are awaited as FastAPI would, and the response
 is validated and dumped as FastAPI does. Anything else (another content type, an invalid
-body, any other dependency, dependency overrides, an app with OpenTelemetry on) goes
-through FastAPI's own handler, so every error answer is FastAPI's, worded by our error
-handlers. Routes stay FastAPI routes: the same middleware, exception handlers and
-OpenAPI schema.
+body, any other dependency, dependency overrides) goes through FastAPI's own handler, so
+every error answer is FastAPI's, worded by our error handlers. Routes stay FastAPI routes:
+the same middleware, exception handlers and OpenAPI schema.
 
 It reads public attributes only: the route's own dependencies and the app's
 (``app.router.dependencies``), each of which must be a guard for the direct path to apply.
@@ -103,9 +102,9 @@ class _Plan:
         return cls(route, models[0], hints[models[0]], requests[0], guards)
 
     def applies(self, request: Request) -> bool:
-        """A JSON body; no dependency overrides, no OpenTelemetry hooks (the app's settings)."""
+        """A JSON body, and no dependency overrides."""
         app = request.app
-        if app.dependency_overrides or app.state.settings.opentelemetry:
+        if app.dependency_overrides:
             return False
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 
 from app.api.errors import error_responses
 
@@ -28,5 +29,12 @@ router = APIRouter(tags=["operations"])
 async def metrics(request: Request) -> Response:
     """Request, batch, queue and model metrics in the Prometheus text format. On a cluster
     (Ray Serve), every live replica's, each sample labelled with its `replica`; with front
-    processes (TESSERA_WORKERS), every process's, each sample labelled with its `process`."""
-    return Response(await request.app.state.exposition(), media_type=CONTENT_TYPE_LATEST)
+    processes (TESSERA_WORKERS), every process's, each sample labelled with its `process`.
+    A scraper that accepts `application/openmetrics-text` gets OpenMetrics, whose latency
+    histograms carry exemplars naming a traced request's `trace_id` (not on a cluster)."""
+    openmetrics = request.app.state.cluster is None and "application/openmetrics-text" in request.headers.get(
+        "accept", ""
+    )
+    exposition = request.app.state.exposition  # a cluster's takes no argument: text only
+    text = await (exposition(True) if openmetrics else exposition())
+    return Response(text, media_type=OPENMETRICS_TYPE if openmetrics else CONTENT_TYPE_LATEST)

@@ -1,5 +1,7 @@
 """Per-request context: an id (the client's X-Request-ID or a new one), metrics and the access
-log (from the accounting routes leave on the request's state), and the drain's count."""
+log (from the accounting routes leave on the request's state), the drain's count, and, when
+tracing is on (app/tracing.py), the request's server span: a child of the caller's
+``traceparent``, current while the request runs, named on the answer's ``traceparent``."""
 
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, set_span_in_context
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import tracing
 from app.api.drain import RETRY_AFTER_S, Drain
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
@@ -21,14 +26,22 @@ access_log = logging.getLogger("tessera.access")
 REPLICA_HEADER = b"x-tessera-replica"  # on a cluster: which replica answered (app/ray_serve.py)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
-Observer = Callable[[str, str, int, float], None]
+UNTRACED = ("/health", "/metrics")  # probes and scrapes: no trace of their own
+
+# (route, model, status, seconds, exemplar): an exemplar names the request's trace (a sampled one).
+Observer = Callable[[str, str, int, float, "dict[str, str] | None"], None]
 
 
 class RequestIdFilter(logging.Filter):
-    """Puts the current request id on every log record as ``request_id``."""
+    """Puts the current request id on every log record as ``request_id``, and with tracing on
+    the current span's ``trace_id`` and ``span_id`` (those of a sampled trace)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        if tracing.enabled:
+            ids = tracing.ids_of(tracing.current())
+            if ids is not None:
+                record.trace_id, record.span_id = ids
         return True
 
 
@@ -76,6 +89,10 @@ class RequestContextMiddleware:
         status = 500
 
         own = self.own_headers or [(b"x-request-id", request_id.encode())]
+        span = None
+        if tracing.enabled and not scope["path"].startswith(UNTRACED):
+            span, held, carried = self._traced(scope)
+            own = [*own, (b"traceparent", carried[0].encode())]
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -97,14 +114,47 @@ class RequestContextMiddleware:
             finally:
                 drain.ended()
         finally:
-            self._record(scope, status, time.perf_counter() - started, stats)
+            route = self._record(scope, status, time.perf_counter() - started, stats, span)
+            if span is not None:
+                self._end(span, held, scope, route, status, stats)
             request_id_var.reset(token)
 
-    def _record(self, scope: Scope, status: int, seconds: float, stats: dict[str, Any]) -> None:
+    @staticmethod
+    def _traced(scope: Scope) -> tuple[Span, tuple[Any, Any], tracing.WireContext]:
+        """The request's server span, a child of the caller's ``traceparent``, made this
+        request's (``tracing.request``) and, sampled, OpenTelemetry's current span."""
+        span = tracing.start_server(scope["method"], scope["path"], scope["headers"])
+        carried = tracing.wire_of(span)
+        held = tracing.request.set((span, carried))
+        attached = otel_context.attach(set_span_in_context(span)) if span.is_recording() else None
+        return span, (held, attached), carried
+
+    @staticmethod
+    def _end(span: Span, held: tuple[Any, Any], scope: Scope, route: str, status: int, stats: dict[str, Any]) -> None:
+        if span.is_recording():
+            span.update_name(f"{scope['method']} {route}")
+            span.set_attributes(
+                {"http.route": route, "http.response.status_code": status, "tessera.request_id": stats["request_id"]}
+            )
+            if "model" in stats:
+                span.set_attributes({"tessera.model": stats["model"], "tessera.inputs": stats.get("inputs", 0)})
+            key = stats.get("key")
+            if key is not None:  # the tenant's name, never its key
+                span.set_attribute("tessera.tenant", key.tenant)
+            if status >= 500:
+                tracing.failed(span, f"HTTP {status}")
+        span.end()
+        token, attached = held
+        if attached is not None:
+            otel_context.detach(attached)
+        tracing.request.reset(token)
+
+    def _record(self, scope: Scope, status: int, seconds: float, stats: dict[str, Any], span: Span | None) -> str:
         route = getattr(scope.get("route"), "path", "unmatched")
         model = stats.get("model", "")
         if self.observe is not None:
-            self.observe(route, model, status, seconds)
+            ids = tracing.ids_of(span) if span is not None else None
+            self.observe(route, model, status, seconds, {"trace_id": ids[0], "span_id": ids[1]} if ids else None)
         access_log.info(
             "%s %s %d %.1fms model=%s inputs=%d batch=%d",
             scope["method"],
@@ -116,3 +166,4 @@ class RequestContextMiddleware:
             stats.get("batch_size", 0),
             extra={"route": route, "status": status, "model": model, "latency_ms": round(seconds * 1000, 2)},
         )
+        return route

@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+from app import tracing
 from app.batching.fairness import FairShares
 from app.batching.forming import Outcome, PendingInput, Ticket, form_batch
 from app.batching.running import BatchRecord, BatchRunner, describe_failure, post_results, reject
@@ -66,6 +67,30 @@ SPREAD_ABOVE_S = 0.05
 
 # Inputs in one batch of the express lane (see DynamicBatcher._serve_express).
 EXPRESS_BATCH = 4
+
+
+def batch_span(model: str, batch: Sequence[PendingInput], lane: int, started: float) -> Any:
+    """With tracing on, the span of one batch (None if none of its requests is sampled),
+    linked to each of its requests' spans (a batch serves many; it is no one's child), and
+    each request's wait in the queue, recorded at its first batch."""
+    tickets = [t for t in dict.fromkeys(item.ticket for item in batch) if t.trace is not None]
+    if not tickets:
+        return None
+    now = tracing.epoch_ns(started)
+    for ticket in tickets:
+        if not ticket.queued_span:
+            ticket.queued_span = True
+            enqueued = min(item.enqueued for item in batch if item.ticket is ticket)
+            tracing.record("tessera.queue", ticket.trace, tracing.epoch_ns(enqueued), now, {"tessera.model": model})
+    attributes = {
+        "tessera.model": model,
+        "tessera.batch.size": len(batch),
+        "tessera.batch.requests": len(dict.fromkeys(item.ticket for item in batch)),
+        "tessera.batch.tokens": sum(item.cost for item in batch),
+        "tessera.batch.padded_tokens": sum(i.encoded.rows for i in batch) * max(i.encoded.length for i in batch),
+        "tessera.batch.lane": lane,
+    }
+    return tracing.start("tessera.batch", attributes=attributes, links=[t.trace for t in tickets], start_ns=now)
 
 
 def past_deadline(model: str) -> DeadlineExceeded:
@@ -153,14 +178,16 @@ class DynamicBatcher:
         group: Hashable = None,
         deadline: float,
         tenant: Hashable = None,
+        trace: Any = None,
     ) -> Ticket:
         """Queue one request's inputs and return at once: each input's result or error is set
         on its entry of ``outcomes`` (anything with an asyncio future's ``done``, ``set_result``
         and ``set_exception``: the engine's per-input slots, app/engine/core.py), on ``loop``'s
         thread. An outcome that is done before its input runs drops the input; inputs still
         queued at ``deadline`` fail when a lane reaches them (the engine answers 504 at the
-        instant itself). Raises ModelUnavailable (closing), InputTooLarge, Overloaded."""
-        ticket = Ticket()
+        instant itself). ``trace``: the context of the request's span, with tracing on (its
+        batches' spans link to it). Raises ModelUnavailable (closing), InputTooLarge, Overloaded."""
+        ticket = Ticket(trace=trace)
         items = [
             PendingInput(ticket, p, group, outcome, loop, deadline, next(self._seq), index, tenant)
             for index, (p, outcome) in enumerate(zip(payloads, outcomes, strict=True))
@@ -483,9 +510,20 @@ class DynamicBatcher:
         """Run ``batch`` on ``lane`` and post its results; the seconds it took. A failing batch
         is halved until the failing input is alone (an out-of-memory error shrinks it so too)."""
         started = time.monotonic()
+        span = batch_span(self.name, batch, lane, started) if tracing.enabled else None
         try:
-            results = self._runner.infer([i.payload for i in batch], [i.encoded for i in batch])
+            if span is None:
+                results = self._runner.infer([i.payload for i in batch], [i.encoded for i in batch])
+            else:
+                forward: dict[str, Any] = {"tessera.model": self.name, "tessera.batch.size": len(batch)}
+                with tracing.tracer.start_as_current_span(
+                    "tessera.forward", context=tracing.context_of(span.get_span_context()), attributes=forward
+                ):
+                    results = self._runner.infer([i.payload for i in batch], [i.encoded for i in batch])
         except Exception as exc:
+            if span is not None:
+                tracing.failed(span, f"{type(exc).__name__}: {exc}")
+                span.end()
             if len(batch) > 1:
                 log.warning("batch of %d failed on %s (%s); splitting", len(batch), self.name, exc)
                 middle = len(batch) // 2
@@ -519,6 +557,8 @@ class DynamicBatcher:
             self.batches += 1
             self.items += len(batch)
         post_results(batch, results)
+        if span is not None:
+            span.end()
         return elapsed
 
     def _fail(self, item: PendingInput, error: ServiceError) -> None:

@@ -12,6 +12,11 @@ within ``max_batch_tokens``; then one step runs, new text goes to streaming clie
 finished inputs answer at once and leave. A request that arrives mid-generation starts at
 the next step instead of waiting for the longest output of a batch, and a finished
 sequence costs nothing more.
+
+Traced (app/tracing.py), an input of a sampled request records its wait in the queue when it
+joins, and its generation when it finishes: one span from join to finish, with the steps it
+ran and the running batch's size as it joined as attributes (a span per step would cost
+more than the step's bookkeeping).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from app import tracing
 from app.batching.batcher import DynamicBatcher
 from app.batching.forming import PendingInput
 from app.batching.running import BatchRecord, describe_failure, post_deltas, post_results
@@ -95,6 +101,8 @@ class ContinuousBatcher(DynamicBatcher):
                 running[sequence] = item
                 entering.append(sequence)
                 item.ticket.batch_sizes.append(len(running))
+                if tracing.enabled and item.ticket.trace is not None:
+                    self._joined(item, started, len(running))
             if not running:
                 continue
             share = self._thread_share
@@ -165,6 +173,10 @@ class ContinuousBatcher(DynamicBatcher):
         if not done:
             return
         finished = [item for item, _ in done]
+        if tracing.enabled:
+            for item in finished:
+                if item.began is not None:
+                    self._generated(item)
         for p in progress:
             if p.result is not None:
                 del running[p.sequence]
@@ -177,3 +189,21 @@ class ContinuousBatcher(DynamicBatcher):
                 self._release_locked(item)
             self.items += len(finished)
         post_results(finished, [result for _, result in done])
+
+    def _joined(self, item: PendingInput, at: float, running: int) -> None:
+        """A traced input joins the running batch: its request's wait in the queue is recorded."""
+        item.began = (at, self.batches)
+        ticket = item.ticket
+        if not ticket.queued_span:
+            ticket.queued_span = True
+            attributes = {"tessera.model": self.name, "tessera.batch.size": running}
+            tracing.record(
+                "tessera.queue", ticket.trace, tracing.epoch_ns(item.enqueued), tracing.epoch_ns(at), attributes
+            )
+
+    def _generated(self, item: PendingInput) -> None:
+        """A traced input finished: its generation, from joining to now, with the steps it ran."""
+        assert item.began is not None
+        at, step = item.began
+        attributes = {"tessera.model": self.name, "tessera.input": item.index, "tessera.steps": self.batches - step}
+        tracing.record("tessera.generate", item.ticket.trace, tracing.epoch_ns(at), time.time_ns(), attributes)

@@ -42,10 +42,13 @@ class Outcome(Protocol):
 @dataclass(eq=False)
 class Ticket:
     """What the inputs of one request share: their token total, checked against the limit,
-    and the sizes of the batches they ran in."""
+    the sizes of the batches they ran in, and with tracing on the context of the request's
+    span (a sampled one) that its queue span goes below and its batches link to."""
 
     tokens: int = 0
     batch_sizes: list[int] = field(default_factory=list)
+    trace: Any = None  # an OpenTelemetry SpanContext
+    queued_span: bool = False  # whether its wait in the queue is recorded (at its first batch)
 
 
 @dataclass(eq=False)
@@ -65,6 +68,7 @@ class PendingInput:
     encoded: Any = None  # a Tokenized, once a lane has tokenized it
     start: float = 0.0  # its fair-queueing start tag, once tokenized
     released: bool = False  # no longer counted in the queue's depth and its tenant's share
+    began: tuple[float, int] | None = None  # traced, in a continuous batch: when it joined, at which step
 
     @property
     def cost(self) -> int:

@@ -17,7 +17,9 @@ import logging
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from app import errors
+from opentelemetry.trace import SpanKind
+
+from app import errors, tracing
 from app.catalog import Catalog
 from app.engine import wire
 from app.errors import ServiceError
@@ -83,9 +85,9 @@ class EngineClient(CatalogSlots):
                 future.set_result(event.value)
             elif isinstance(event, wire.DoneRaw):
                 assert kind is not None
-                future.set_result((wire.RESULTS[kind](event.results), event.sizes))
+                future.set_result((wire.RESULTS[kind](event.results), event.sizes, event.tokens))
             else:
-                future.set_result((event.results, event.sizes))
+                future.set_result((event.results, event.sizes, event.tokens))
         else:
             self._event(event)
 
@@ -175,15 +177,52 @@ class EngineClient(CatalogSlots):
         struct = wire.INFER[kind]
         listener = None if on_delta is None and on_result is None else _Listener(on_delta, on_result, kind)
         stream = listener is not None
+        hop = carried = server = None
+        if tracing.enabled:
+            hop, carried, server = _hop(name, len(payloads))
 
         def request(rid: int) -> wire.Infer:
             # Each kind's struct adds its typed payloads; tenants are API keys' names, strings.
-            return struct(rid, name, timeout_s, tenant, group, payloads, stream=stream)  # type: ignore[misc, arg-type]
+            return struct(rid, name, timeout_s, tenant, group, payloads, stream=stream, trace=carried)  # type: ignore[misc, arg-type]
 
-        results, batch_sizes = await self._ask(request, kind, listener)
+        try:
+            results, batch_sizes, tokens = await self._ask(request, kind, listener)
+            if hop is not None:
+                _count_tokens(hop, server, tokens)
+        except BaseException as exc:
+            if hop is not None:
+                tracing.failed(hop, type(exc).__name__)
+            raise
+        finally:
+            if hop is not None:
+                hop.end()
         if sizes is not None:
             sizes.extend(batch_sizes)
         return list(results)
+
+
+def _count_tokens(hop: Any, server: Any, tokens: int) -> None:
+    """The request's tokens on the hop's span and, summed over its calls to the engine (a
+    chunked summary makes several), on the request's server span above it."""
+    hop.set_attribute("tessera.tokens", tokens)
+    if server is not None and server.is_recording():
+        attributes = getattr(server, "attributes", None) or {}
+        server.set_attribute("tessera.tokens", int(attributes.get("tessera.tokens", 0)) + tokens)
+
+
+def _hop(model: str, inputs: int) -> tuple[Any, tuple[str, str] | None, Any]:
+    """The span of a request's trip to the engine and back (None where its trace is not
+    sampled), the context the engine's spans go under, and the request's server span."""
+    attributes = {"tessera.model": model, "tessera.inputs": inputs}
+    held = tracing.request.get()
+    if held is None:  # not an HTTP request's: below the current span, or a trace of its own
+        hop = tracing.start_here("tessera.engine", kind=SpanKind.CLIENT, attributes=attributes)
+        return (hop if hop.is_recording() else None), tracing.wire_of(hop), None
+    server, carried = held
+    if not server.is_recording():
+        return None, carried, server  # not sampled: only the context travels
+    hop = tracing.start("tessera.engine", server.get_span_context(), kind=SpanKind.CLIENT, attributes=attributes)
+    return hop, tracing.wire_of(hop), server
 
 
 class InprocClient(EngineClient):

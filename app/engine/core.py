@@ -18,11 +18,15 @@ clients.
 - A client that leaves sends Cancel: its queued inputs are dropped at once, its running
   inputs' results discarded (generate stops their rows at the next step), nothing more runs.
 - 429 with Retry-After, 413, 503: the batcher's and the registry's errors, as Failed events.
+- Tracing (app/tracing.py): a request whose Infer carries a sampled trace context gets a span
+  here, from intake to its final event, under the client's; its model's load (if it waits
+  for one) and its wait in the queue go below it, and the batches that serve it link to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import logging
@@ -30,6 +34,9 @@ import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.trace import Span, SpanKind
+
+from app import tracing
 from app.batching.batcher import past_deadline
 from app.engine import wire
 from app.engine.rate import RateLimit
@@ -86,12 +93,32 @@ class _Input:
 class _Request:
     """One client's request in the engine, from enqueueing to its final event."""
 
-    __slots__ = ("core", "deadline", "finished", "inputs", "key", "left", "results", "slot", "stream", "ticket")
+    __slots__ = (
+        "core",
+        "deadline",
+        "finished",
+        "inputs",
+        "key",
+        "left",
+        "results",
+        "slot",
+        "span",
+        "stream",
+        "ticket",
+    )
 
     def __init__(
-        self, core: EngineCore, key: tuple[Hashable, int], slot: ModelSlot, deadline: float, n: int, stream: bool
+        self,
+        core: EngineCore,
+        key: tuple[Hashable, int],
+        slot: ModelSlot,
+        deadline: float,
+        n: int,
+        stream: bool,
+        span: Span | None,
     ) -> None:
         self.core, self.key, self.slot, self.deadline, self.stream = core, key, slot, deadline, stream
+        self.span = span  # with tracing on, in a sampled trace: from intake to the final event
         self.results: list[Any] = [None] * n
         self.left = n
         self.inputs = [_Input(self, i) for i in range(n)]
@@ -104,11 +131,33 @@ class _Request:
         if self.stream and not self.finished:
             self.core.deliver(self.key[0], wire.Result(self.key[1], index, result))
         if self.left == 0 and not self.finished:
-            self.core.finish(self, wire.Done(self.key[1], self.results, self.ticket.batch_sizes))
+            ticket = self.ticket
+            self.core.finish(self, wire.Done(self.key[1], self.results, ticket.batch_sizes, ticket.tokens))
 
     def failed(self, error: BaseException) -> None:
         if not self.finished:
             self.core.finish(self, failure(self.key[1], error))
+
+
+def request_span(op: wire.Infer) -> Span | None:
+    """The engine's span of a request, below the client's (None: its trace is not sampled)."""
+    if op.trace is not None and not tracing.sampled_on_wire(op.trace):
+        return None  # read from the flags alone: an unsampled request costs no parsing here
+    parent = tracing.from_wire(op.trace)
+    attributes = {"tessera.model": op.model, "tessera.inputs": len(op.payloads), "tessera.stream": op.stream}  # type: ignore[attr-defined]
+    span = tracing.start("tessera.engine.request", parent, kind=SpanKind.SERVER, attributes=attributes)
+    return span if span.is_recording() else None
+
+
+def ended(span: Span | None, answer: wire.Done | wire.Failed | None) -> None:
+    """``span`` (of a request) ended with its answer: Failed marks it an error; None: cancelled."""
+    if span is None:
+        return
+    if answer is None:
+        span.set_attribute("tessera.cancelled", True)
+    elif isinstance(answer, wire.Failed):
+        tracing.failed(span, f"{answer.error}: {answer.message}")
+    span.end()
 
 
 def failure(rid: int, error: BaseException) -> wire.Failed:
@@ -196,42 +245,59 @@ class EngineCore:
             self._release(request)
 
     def _infer(self, origin: Hashable, op: wire.Infer) -> None:
+        span = request_span(op) if tracing.enabled else None
         try:
             slot = self.registry.slot(op.model)
         except ServiceError as exc:
-            self.deliver(origin, failure(op.rid, exc))
+            self._refuse(origin, op, exc, span)
             return
         if slot.state is ModelState.loaded and slot.batcher is not None:
-            self._enqueue(origin, op, slot)
+            self._enqueue(origin, op, slot, span)
         else:  # the model loads first (once, however many ask), off this path
             self._awaiting_load[(origin, op.rid)] = False
-            self._spawn(self._load_then_enqueue(origin, op))
+            # Under the request's span: a load it starts is traced as its child.
+            self._spawn(self._load_then_enqueue(origin, op, span), tracing.task_context(span) if span else None)
 
-    async def _load_then_enqueue(self, origin: Hashable, op: wire.Infer) -> None:
+    async def _load_then_enqueue(self, origin: Hashable, op: wire.Infer, span: Span | None) -> None:
         key = (origin, op.rid)
         try:
             slot = await self.registry.get_or_load(op.model)
         except ServiceError as exc:
             if not self._awaiting_load.pop(key, False):
-                self.deliver(origin, failure(op.rid, exc))
+                self._refuse(origin, op, exc, span)
+            else:
+                ended(span, None)
             return
         if not self._awaiting_load.pop(key, False):  # its client left while it loaded
-            self._enqueue(origin, op, slot)
+            self._enqueue(origin, op, slot, span)
+        else:
+            ended(span, None)
 
-    def _enqueue(self, origin: Hashable, op: wire.Infer, slot: ModelSlot) -> None:
+    def _refuse(self, origin: Hashable, op: wire.Infer, error: ServiceError, span: Span | None) -> None:
+        answer = failure(op.rid, error)
+        ended(span, answer)
+        self.deliver(origin, answer)
+
+    def _enqueue(self, origin: Hashable, op: wire.Infer, slot: ModelSlot, span: Span | None) -> None:
         batcher = slot.batcher
         if batcher is None:  # unloaded between the load and now
-            self.deliver(origin, failure(op.rid, ModelUnavailable(f"model '{op.model}' was unloaded; retry")))
+            self._refuse(origin, op, ModelUnavailable(f"model '{op.model}' was unloaded; retry"), span)
             return
         payloads: list[Any] = op.payloads  # type: ignore[attr-defined]  # each kind's struct has them
         deadline = time.monotonic() + op.timeout_s
-        request = _Request(self, (origin, op.rid), slot, deadline, len(payloads), op.stream)
+        request = _Request(self, (origin, op.rid), slot, deadline, len(payloads), op.stream, span)
         try:
             request.ticket = batcher.enqueue(
-                payloads, request.inputs, loop=self.loop, group=op.group, deadline=deadline, tenant=op.tenant
+                payloads,
+                request.inputs,
+                loop=self.loop,
+                group=op.group,
+                deadline=deadline,
+                tenant=op.tenant,
+                trace=span.get_span_context() if span is not None else None,
             )
         except ServiceError as exc:
-            self.deliver(origin, failure(op.rid, exc))
+            self._refuse(origin, op, exc, span)
             return
         slot.hold()
         self._requests[request.key] = request
@@ -243,14 +309,21 @@ class EngineCore:
         """Answer ``request`` (its results, or its first error) and forget it."""
         if request.finished:
             return
-        self._release(request)
+        self._release(request, answer)
         self.deliver(request.key[0], answer)
 
-    def _release(self, request: _Request) -> None:
-        """``request`` is over: its inputs not yet run are dropped, its slot let go."""
+    def _release(self, request: _Request, answer: wire.Done | wire.Failed | None = None) -> None:
+        """``request`` is over (``answer``: how; None: its client left): its inputs not yet run
+        are dropped, its slot let go."""
         if request.finished:
             return
         request.finished = True
+        if request.span is not None:
+            if request.ticket is not None:
+                request.span.set_attributes(
+                    {"tessera.tokens": request.ticket.tokens, "tessera.batch_sizes": request.ticket.batch_sizes}
+                )
+            ended(request.span, answer)
         for item in request.inputs:
             item.cancel()  # the lanes drop or discard what they hold of it
         batcher = request.slot.batcher
@@ -325,7 +398,7 @@ class EngineCore:
         ]
         return wire.States(self.registry.hub_online, slots)
 
-    def _spawn(self, work: Any) -> None:
-        task = self.loop.create_task(work)
+    def _spawn(self, work: Any, context: contextvars.Context | None = None) -> None:
+        task = self.loop.create_task(work, context=context)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

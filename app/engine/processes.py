@@ -37,6 +37,7 @@ from app.config import Settings
 
 if TYPE_CHECKING:  # the supervisor itself runs no model: it imports neither torch nor the engine
     from app.engine.server import EngineServer
+    from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +97,37 @@ async def serve_engine(
     """The engine (its preload models loading) served on ``address`` until ``stop`` is set;
     ``started`` sees the server once it listens (the tests drive an engine this way), and
     ``on_models_changed`` is the process's garbage collector's (app/heap.py)."""
-    from prometheus_client import generate_latest
-
-    from app.engine.server import EngineServer  # at run time too, in the engine alone
-    from app.engine.startup import open_engine
-    from app.metrics import Metrics, merge_expositions
-    from app.registry.inferred import catalog_of
+    from app import tracing  # at run time too, in the engine alone
+    from app.metrics import Metrics
 
     metrics = Metrics()
+    traced = tracing.configure(settings, "engine")  # the engine's own spans, flushed as it stops
+    try:
+        await _serve(settings, address, stop, metrics, started, on_models_changed)
+    finally:
+        if traced:
+            tracing.release()
+
+
+async def _serve(
+    settings: Settings,
+    address: str,
+    stop: asyncio.Event,
+    metrics: Metrics,
+    started: Callable[[EngineServer], object] | None,
+    on_models_changed: Callable[[], None] | None,
+) -> None:
+    from app.engine.server import EngineServer
+    from app.engine.startup import open_engine
+    from app.metrics import exposition, merge_expositions
+    from app.registry.inferred import catalog_of
+
     core = await open_engine(settings, catalog_of(settings), metrics, on_models_changed)
     server = EngineServer(
         core,
         address,
-        exposition=lambda: generate_latest(metrics.registry),
-        merge=lambda texts: merge_expositions(texts, label="process"),
+        exposition=lambda openmetrics: exposition(metrics.registry, openmetrics),
+        merge=lambda texts, openmetrics: merge_expositions(texts, label="process", openmetrics=openmetrics),
     )
     server.start()
     core.start()

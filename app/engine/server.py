@@ -54,8 +54,8 @@ class EngineServer:
         core: EngineCore,
         address: str,
         *,
-        exposition: Callable[[], bytes],
-        merge: Callable[[dict[str, str]], str],
+        exposition: Callable[[bool], bytes],
+        merge: Callable[[dict[str, str], bool], str],
     ) -> None:
         self.core = core
         self.address = address
@@ -135,19 +135,20 @@ class EngineServer:
         # otherwise wait for the next one.
         self._readable()
 
-    async def _metrics(self) -> str:
+    async def _metrics(self, openmetrics: bool = False) -> str:
         """The engine's metrics and every live front's, each sample labelled with its process."""
         rid = next(self._expose_ids)
         fronts = list(self.fronts)
         gathering = self._exposes[rid] = _Gathering(len(fronts))
         for front in fronts:
-            self._send(front, wire.Expose(rid))
+            self._send(front, wire.Expose(rid, openmetrics))
         try:
             with contextlib.suppress(TimeoutError):  # a front that died meanwhile is left out
                 await asyncio.wait_for(gathering.complete.wait(), EXPOSE_WAIT_S)
         finally:
             del self._exposes[rid]
-        return self.merge({"engine": self.exposition().decode(), **dict(sorted(gathering.texts.items()))})
+        texts = {"engine": self.exposition(openmetrics).decode(), **dict(sorted(gathering.texts.items()))}
+        return self.merge(texts, openmetrics)
 
     def _send_states_if_changed(self, always: bool = False) -> None:
         states = self.core.states()

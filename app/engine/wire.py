@@ -39,9 +39,12 @@ class Infer(_InferHead, kw_only=True, array_like=True, tag=True):
     ``timeout_s`` counts from when the model is loaded, as in-process; ``group`` is the
     generation settings that inputs must share to run together. ``stream``: send the
     request's Delta events, and each input's Result as it settles, before its Done.
-    (Keyword-only, so that it travels last and a frame without it decodes as False.)"""
+    ``trace``: with tracing on (app/tracing.py), the W3C ``traceparent`` and ``tracestate``
+    of the front's span, under which the engine's spans go; None (one byte) when off.
+    (Keyword-only, so that they travel last and a frame without them decodes as off.)"""
 
     stream: bool = False
+    trace: tuple[str, str] | None = None
 
 
 def _infer_struct(kind: str, payload: type) -> type[Infer]:
@@ -111,11 +114,13 @@ class ResultRaw(msgspec.Struct, array_like=True, tag="Result"):
 
 
 class Done(msgspec.Struct, array_like=True, tag="Done"):
-    """A request's results, in input order, and the sizes of the batches they ran in."""
+    """A request's results, in input order, the sizes of the batches they ran in, and its
+    tokens (the request's span says them: app/tracing.py)."""
 
     rid: int
     results: list[Any]
     sizes: list[int]
+    tokens: int = 0
 
 
 class DoneRaw(msgspec.Struct, array_like=True, tag="Done"):
@@ -124,6 +129,7 @@ class DoneRaw(msgspec.Struct, array_like=True, tag="Done"):
     rid: int
     results: msgspec.Raw
     sizes: list[int]
+    tokens: int = 0
 
 
 class Failed(msgspec.Struct, array_like=True, tag=True):
@@ -163,9 +169,11 @@ class States(msgspec.Struct, array_like=True, tag=True):
 
 
 class Expose(msgspec.Struct, array_like=True, tag=True):
-    """The engine asks a front for its metrics (one front's /metrics answers for all)."""
+    """The engine asks a front for its metrics (one front's /metrics answers for all), in the
+    Prometheus text format or OpenMetrics."""
 
     rid: int
+    openmetrics: bool = False
 
 
 FromEngine = DoneRaw | Failed | Answer | States | Expose | Delta | ResultRaw

@@ -37,7 +37,7 @@ class ZmqClient(EngineClient):
     """One front's connection to the engine at ``address``; ``identity`` names the front
     (its metrics carry it as ``process``)."""
 
-    def __init__(self, catalog: Catalog, address: str, identity: str, exposition: Callable[[], bytes]) -> None:
+    def __init__(self, catalog: Catalog, address: str, identity: str, exposition: Callable[[bool], bytes]) -> None:
         super().__init__()
         self.catalog = catalog
         self.hub_online = False
@@ -125,7 +125,7 @@ class ZmqClient(EngineClient):
         if isinstance(event, wire.States):
             self._mirror(event)
         elif isinstance(event, wire.Expose):
-            self._send(wire.Exposition(event.rid, self.exposition().decode()))
+            self._send(wire.Exposition(event.rid, self.exposition(event.openmetrics).decode()))
 
     def _mirror(self, states: wire.States) -> None:
         self.hub_online = states.hub_online
@@ -170,7 +170,7 @@ class ZmqClient(EngineClient):
         self.slot(name).state = ModelState.not_loaded
         return unloaded
 
-    async def metrics(self) -> bytes:
+    async def metrics(self, openmetrics: bool = False) -> bytes:
         """Every process's metrics, merged by the engine."""
-        text: str = await self._call("metrics")
+        text: str = await self._call("metrics", openmetrics)
         return text.encode()

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from app import tracing
 from app.batching.batcher import DynamicBatcher
 from app.batching.continuous import ContinuousBatcher
 from app.batching.running import BatchRecord
@@ -120,6 +121,20 @@ class ModelRegistry(CatalogSlots):
                 raise InvalidInput(f"could not be split into chunks ({type(exc).__name__}: {exc})") from exc
 
     async def _load(self, slot: ModelSlot) -> None:
+        """Load ``slot``'s model; traced, a span below whoever asked first (app/tracing.py)."""
+        if not tracing.enabled:
+            await self._load_model(slot)
+            return
+        span = tracing.start_here("tessera.model.load", attributes={"tessera.model": slot.entry.name})
+        try:
+            await self._load_model(slot)
+        finally:
+            span.set_attributes({"tessera.model.state": slot.state.value, "tessera.device": slot.device or ""})
+            if slot.state is ModelState.failed:
+                tracing.failed(span, slot.error or "failed")
+            span.end()
+
+    async def _load_model(self, slot: ModelSlot) -> None:
         entry = slot.entry
         slot.state, slot.error = ModelState.loading, None
         started = time.monotonic()
