@@ -222,8 +222,10 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def compose_config(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`docker compose config` of the checkout's files, as JSON (validating them on the way)."""
-    clean = {k: v for k, v in (env or os.environ).items() if not k.startswith(("TESSERA_", "TORCH_SPEC"))}
+    """`docker compose config` of the checkout's files, as JSON (validating them on the way);
+    ``env`` adds variables to this process's (the engine's DOCKER_HOST and the plugin stay)."""
+    given = {**os.environ, **(env or {})}
+    clean = {k: v for k, v in given.items() if not k.startswith(("TESSERA_", "TORCH_SPEC"))}
     return dict(json.loads(run(["docker", "compose", *args, "config", "--format", "json"], env=clean)))
 
 
