@@ -10,7 +10,7 @@
 # version the dev virtualenv runs, so the GPU machine serves what the tests passed on.
 #
 #   bench/gpu_wheels.sh                       # versions read from .venv/bin/python
-#   PYTHON=/work/main/.venv/bin/python bench/gpu_wheels.sh
+#   PYTHON=path/to/another/venv/bin/python bench/gpu_wheels.sh
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
